@@ -1,0 +1,83 @@
+"""The distiller contract (mdistiller's API), shared by every method.
+
+A distiller is an ``nn.Module`` built as ``Distiller(student, teacher, cfg)``:
+
+* ``forward_train(image, target, **kw) -> (student_logits, {name: loss})``; the trainer
+  sums the loss values; ``kw`` carries ``epoch`` (1-based, float allowed).
+* ``forward_test(image) -> student_logits``.
+* ``get_learnable_parameters()``: student + method-specific modules (connectors...),
+  never a teacher parameter. ``get_extra_parameters()``: how many of those are not
+  the student's.
+* ``train(mode)`` keeps the teacher in eval mode whatever ``mode`` is.
+* ``eval_logits(image) -> {name: logits}``: extra heads scored during evaluation
+  (Block-KD's stepping stones); empty by default.
+
+The teacher is frozen at construction: ``eval()`` and ``requires_grad_(False)``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import Tensor, nn
+
+
+class Distiller(nn.Module):
+    #: True when some learnable parameters may get no gradient in a step (for DDP).
+    has_unused_parameters = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+
+    # -- contract -------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        for name, module in self.named_children():
+            module.train(mode and name != "teacher")
+        return self
+
+    def get_learnable_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("teacher.")]
+
+    def get_extra_parameters(self) -> int:
+        student = {id(p) for p in self.student.parameters()}
+        return sum(p.numel() for p in self.get_learnable_parameters() if id(p) not in student)
+
+    def forward_train(self, image: Tensor, target: Tensor, **kwargs):
+        raise NotImplementedError
+
+    def forward_test(self, image: Tensor) -> Tensor:
+        return self.student(image)[0]
+
+    def forward(self, **kwargs):
+        if self.training:
+            return self.forward_train(**kwargs)
+        return self.forward_test(kwargs["image"])
+
+    def eval_logits(self, image: Tensor) -> Dict[str, Tensor]:
+        return {}
+
+    # -- helpers for subclasses -----------------------------------------------------
+    @torch.no_grad()
+    def teacher_forward(self, image: Tensor):
+        """The teacher's ``(logits, feats)``, computed once per step without autograd."""
+        return self.teacher(image)
+
+
+class Vanilla(Distiller):
+    """``NONE``: plain training of the student with cross-entropy."""
+
+    def __init__(self, student, teacher=None, cfg=None):
+        super().__init__(student, None, cfg)
+
+    def forward_train(self, image, target, **kwargs):
+        logits, _ = self.student(image)
+        return logits, {"loss_ce": nn.functional.cross_entropy(logits, target)}

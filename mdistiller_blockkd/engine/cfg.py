@@ -1,0 +1,164 @@
+"""The configuration tree (yacs), compatible with mdistiller's YAML files.
+
+Every node, key and default of mdistiller's ``CFG`` for NONE / KD / DKD / REVIEWKD is
+here with the same name, so an mdistiller YAML loads unchanged. Additions (all with
+defaults that keep upstream behaviour) are marked ``# added``. Block-KD's node is
+``CFG.BLOCKKD``; its options are documented in ``docs/blockkd-method.md``.
+
+Use :func:`load_cfg` to build a config from a YAML file plus ``KEY VALUE`` overrides;
+an unknown key raises :class:`~mdistiller_blockkd.errors.ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from yacs.config import CfgNode as CN
+
+from ..errors import ConfigError
+
+CFG = CN()
+
+# Experiment
+CFG.EXPERIMENT = CN()
+CFG.EXPERIMENT.PROJECT = "distill"
+CFG.EXPERIMENT.NAME = ""
+CFG.EXPERIMENT.TAG = "default"
+CFG.EXPERIMENT.SEED = 0  # added
+CFG.EXPERIMENT.DETERMINISTIC = False  # added: cudnn deterministic kernels
+
+# Dataset
+CFG.DATASET = CN()
+CFG.DATASET.TYPE = "cifar100"  # cifar100 | fashion_mnist | imagenet | synthetic
+CFG.DATASET.NUM_WORKERS = 2
+CFG.DATASET.TEST = CN()
+CFG.DATASET.TEST.BATCH_SIZE = 64
+CFG.DATASET.ROOT = ""  # added: "" = the type's default location (see data/)
+CFG.DATASET.DOWNLOAD = True  # added: try to download CIFAR-100 when missing
+CFG.DATASET.TRAIN_SUBSET = 0  # added: >0 keeps that many training images (fixed, seeded choice)
+CFG.DATASET.TEST_SUBSET = 0  # added: >0 keeps that many test images
+CFG.DATASET.IMAGE_SIZE = 224  # added: ImageNet crop size
+CFG.DATASET.SYNTHETIC = CN()  # added: the generated set for tests and smoke runs
+CFG.DATASET.SYNTHETIC.NUM_CLASSES = 10
+CFG.DATASET.SYNTHETIC.TRAIN_SIZE = 512
+CFG.DATASET.SYNTHETIC.TEST_SIZE = 256
+CFG.DATASET.SYNTHETIC.IMAGE_SIZE = 32
+
+# Distiller
+CFG.DISTILLER = CN()
+CFG.DISTILLER.TYPE = "NONE"  # vanilla as default
+CFG.DISTILLER.TEACHER = "ResNet50"
+CFG.DISTILLER.STUDENT = "resnet32"
+CFG.DISTILLER.TEACHER_CKPT = ""  # added: "" = mdistiller's default path for the teacher name
+CFG.DISTILLER.TEACHER_PRETRAINED = False  # added: timm teachers: load timm's pretrained weights
+
+# Solver
+CFG.SOLVER = CN()
+CFG.SOLVER.TRAINER = "base"
+CFG.SOLVER.BATCH_SIZE = 64
+CFG.SOLVER.EPOCHS = 240
+CFG.SOLVER.LR = 0.05
+CFG.SOLVER.LR_DECAY_STAGES = [150, 180, 210]
+CFG.SOLVER.LR_DECAY_RATE = 0.1
+CFG.SOLVER.WEIGHT_DECAY = 0.0001
+CFG.SOLVER.MOMENTUM = 0.9
+CFG.SOLVER.TYPE = "SGD"
+CFG.SOLVER.AMP = "off"  # added: off | bf16 | fp16 (fp16 uses a grad scaler)
+CFG.SOLVER.CHANNELS_LAST = False  # added
+
+# Log
+CFG.LOG = CN()
+CFG.LOG.TENSORBOARD_FREQ = 500
+CFG.LOG.SAVE_CHECKPOINT_FREQ = 40
+CFG.LOG.PREFIX = "./output"
+CFG.LOG.WANDB = False  # upstream default True; off here (not installed, never required)
+CFG.LOG.PROGRESS = True  # added: tqdm progress bars
+
+# Distillation methods
+# KD
+CFG.KD = CN()
+CFG.KD.TEMPERATURE = 4
+CFG.KD.LOSS = CN()
+CFG.KD.LOSS.CE_WEIGHT = 0.1
+CFG.KD.LOSS.KD_WEIGHT = 0.9
+
+# DKD (Decoupled Knowledge Distillation, CVPR 2022)
+CFG.DKD = CN()
+CFG.DKD.CE_WEIGHT = 1.0
+CFG.DKD.ALPHA = 1.0
+CFG.DKD.BETA = 8.0
+CFG.DKD.T = 4.0
+CFG.DKD.WARMUP = 20
+
+# ReviewKD (Distilling Knowledge via Knowledge Review, CVPR 2021)
+CFG.REVIEWKD = CN()
+CFG.REVIEWKD.CE_WEIGHT = 1.0
+CFG.REVIEWKD.REVIEWKD_WEIGHT = 1.0
+CFG.REVIEWKD.WARMUP_EPOCHS = 20
+CFG.REVIEWKD.SHAPES = [1, 8, 16, 32]
+CFG.REVIEWKD.OUT_SHAPES = [1, 8, 16, 32]
+CFG.REVIEWKD.IN_CHANNELS = [64, 128, 256, 256]
+CFG.REVIEWKD.OUT_CHANNELS = [64, 128, 256, 256]
+CFG.REVIEWKD.MAX_MID_CHANNEL = 512
+CFG.REVIEWKD.STU_PREACT = False
+
+# Block-KD (block-wise logit distillation); see docs/blockkd-method.md
+CFG.BLOCKKD = CN()
+CFG.BLOCKKD.ALPHA = 1.0  # task (CE) terms
+CFG.BLOCKKD.BETA = 1.0  # distill terms d(., teacher)
+CFG.BLOCKKD.GAMMA = 1.0  # cross terms d(., stone ensemble)
+CFG.BLOCKKD.T = 4.0
+CFG.BLOCKKD.WARMUP = 20  # epochs of linear warm-up of the distill and cross terms; 0 = none
+CFG.BLOCKKD.DETACH_ENSEMBLE = True
+CFG.BLOCKKD.WEIGHT_CROSS = True
+CFG.BLOCKKD.CONNECTOR = "conv1x1_bn"  # conv1x1_bn | conv3x3_bn | conv1x1_bn_relu | conv3x3_bn_relu
+CFG.BLOCKKD.PAIRS = []  # [] = pair by output stride; else [[student_block, teacher_block], ...] (1-based)
+CFG.BLOCKKD.LOGIT_LOSS = "kd"  # kd | dkd | lskd (logit-standardised KD)
+CFG.BLOCKKD.DKD_ALPHA = 1.0  # used when LOGIT_LOSS = dkd
+CFG.BLOCKKD.DKD_BETA = 8.0
+CFG.BLOCKKD.STONES = "all"  # all | last:K | sample:K
+CFG.BLOCKKD.BATCH_STONES = True  # run stones that share teacher blocks as one concatenated batch
+
+
+def _check(cfg):
+    amp = str(cfg.SOLVER.AMP).lower()
+    if amp not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"SOLVER.AMP is '{cfg.SOLVER.AMP}'; use one of off, bf16, fp16")
+    if cfg.SOLVER.TYPE.upper() != "SGD":
+        raise ConfigError(f"SOLVER.TYPE is '{cfg.SOLVER.TYPE}'; only SGD is supported (as in mdistiller)")
+    if cfg.SOLVER.EPOCHS < 1 or cfg.SOLVER.BATCH_SIZE < 1:
+        raise ConfigError("SOLVER.EPOCHS and SOLVER.BATCH_SIZE must be >= 1")
+
+
+def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:
+    """Return a frozen copy of ``CFG`` merged with the YAML at ``path`` and ``opts``.
+
+    ``opts`` is the trailing ``KEY VALUE ...`` list of the command line.
+    """
+    cfg = (base or CFG).clone()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' not found")
+        try:
+            cfg.merge_from_file(path)
+        except KeyError as e:
+            raise ConfigError(f"{path}: {e.args[0]}; check the key's spelling against mdistiller_blockkd/engine/cfg.py") from None
+        except (ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if opts:
+        if len(opts) % 2:
+            raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(opts)}")
+        try:
+            cfg.merge_from_list(list(opts))
+        except KeyError as e:
+            raise ConfigError(f"override: {e.args[0]}; check the key's spelling against mdistiller_blockkd/engine/cfg.py") from None
+        except (ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(f"override: {e}") from None
+    _check(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def log_msg(msg: str, mode: str = "INFO") -> str:
+    colors = {"INFO": 36, "TRAIN": 32, "EVAL": 31}
+    return f"\033[{colors.get(mode, 0)}m[{mode}] {msg}\033[0m"
