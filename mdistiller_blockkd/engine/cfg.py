@@ -3,7 +3,7 @@
 Every node, key and default of mdistiller's ``CFG`` for NONE / KD / DKD / REVIEWKD is
 here with the same name, so an mdistiller YAML loads unchanged. Additions (all with
 defaults that keep upstream behaviour) are marked ``# added``. Block-KD's node is
-``CFG.BLOCKKD``; its options are documented in ``docs/blockkd-method.md``.
+``CFG.BLOCKKD``; its options are documented in ``docs/blockkd.md``.
 
 Use :func:`load_cfg` to build a config from a YAML file plus ``KEY VALUE`` overrides;
 an unknown key raises :class:`~mdistiller_blockkd.errors.ConfigError` naming it.
@@ -102,7 +102,7 @@ CFG.REVIEWKD.OUT_CHANNELS = [64, 128, 256, 256]
 CFG.REVIEWKD.MAX_MID_CHANNEL = 512
 CFG.REVIEWKD.STU_PREACT = False
 
-# Block-KD (block-wise logit distillation); see docs/blockkd-method.md
+# Block-KD (block-wise logit distillation); see docs/blockkd.md
 CFG.BLOCKKD = CN()
 CFG.BLOCKKD.ALPHA = 1.0  # task (CE) terms
 CFG.BLOCKKD.BETA = 1.0  # distill terms d(., teacher)

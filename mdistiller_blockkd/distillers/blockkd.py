@@ -1,0 +1,286 @@
+"""Block-KD: block-wise logit distillation through stepping-stone models.
+
+Yu et al., "Decoupling Dark Knowledge via Block-wise Logit Distillation for
+Feature-level Alignment", IEEE TAI 2024. Full description and design choices:
+``docs/blockkd.md``.
+
+Idea
+    Logit KD only aligns final outputs. Block-KD aligns intermediate student features
+    *through logits*: the student's first blocks are spliced onto the frozen teacher's
+    remaining blocks, so a student feature is judged by what the rest of the teacher
+    makes of it. For each paired block ``i`` the *stepping stone*
+
+        N_i = T_head . T_n ... T_{j(i)+1} . C_i . S_i ... S_1 . S_stem
+
+    (``C_i`` a trainable connector, ``j(i)`` the teacher block paired with student
+    block ``i``) gives logits ``Y^{N_i}``. Stones live only in training.
+
+Loss (``n`` stones, ordered shallow -> deep, ``w_i = 1 / 2^(n-i)``)
+    task    = CE(Y^S, y) + sum_i w_i CE(Y^{N_i}, y)
+    distill = d(Y^S, Y^T) + sum_i w_i d(Y^{N_i}, Y^T)
+    cross   = d(Y^S, Y^E) + sum_i w_i' d(Y^{N_i}, Y^E),   Y^E = mean_i Y^{N_i}
+    L = ALPHA * task + warm * (BETA * distill + GAMMA * cross)
+
+    ``d`` is temperature-scaled KL (``LOGIT_LOSS`` kd), Decoupled KD (dkd) or KD on
+    z-scored logits (lskd); ``w_i' = w_i`` if ``WEIGHT_CROSS`` else 1; ``Y^E`` is
+    detached if ``DETACH_ENSEMBLE``; ``warm`` ramps linearly over ``WARMUP`` epochs.
+    Loss keys: ``loss_ce`` = ALPHA*task, ``loss_kd`` = BETA*warm*distill,
+    ``loss_cross`` = GAMMA*warm*cross.
+
+Stones (``STONES``)
+    ``all``: every stone. ``last:K``: only the K deepest (weights unchanged, ensemble of
+    those K). ``sample:K``: K stones drawn uniformly per step, their terms multiplied by
+    ``n/K``, so the task and distill terms are unbiased estimates of ``all``; the cross
+    terms use the ensemble of the drawn stones (the exact ``Y^E`` needs every stone).
+
+Block pairing (``PAIRS``)
+    Empty: pair student and teacher blocks of equal output stride (within a stride,
+    the deepest blocks pair up in order); if that does not pair the two last blocks,
+    pair the last ``min(n_s, n_t)`` blocks in order instead. Explicit
+    ``[[student_block, teacher_block], ...]`` (1-based) overrides.
+
+Connectors (``CONNECTOR``)
+    ``conv1x1_bn`` (default), ``conv3x3_bn``, ``conv1x1_bn_relu``, ``conv3x3_bn_relu``;
+    the spatial size is matched by average pooling (student map larger) or bilinear
+    up-sampling (smaller), with the convolution run at the smaller resolution.
+
+Cost
+    The teacher runs once per step without autograd for ``Y^T``; stones reuse the
+    student's block outputs; teacher weights never get gradients (they are frozen and
+    only pass input-gradients); stones entering the teacher at different depths are
+    concatenated along the batch so each teacher block runs once per step
+    (``BATCH_STONES``). The exported student is the plain student.
+
+Built only on the staged-model view (:mod:`mdistiller_blockkd.models.staged`), so
+it works for any pair of models in the toolbox (CIFAR zoo, timm backbones).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..models.staged import StageInfo, StagedView
+from . import losses
+from .base import Distiller
+
+CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
+LOGIT_LOSSES = ("kd", "dkd", "lskd")
+
+
+class Connector(nn.Module):
+    """Map a student block output to the input space of the next teacher block.
+
+    Channels by a convolution + BN (+ ReLU); spatial size by average pooling when the
+    student map is larger, bilinear up-sampling when it is smaller. The convolution
+    runs at the smaller of the two resolutions.
+    """
+
+    def __init__(self, src: StageInfo, dst: StageInfo, kind: str = "conv1x1_bn"):
+        super().__init__()
+        if kind not in CONNECTORS:
+            raise ConfigError(f"BLOCKKD.CONNECTOR is '{kind}'; use one of {', '.join(CONNECTORS)}")
+        k = 3 if kind.startswith("conv3x3") else 1
+        layers = [
+            nn.Conv2d(src.num_chs, dst.num_chs, k, padding=k // 2, bias=False),
+            nn.BatchNorm2d(dst.num_chs),
+        ]
+        if kind.endswith("relu"):
+            layers.append(nn.ReLU(inplace=True))
+        self.proj = nn.Sequential(*layers)
+        self.scale = dst.reduction / src.reduction  # >1: student map is larger -> pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scale > 1:
+            s = int(round(self.scale))
+            x = F.avg_pool2d(x, s) if s == self.scale else F.adaptive_avg_pool2d(
+                x, [max(1, round(d / self.scale)) for d in x.shape[2:]])
+            return self.proj(x)
+        x = self.proj(x)
+        if self.scale < 1:
+            size = [int(round(d / self.scale)) for d in x.shape[2:]]
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
+
+def pair_blocks(student: StagedView, teacher: StagedView, explicit: Sequence = ()) -> List[Tuple[int, int]]:
+    """Return stone pairs ``(student_block, teacher_block)`` (0-based), shallow to deep."""
+    ns, nt = student.num_blocks, teacher.num_blocks
+    if explicit:
+        pairs = []
+        for p in explicit:
+            if len(p) != 2 or not (1 <= p[0] <= ns and 1 <= p[1] <= nt):
+                raise ConfigError(
+                    f"BLOCKKD.PAIRS entry {list(p)} is invalid: expected [student_block, teacher_block] with "
+                    f"1 <= student_block <= {ns} and 1 <= teacher_block <= {nt}")
+            pairs.append((int(p[0]) - 1, int(p[1]) - 1))
+        for a, b in zip(pairs, pairs[1:]):
+            if not (a[0] < b[0] and a[1] <= b[1]):
+                raise ConfigError(f"BLOCKKD.PAIRS {[list(p) for p in explicit]} must go strictly deeper in the "
+                                  "student and never shallower in the teacher")
+        return pairs
+    pairs = []
+    for r in sorted({b.reduction for b in student.block_info}):
+        s_idx = [i for i, b in enumerate(student.block_info) if b.reduction == r]
+        t_idx = [j for j, b in enumerate(teacher.block_info) if b.reduction == r]
+        k = min(len(s_idx), len(t_idx))
+        if k:
+            pairs += list(zip(s_idx[-k:], t_idx[-k:]))
+    pairs.sort()
+    monotone = all(a[1] < b[1] for a, b in zip(pairs, pairs[1:]))
+    if pairs and monotone and pairs[-1] == (ns - 1, nt - 1):
+        return pairs
+    k = min(ns, nt)
+    return [(ns - k + i, nt - k + i) for i in range(k)]
+
+
+def parse_stones(spec: str, n: int) -> Tuple[str, int]:
+    """``all`` | ``last:K`` | ``sample:K`` -> (mode, K)."""
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return "all", n
+    mode, _, k = spec.partition(":")
+    if mode in ("last", "sample") and k.isdigit() and 1 <= int(k) <= n:
+        return mode, int(k)
+    raise ConfigError(f"BLOCKKD.STONES is '{spec}'; use all, last:K or sample:K with 1 <= K <= {n} (stones of this pair)")
+
+
+class BlockKD(Distiller):
+    """Block-wise logit distillation (``DISTILLER.TYPE: BLOCKKD``); see the module docstring."""
+
+    def __init__(self, student, teacher, cfg):
+        super().__init__(student, teacher, cfg)
+        if teacher is None:
+            raise ConfigError("BLOCKKD needs a teacher (DISTILLER.TEACHER)")
+        c = cfg.BLOCKKD
+        self.sview: StagedView = student.staged_view()
+        self.tview: StagedView = teacher.staged_view()
+        self.pairs = pair_blocks(self.sview, self.tview, c.PAIRS)
+        self.connectors = nn.ModuleList(
+            Connector(self.sview.block_info[i], self.tview.block_info[j], c.CONNECTOR) for i, j in self.pairs)
+        n = len(self.pairs)
+        self.stone_weights = [1.0 / 2 ** (n - 1 - k) for k in range(n)]
+        self.mode, self.k = parse_stones(c.STONES, n)
+        self.has_unused_parameters = self.mode != "all"
+        if c.LOGIT_LOSS not in LOGIT_LOSSES:
+            raise ConfigError(f"BLOCKKD.LOGIT_LOSS is '{c.LOGIT_LOSS}'; use one of {', '.join(LOGIT_LOSSES)}")
+        self.logit_loss, self.T = c.LOGIT_LOSS, float(c.T)
+        self.dkd_alpha, self.dkd_beta = float(c.DKD_ALPHA), float(c.DKD_BETA)
+        self.alpha, self.beta, self.gamma = float(c.ALPHA), float(c.BETA), float(c.GAMMA)
+        self.warmup = c.WARMUP
+        self.detach_ensemble, self.weight_cross = bool(c.DETACH_ENSEMBLE), bool(c.WEIGHT_CROSS)
+        self.batch_stones = bool(c.BATCH_STONES)
+
+    @property
+    def num_stones(self) -> int:
+        return len(self.pairs)
+
+    # -- stones ---------------------------------------------------------------------
+    def _student_forward(self, image: Tensor):
+        h = self.sview.stem(image)
+        outs = []
+        for i in range(self.sview.num_blocks):
+            h = self.sview.block(i, h)
+            outs.append(h)
+        return self.sview.head(h), outs
+
+    def _stone_logits(self, outs: List[Tensor], active: Sequence[int]) -> List[Tensor]:
+        """Logits of the stones ``active`` (indices into ``self.pairs``) from student block outputs."""
+        entry = {k: self.pairs[k][1] + 1 for k in active}  # first teacher block each stone runs
+        inputs = {k: self.connectors[k](outs[self.pairs[k][0]]) for k in active}
+        if not self.batch_stones:
+            return [self.tview.forward_from(inputs[k], entry[k]) for k in active]
+        # one concatenated batch: stones join it where they enter the teacher
+        running, order = None, []
+        for j in range(min(entry.values()), self.tview.num_blocks + 1):
+            joining = [k for k in active if entry[k] == j]
+            if joining:
+                parts = ([running] if running is not None else []) + [inputs[k] for k in joining]
+                running = parts[0] if len(parts) == 1 else torch.cat(parts)
+                order += joining
+            if j < self.tview.num_blocks:
+                running = self.tview.block(j, running)
+        chunks = dict(zip(order, self.tview.head(running).split(outs[0].shape[0])))
+        return [chunks[k] for k in active]
+
+    def forward_stones(self, image: Tensor):
+        """``(student_logits, [Y^{N_1}, ..., Y^{N_n}], teacher_logits)`` for every stone."""
+        s_logits, outs = self._student_forward(image)
+        with torch.no_grad():
+            t_logits = self.tview(image)
+        return s_logits, self._stone_logits(outs, range(self.num_stones)), t_logits
+
+    def _active_stones(self) -> Tuple[List[int], float]:
+        """Indices of this step's stones and the factor applied to their terms."""
+        n = self.num_stones
+        if self.mode == "all":
+            return list(range(n)), 1.0
+        if self.mode == "last":
+            return list(range(n - self.k, n)), 1.0
+        idx = torch.randperm(n)[: self.k].sort().values.tolist()
+        return idx, n / self.k
+
+    # -- loss -----------------------------------------------------------------------
+    def distance(self, logits: Tensor, target_logits: Tensor, target: Tensor) -> Tensor:
+        """The logit distance d(., .) selected by ``BLOCKKD.LOGIT_LOSS``."""
+        if self.logit_loss == "kd":
+            return losses.kd_loss(logits, target_logits, self.T)
+        if self.logit_loss == "lskd":
+            return losses.lskd_loss(logits, target_logits, self.T)
+        return losses.dkd_loss(logits, target_logits, target, self.dkd_alpha, self.dkd_beta, self.T)
+
+    def blockkd_loss(self, s_logits, stones, t_logits, target, weights, cross_weights, epoch):
+        """The three loss terms from student, stone and teacher logits.
+
+        ``weights[i]`` scales stone ``i``'s task and distill terms, ``cross_weights[i]`` its cross term.
+        """
+        task = F.cross_entropy(s_logits, target)
+        distill = self.distance(s_logits, t_logits, target)
+        for w, z in zip(weights, stones):
+            task = task + w * F.cross_entropy(z, target)
+            distill = distill + w * self.distance(z, t_logits, target)
+        ens = torch.stack(stones).mean(0)
+        if self.detach_ensemble:
+            ens = ens.detach()
+        cross = self.distance(s_logits, ens, target)
+        for w, z in zip(cross_weights, stones):
+            cross = cross + w * self.distance(z, ens, target)
+        warm = losses.warmup_factor(epoch, self.warmup)
+        return {
+            "loss_ce": self.alpha * task,
+            "loss_kd": (self.beta * warm) * distill,
+            "loss_cross": (self.gamma * warm) * cross,
+        }
+
+    def forward_train(self, image, target, **kwargs):
+        s_logits, outs = self._student_forward(image)
+        with torch.no_grad():
+            t_logits = self.tview(image)
+        active, factor = self._active_stones()
+        stones = self._stone_logits(outs, active)
+        weights = [self.stone_weights[k] * factor for k in active]
+        cross_weights = weights if self.weight_cross else [factor] * len(active)
+        loss = self.blockkd_loss(s_logits, stones, t_logits, target, weights, cross_weights, kwargs.get("epoch", math.inf))
+        return s_logits, loss
+
+    @torch.no_grad()
+    def eval_logits(self, image):
+        """Every stone's logits and the teacher's, scored by the trainer at evaluation."""
+        _, stones, t_logits = self.forward_stones(image)
+        out = {f"stone{k + 1}": z for k, z in enumerate(stones)}
+        out["teacher"] = t_logits
+        return out
+
+    def describe(self) -> str:
+        """One line per stone: which student block feeds which teacher block."""
+        lines = []
+        for k, ((i, j), w) in enumerate(zip(self.pairs, self.stone_weights)):
+            si, ti = self.sview.block_info[i], self.tview.block_info[j]
+            lines.append(f"stone{k + 1}: student block {i + 1} ({si.num_chs}ch, /{si.reduction}) -> connector -> "
+                         f"teacher blocks {j + 2}..{self.tview.num_blocks} + head (input {ti.num_chs}ch, /{ti.reduction}), w={w:g}")
+        return "\n".join(lines)

@@ -1,0 +1,283 @@
+"""Block-KD: stepping stones, pairing, loss terms, sampling, gradients, cost structure."""
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdistiller_blockkd.distillers import distiller_dict
+from mdistiller_blockkd.distillers.blockkd import BlockKD, pair_blocks
+from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.errors import ConfigError
+from mdistiller_blockkd.models import build_model
+from mdistiller_blockkd.models.staged import StageInfo
+
+UPSTREAM_PAIRS = [
+    ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
+    ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"),
+    ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"), ("ResNet50", "MobileNetV2"),
+    ("vgg13", "MobileNetV2"), ("wrn_40_2", "ShuffleV1"),
+]
+
+
+def make(teacher="resnet20", student="resnet8", num_classes=10, **opts):
+    torch.manual_seed(0)
+    flat = ["DISTILLER.TYPE", "BLOCKKD", "BLOCKKD.WARMUP", 0]
+    for k, v in opts.items():
+        flat += [f"BLOCKKD.{k}", v]
+    cfg = load_cfg(None, flat)
+    t = build_model(teacher, num_classes=num_classes)
+    s = build_model(student, num_classes=num_classes)
+    return distiller_dict["BLOCKKD"](s, t, cfg)
+
+
+def batch(n=4, num_classes=10, size=32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+
+
+def kl_by_hand(zs, zt, T):
+    pt = torch.softmax(zt / T, 1)
+    return (pt * (torch.log(pt) - torch.log_softmax(zs / T, 1))).sum(1).mean() * T * T
+
+
+def view(reductions, chs=None):
+    chs = chs or [16] * len(reductions)
+    return SimpleNamespace(num_blocks=len(reductions), block_info=[StageInfo(c, r) for c, r in zip(chs, reductions)])
+
+
+def test_registered():
+    assert distiller_dict["BLOCKKD"] is BlockKD
+
+
+def test_pairing_rules():
+    # equal strides pair up one to one
+    assert pair_blocks(view([1, 2, 4]), view([1, 2, 4])) == [(0, 0), (1, 1), (2, 2)]
+    # several blocks at one stride: the deepest pair up in order (vgg)
+    assert pair_blocks(view([2, 4, 8, 8]), view([2, 4, 8, 8])) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert pair_blocks(view([4, 8]), view([2, 4, 8, 8])) == [(0, 1), (1, 3)]
+    # last strides differ (ShuffleV1 /2,/4,/8 vs resnet32x4 /1,/2,/4): the last blocks pair in order
+    assert pair_blocks(view([2, 4, 8]), view([1, 2, 4])) == [(0, 0), (1, 1), (2, 2)]
+    assert pair_blocks(view([2, 4, 8, 16]), view([1, 2, 4, 8])) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    # explicit pairs win (1-based in the config)
+    assert pair_blocks(view([1, 2, 4]), view([1, 2, 4]), [[2, 1], [3, 3]]) == [(1, 0), (2, 2)]
+    for bad in ([[0, 1]], [[4, 1]], [[2, 2], [1, 3]], [[1]]):
+        with pytest.raises(ConfigError, match="BLOCKKD.PAIRS"):
+            pair_blocks(view([1, 2, 4]), view([1, 2, 4]), bad)
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="STONES"):
+        make(STONES="sample:9")
+    with pytest.raises(ConfigError, match="STONES"):
+        make(STONES="first:1")
+    with pytest.raises(ConfigError, match="CONNECTOR"):
+        make(CONNECTOR="mlp")
+    with pytest.raises(ConfigError, match="LOGIT_LOSS"):
+        make(LOGIT_LOSS="mse")
+
+
+def test_deepest_stone_is_student_backbone_plus_teacher_head():
+    d = make().eval()
+    x, _ = batch()
+    s_logits, stones, t_logits = d.forward_stones(x)
+    assert len(stones) == 3 and d.stone_weights == [0.25, 0.5, 1.0]
+    with torch.no_grad():
+        feat = d.student.forward_features(x)
+        want = d.teacher.forward_head(d.connectors[2](feat))
+        torch.testing.assert_close(stones[2], want)
+        torch.testing.assert_close(s_logits, d.student(x)[0])
+        torch.testing.assert_close(t_logits, d.teacher(x)[0])
+        # stone 1 = teacher blocks 2..3 + head on the connected student block-1 output
+        h = d.student.forward_block(0, d.student.forward_stem(x)[0])[0]
+        h = d.connectors[0](h)
+        for j in (1, 2):
+            h = d.teacher.forward_block(j, h)[0]
+        torch.testing.assert_close(stones[0], d.teacher.forward_head(h))
+
+
+def test_batched_stones_equal_separate_stones():
+    d = make().eval()
+    x, _ = batch()
+    with torch.no_grad():
+        _, a, _ = d.forward_stones(x)
+        d.batch_stones = False
+        _, b, _ = d.forward_stones(x)
+    for za, zb in zip(a, b):
+        torch.testing.assert_close(za, zb, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_teacher_frozen_and_eval():
+    d = make()
+    d.train()
+    assert not d.teacher.training and d.student.training
+    assert all(not p.requires_grad for p in d.teacher.parameters())
+    x, y = batch()
+    _, loss = d.forward_train(image=x, target=y, epoch=1)
+    assert set(loss) == {"loss_ce", "loss_kd", "loss_cross"}
+    sum(loss.values()).backward()
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in d.student.parameters())
+    assert all(p.grad is not None for p in d.connectors.parameters())
+    learn = {id(p) for p in d.get_learnable_parameters()}
+    assert learn == {id(p) for p in d.student.parameters()} | {id(p) for p in d.connectors.parameters()}
+    assert d.get_extra_parameters() == sum(p.numel() for p in d.connectors.parameters())
+    assert not d.teacher.training
+
+
+def test_teacher_runs_once_per_step_and_each_teacher_block_once():
+    d = make()
+    calls = {"stem": 0, "grad_stem": 0, "head": 0}
+    t = d.teacher
+    orig_stem, orig_block, orig_head = t.forward_stem, t.forward_block, t.forward_head
+    blocks = []
+
+    def stem(x):
+        calls["stem"] += 1
+        calls["grad_stem"] += torch.is_grad_enabled()
+        return orig_stem(x)
+
+    def block(i, h):
+        blocks.append(i)
+        return orig_block(i, h)
+
+    def head(h, pre_logits=False):
+        calls["head"] += 1
+        return orig_head(h, pre_logits)
+
+    t.forward_stem, t.forward_block, t.forward_head = stem, block, head
+    x, y = batch()
+    d.forward_train(image=x, target=y, epoch=1)
+    assert calls["stem"] == 1 and calls["grad_stem"] == 0
+    # teacher's own forward: blocks 0,1,2; stones batched: blocks 1,2 once each; two heads
+    assert sorted(blocks) == [0, 1, 1, 2, 2] and calls["head"] == 2
+
+
+def test_task_terms_only_equal_hand_computation():
+    d = make(ALPHA=1.0, BETA=0.0, GAMMA=0.0).eval()  # eval: BN uses running stats, deterministic
+    x, y = batch()
+    torch.manual_seed(0)
+    s, stones, _ = d.forward_stones(x)
+    want = F.cross_entropy(s, y) + sum(w * F.cross_entropy(z, y) for w, z in zip([0.25, 0.5, 1.0], stones))
+    _, loss = d.forward_train(image=x, target=y, epoch=5)
+    torch.testing.assert_close(sum(loss.values()), want)
+    torch.testing.assert_close(loss["loss_kd"], torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("weight_cross", [True, False])
+def test_distill_and_cross_terms_equal_hand_computation(weight_cross):
+    T = 3.0
+    d = make(ALPHA=0.5, BETA=2.0, GAMMA=0.7, T=T, WARMUP=10, WEIGHT_CROSS=weight_cross).eval()
+    x, y = batch()
+    s, stones, t = d.forward_stones(x)
+    w = [0.25, 0.5, 1.0]
+    ens = torch.stack(stones).mean(0)
+    distill = kl_by_hand(s, t, T) + sum(wi * kl_by_hand(z, t, T) for wi, z in zip(w, stones))
+    cw = w if weight_cross else [1.0, 1.0, 1.0]
+    cross = kl_by_hand(s, ens, T) + sum(wi * kl_by_hand(z, ens, T) for wi, z in zip(cw, stones))
+    task = F.cross_entropy(s, y) + sum(wi * F.cross_entropy(z, y) for wi, z in zip(w, stones))
+    _, loss = d.forward_train(image=x, target=y, epoch=4)  # warm-up factor 0.4
+    torch.testing.assert_close(loss["loss_ce"], 0.5 * task, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss["loss_kd"], 2.0 * 0.4 * distill, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss["loss_cross"], 0.7 * 0.4 * cross, rtol=1e-4, atol=1e-5)
+
+
+def test_detached_ensemble_gets_no_gradient_through_target():
+    for detach in (True, False):
+        d = make(ALPHA=0.0, BETA=0.0, GAMMA=1.0, DETACH_ENSEMBLE=detach).eval()
+        x, y = batch()
+        _, loss = d.forward_train(image=x, target=y, epoch=1)
+        # with a detached target, stone 3's cross term only pulls stone 3 itself; compare gradients on the head
+        g = torch.autograd.grad(loss["loss_cross"], d.connectors[0].proj[0].weight)[0]
+        assert torch.isfinite(g).all()
+    # detached vs not give different gradients (the ensemble is a target in one case only)
+    grads = []
+    for detach in (True, False):
+        d = make(ALPHA=0.0, BETA=0.0, GAMMA=1.0, DETACH_ENSEMBLE=detach).eval()
+        _, loss = d.forward_train(image=x, target=y, epoch=1)
+        grads.append(torch.autograd.grad(loss["loss_cross"], d.connectors[2].proj[0].weight)[0])
+    assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("distance", ["dkd", "lskd"])
+def test_other_distances(distance):
+    d = make(LOGIT_LOSS=distance).eval()
+    x, y = batch()
+    s, stones, t = d.forward_stones(x)
+    from mdistiller_blockkd.distillers import losses
+    want = losses.dkd_loss(s, t, y, 1.0, 8.0, 4.0) if distance == "dkd" else losses.kd_loss(
+        losses.standardize(s), losses.standardize(t), 4.0)
+    torch.testing.assert_close(d.distance(s, t, y), want)
+    _, loss = d.forward_train(image=x, target=y, epoch=1)
+    assert all(torch.isfinite(v) for v in loss.values())
+
+
+def test_last_k_uses_deepest_stones():
+    d = make(STONES="last:2")
+    assert d._active_stones() == ([1, 2], 1.0)
+    assert d.has_unused_parameters
+
+
+def test_sample_k_is_unbiased_for_task_and_distill_terms():
+    """Exact expectation over every equally likely draw, and a Monte-Carlo check of the draws."""
+    for k in (1, 2):
+        d = make(STONES=f"sample:{k}", GAMMA=0.0).eval()
+        x, y = batch()
+        full = make(GAMMA=0.0).eval()
+        full.load_state_dict(d.state_dict())
+        with torch.no_grad():
+            _, ref = full.forward_train(image=x, target=y, epoch=30)
+            subsets = list(itertools.combinations(range(3), k))
+            total = 0.0
+            for sub in subsets:
+                d._active_stones = lambda sub=sub: (list(sub), 3 / k)
+                _, loss = d.forward_train(image=x, target=y, epoch=30)
+                total = total + sum(loss.values())
+        torch.testing.assert_close(total / len(subsets), sum(ref.values()), rtol=1e-5, atol=1e-5)
+    # the sampler draws each stone with probability K/n
+    d = make(STONES="sample:1")
+    torch.manual_seed(0)
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        idx, factor = d._active_stones()
+        assert factor == 3.0
+        counts[idx] += 1
+    assert torch.allclose(counts / 3000, torch.full((3,), 1 / 3), atol=0.03)
+
+
+def test_eval_logits_and_exported_student():
+    d = make().eval()
+    x, _ = batch()
+    out = d.eval_logits(x)
+    assert sorted(out) == ["stone1", "stone2", "stone3", "teacher"]
+    vanilla = build_model("resnet8", num_classes=10)
+    assert list(d.student.state_dict()) == list(vanilla.state_dict())
+    assert "stone1" in d.describe() or "student block 1" in d.describe()
+
+
+def test_connectors_resize_both_ways():
+    from mdistiller_blockkd.distillers.blockkd import Connector
+    down = Connector(StageInfo(8, 1), StageInfo(16, 2))
+    up = Connector(StageInfo(8, 4), StageInfo(16, 2), "conv3x3_bn_relu")
+    x = torch.randn(2, 8, 16, 16)
+    assert down(x).shape == (2, 16, 8, 8)
+    assert up(x).shape == (2, 16, 32, 32)
+    assert (up(x) >= 0).all()
+
+
+@pytest.mark.parametrize("teacher,student", UPSTREAM_PAIRS)
+def test_every_upstream_pair_takes_a_step(teacher, student):
+    d = make(teacher, student, num_classes=100)
+    d.train()
+    opt = torch.optim.SGD(d.get_learnable_parameters(), lr=0.01, momentum=0.9)
+    x, y = batch(4, 100)
+    _, loss = d.forward_train(image=x, target=y, epoch=1)
+    total = sum(loss.values())
+    assert torch.isfinite(total)
+    opt.zero_grad()
+    total.backward()
+    opt.step()
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert not d.teacher.training
