@@ -24,7 +24,7 @@ UPSTREAM_PAIRS = [
 
 def make(teacher="resnet20", student="resnet8", num_classes=10, **opts):
     torch.manual_seed(0)
-    flat = ["DISTILLER.TYPE", "BLOCKKD", "BLOCKKD.WARMUP", 0]
+    flat = ["DISTILLER.TYPE", "BLOCKKD", "BLOCKKD.WARMUP", 0, "DISTILLER.FOLD_TEACHER_BN", opts.pop("FOLD", True)]
     for k, v in opts.items():
         flat += [f"BLOCKKD.{k}", v]
     cfg = load_cfg(None, flat)
@@ -77,6 +77,8 @@ def test_bad_options_are_config_errors():
         make(CONNECTOR="mlp")
     with pytest.raises(ConfigError, match="LOGIT_LOSS"):
         make(LOGIT_LOSS="mse")
+    with pytest.raises(ConfigError, match="BATCH_STONES"):
+        make(BATCH_STONES="maybe")
 
 
 def test_deepest_stone_is_student_backbone_plus_teacher_head():
@@ -102,8 +104,9 @@ def test_batched_stones_equal_separate_stones():
     d = make().eval()
     x, _ = batch()
     with torch.no_grad():
+        d.batch_stones = "on"
         _, a, _ = d.forward_stones(x)
-        d.batch_stones = False
+        d.batch_stones = "off"
         _, b, _ = d.forward_stones(x)
     for za, zb in zip(a, b):
         torch.testing.assert_close(za, zb, rtol=1e-5, atol=1e-5)
@@ -128,7 +131,7 @@ def test_gradients_teacher_frozen_and_eval():
 
 
 def test_teacher_runs_once_per_step_and_each_teacher_block_once():
-    d = make()
+    d = make(FOLD=False, BATCH_STONES="on")
     calls = {"stem": 0, "grad_stem": 0, "head": 0}
     t = d.teacher
     orig_stem, orig_block, orig_head = t.forward_stem, t.forward_block, t.forward_head
@@ -281,3 +284,32 @@ def test_every_upstream_pair_takes_a_step(teacher, student):
     opt.step()
     assert all(p.grad is None for p in d.teacher.parameters())
     assert not d.teacher.training
+
+
+def randomize_bn(model):
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def test_folded_teacher_computes_the_same_stones():
+    x, y = batch()
+    out = []
+    for fold in (True, False):
+        d = make(FOLD=fold).eval()
+        randomize_bn(d.teacher)
+        with torch.no_grad():
+            out.append(d.forward_stones(x))
+        used = d.teacher_model(x)
+        assert (used is d.teacher) != fold
+        if fold:  # the folded copy has no BatchNorm left and is not part of the state_dict
+            assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in used.modules())
+            assert all(not k.startswith("_teacher") for k in d.state_dict())
+    (sa, za, ta), (sb, zb, tb) = out
+    torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-4)
+    for a, b in zip(za, zb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,10 @@ A distiller is an ``nn.Module`` built as ``Distiller(student, teacher, cfg)``:
   (Block-KD's stepping stones); empty by default.
 
 The teacher is frozen at construction: ``eval()`` and ``requires_grad_(False)``.
+Teacher outputs are computed by :meth:`Distiller.teacher_model`: a copy of the frozen
+teacher with its BatchNorms folded into the convolutions (exact in eval mode, verified,
+see :mod:`mdistiller_blockkd.models.fold`; ``DISTILLER.FOLD_TEACHER_BN``), else the
+teacher itself.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
+
+from ..models.fold import fold_frozen_bn
+from ..models.staged import StagedModel
 
 
 class Distiller(nn.Module):
@@ -31,6 +38,7 @@ class Distiller(nn.Module):
         super().__init__()
         self.student = student
         self.teacher = teacher
+        self.fold_teacher_bn = bool(cfg.DISTILLER.FOLD_TEACHER_BN) if cfg is not None else True
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -66,10 +74,40 @@ class Distiller(nn.Module):
         return {}
 
     # -- helpers for subclasses -----------------------------------------------------
+    def teacher_model(self, x: Tensor) -> nn.Module:
+        """The module that computes teacher outputs for inputs like ``x``.
+
+        A BN-folded copy of the frozen teacher, built on first use for ``x``'s device and
+        rebuilt after ``load_state_dict`` / ``.to()``; the teacher itself when folding is
+        off, impossible, or changes any output. Never registered as a submodule, so it is
+        neither saved nor counted.
+        """
+        key = (x.device, x.dtype)
+        cache = self.__dict__.get("_teacher_exec")
+        if cache is None or cache[0] != key:
+            model = self.teacher
+            if self.fold_teacher_bn and isinstance(self.teacher, StagedModel):
+                with torch.autocast(x.device.type, enabled=False):
+                    model = fold_frozen_bn(self.teacher, x[:2].detach().float()) or self.teacher
+            cache = (key, model)
+            self.__dict__["_teacher_exec"] = cache
+        return cache[1]
+
+    def _invalidate_teacher_cache(self):
+        self.__dict__.pop("_teacher_exec", None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._invalidate_teacher_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._invalidate_teacher_cache()
+        return super().load_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def teacher_forward(self, image: Tensor):
         """The teacher's ``(logits, feats)``, computed once per step without autograd."""
-        return self.teacher(image)
+        return self.teacher_model(image)(image)
 
 
 class Vanilla(Distiller):

@@ -49,7 +49,10 @@ Cost
     student's block outputs; teacher weights never get gradients (they are frozen and
     only pass input-gradients); stones entering the teacher at different depths are
     concatenated along the batch so each teacher block runs once per step
-    (``BATCH_STONES``). The exported student is the plain student.
+    (``BATCH_STONES``: ``auto`` does so on CUDA, where bigger batches fill the device;
+    on CPU separate passes measured faster). The teacher computes with its BatchNorms
+    folded into the convolutions (exact for a frozen teacher; ``Distiller.teacher_model``),
+    which removes BN from the stones' backward. The exported student is the plain student.
 
 Built only on the staged-model view (:mod:`mdistiller_blockkd.models.staged`), so
 it works for any pair of models in the toolbox (CIFAR zoo, timm backbones).
@@ -174,7 +177,9 @@ class BlockKD(Distiller):
         self.alpha, self.beta, self.gamma = float(c.ALPHA), float(c.BETA), float(c.GAMMA)
         self.warmup = c.WARMUP
         self.detach_ensemble, self.weight_cross = bool(c.DETACH_ENSEMBLE), bool(c.WEIGHT_CROSS)
-        self.batch_stones = bool(c.BATCH_STONES)
+        self.batch_stones = str(c.BATCH_STONES).lower()
+        if self.batch_stones not in ("auto", "on", "off"):
+            raise ConfigError(f"BLOCKKD.BATCH_STONES is '{c.BATCH_STONES}'; use auto, on or off")
 
     @property
     def num_stones(self) -> int:
@@ -189,31 +194,36 @@ class BlockKD(Distiller):
             outs.append(h)
         return self.sview.head(h), outs
 
-    def _stone_logits(self, outs: List[Tensor], active: Sequence[int]) -> List[Tensor]:
-        """Logits of the stones ``active`` (indices into ``self.pairs``) from student block outputs."""
+    def _stone_logits(self, outs: List[Tensor], active: Sequence[int], tview: StagedView) -> List[Tensor]:
+        """Logits of the stones ``active`` (indices into ``self.pairs``) from student block outputs.
+
+        ``tview`` is the staged view of the module computing the teacher (see ``teacher_model``).
+        """
         entry = {k: self.pairs[k][1] + 1 for k in active}  # first teacher block each stone runs
         inputs = {k: self.connectors[k](outs[self.pairs[k][0]]) for k in active}
-        if not self.batch_stones:
-            return [self.tview.forward_from(inputs[k], entry[k]) for k in active]
+        batch = self.batch_stones == "on" or (self.batch_stones == "auto" and outs[0].is_cuda)
+        if not batch:
+            return [tview.forward_from(inputs[k], entry[k]) for k in active]
         # one concatenated batch: stones join it where they enter the teacher
         running, order = None, []
-        for j in range(min(entry.values()), self.tview.num_blocks + 1):
+        for j in range(min(entry.values()), tview.num_blocks + 1):
             joining = [k for k in active if entry[k] == j]
             if joining:
                 parts = ([running] if running is not None else []) + [inputs[k] for k in joining]
                 running = parts[0] if len(parts) == 1 else torch.cat(parts)
                 order += joining
-            if j < self.tview.num_blocks:
-                running = self.tview.block(j, running)
-        chunks = dict(zip(order, self.tview.head(running).split(outs[0].shape[0])))
+            if j < tview.num_blocks:
+                running = tview.block(j, running)
+        chunks = dict(zip(order, tview.head(running).split(outs[0].shape[0])))
         return [chunks[k] for k in active]
 
     def forward_stones(self, image: Tensor):
         """``(student_logits, [Y^{N_1}, ..., Y^{N_n}], teacher_logits)`` for every stone."""
         s_logits, outs = self._student_forward(image)
+        tview = self.teacher_model(image).staged_view()
         with torch.no_grad():
-            t_logits = self.tview(image)
-        return s_logits, self._stone_logits(outs, range(self.num_stones)), t_logits
+            t_logits = tview(image)
+        return s_logits, self._stone_logits(outs, range(self.num_stones), tview), t_logits
 
     def _active_stones(self) -> Tuple[List[int], float]:
         """Indices of this step's stones and the factor applied to their terms."""
@@ -259,10 +269,11 @@ class BlockKD(Distiller):
 
     def forward_train(self, image, target, **kwargs):
         s_logits, outs = self._student_forward(image)
+        tview = self.teacher_model(image).staged_view()
         with torch.no_grad():
-            t_logits = self.tview(image)
+            t_logits = tview(image)
         active, factor = self._active_stones()
-        stones = self._stone_logits(outs, active)
+        stones = self._stone_logits(outs, active, tview)
         weights = [self.stone_weights[k] * factor for k in active]
         cross_weights = weights if self.weight_cross else [factor] * len(active)
         loss = self.blockkd_loss(s_logits, stones, t_logits, target, weights, cross_weights, kwargs.get("epoch", math.inf))

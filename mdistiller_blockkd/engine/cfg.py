@@ -51,6 +51,7 @@ CFG.DISTILLER.TEACHER = "ResNet50"
 CFG.DISTILLER.STUDENT = "resnet32"
 CFG.DISTILLER.TEACHER_CKPT = ""  # added: "" = mdistiller's default path for the teacher name
 CFG.DISTILLER.TEACHER_PRETRAINED = False  # added: timm teachers: load timm's pretrained weights
+CFG.DISTILLER.FOLD_TEACHER_BN = True  # added: compute teacher outputs with BN folded into convs (exact, verified)
 
 # Solver
 CFG.SOLVER = CN()
@@ -117,7 +118,7 @@ CFG.BLOCKKD.LOGIT_LOSS = "kd"  # kd | dkd | lskd (logit-standardised KD)
 CFG.BLOCKKD.DKD_ALPHA = 1.0  # used when LOGIT_LOSS = dkd
 CFG.BLOCKKD.DKD_BETA = 8.0
 CFG.BLOCKKD.STONES = "all"  # all | last:K | sample:K
-CFG.BLOCKKD.BATCH_STONES = True  # run stones that share teacher blocks as one concatenated batch
+CFG.BLOCKKD.BATCH_STONES = "auto"  # on | off | auto (on for CUDA inputs): stones share teacher blocks as one concatenated batch
 
 
 def _check(cfg):
