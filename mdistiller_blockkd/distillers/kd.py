@@ -1,0 +1,42 @@
+"""KD: Hinton et al., "Distilling the Knowledge in a Neural Network" (2015).
+
+``L = CE_WEIGHT * CE(z_s, y) + KD_WEIGHT * T^2 * mean_n KL(softmax(z_t/T) || softmax(z_s/T))``
+with ``T = CFG.KD.TEMPERATURE``, ``CE_WEIGHT = CFG.KD.LOSS.CE_WEIGHT`` and
+``KD_WEIGHT = CFG.KD.LOSS.KD_WEIGHT`` (mdistiller's keys and defaults). No warm-up.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..engine.cfg import CFG
+from ..errors import ConfigError
+from . import losses
+from .base import Distiller
+
+
+class KD(Distiller):
+    """Vanilla logit distillation (registered as ``KD``).
+
+    The teacher runs once per step without autograd; loss keys ``loss_ce`` and
+    ``loss_kd``. No connector parameters.
+    """
+
+    def __init__(self, student, teacher, cfg=None):
+        super().__init__(student, teacher, cfg)
+        if teacher is None:
+            raise ConfigError("DISTILLER.TYPE KD needs a teacher; set DISTILLER.TEACHER")
+        c = (cfg if cfg is not None else CFG).KD
+        self.temperature = float(c.TEMPERATURE)
+        if self.temperature <= 0:
+            raise ConfigError(f"KD.TEMPERATURE is {c.TEMPERATURE}; it must be > 0 (mdistiller uses 4)")
+        self.ce_loss_weight = float(c.LOSS.CE_WEIGHT)
+        self.kd_loss_weight = float(c.LOSS.KD_WEIGHT)
+
+    def forward_train(self, image, target, **kwargs):
+        """Return ``(student_logits, {"loss_ce", "loss_kd"})``."""
+        logits_student, _ = self.student(image)
+        logits_teacher, _ = self.teacher_forward(image)
+        loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
+        loss_kd = self.kd_loss_weight * losses.kd_loss(logits_student, logits_teacher, self.temperature)
+        return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}
