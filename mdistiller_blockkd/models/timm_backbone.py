@@ -1,0 +1,389 @@
+"""timm CNNs as staged models (``build_model("timm:<name>")``).
+
+:func:`build_timm_model` turns any timm CNN that publishes ``feature_info`` into a
+:class:`TimmStagedModel`. The staging is read from timm's own metadata, never from a
+per-architecture table:
+
+* the model's top-level children are walked in registration order, descending into an
+  ``nn.Sequential`` only when a ``feature_info`` module lives inside it (``blocks.0``,
+  ``features.denseblock1``...), which gives an ordered list of *steps*;
+* the list is cut right after every ``feature_info`` module: the **stem** is every step up
+  to and including the first ``feature_info`` module, so ``feats[0]`` is timm's first
+  feature (resnet: ``act1`` at stride 2; mobilenetv1: ``blocks.0``; convnext: ``stages.0``),
+  and **block** ``i`` is every step after feature module ``i`` up to feature module ``i+1``
+  (resnet block 0 is ``maxpool`` + ``layer1``). The staged ``feature_info`` is therefore
+  timm's ``feature_info`` itself (``num_chs``, ``reduction``, ``module``);
+* the steps after the last feature module that belong to timm's ``forward_features``
+  (efficientnet's ``conv_head``/``bn2``, ...) are found with one dummy forward and form,
+  with timm's ``forward_head``, the staged **head**.
+
+At construction one small eval-mode forward checks that the chain of steps reproduces
+timm's ``forward_features`` and logits and that every feature has its announced channel
+count; a model whose forward is not such a chain (vision transformers, models with
+extra logic in ``forward_features``) is refused with a :class:`ConfigError`.
+
+timm has no pre-activation outputs: ``preact_feats`` are the ``feats``.
+
+State-dict keys
+    The wrapper registers the timm model's own top-level children as its children (the
+    same module objects; the timm model itself is kept outside the module tree and only
+    serves its ``forward_head``/``get_classifier``), so ``state_dict()`` keys, order and
+    shapes are exactly the plain timm model's. A plain timm checkpoint loads with
+    ``load_state_dict`` (``strict=True``) and the staged model's weights load into
+    ``timm.create_model(name)``; :func:`load_timm_checkpoint` /
+    :meth:`TimmStagedModel.load_timm_state_dict` read the usual file formats.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, ConfigError
+from .staged import StagedModel
+
+__all__ = ["TimmStagedModel", "build_timm_model", "load_timm_checkpoint", "read_state_dict"]
+
+_STATE_KEYS = ("model", "state_dict", "model_state_dict")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _import_timm():
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - timm is a dependency
+        raise ConfigError(f"timm models need the 'timm' package ({e}); install it with 'pip install timm'") from None
+    return timm
+
+
+def _flatten_steps(module: nn.Module, targets: Sequence[str], prefix: str = "") -> List[str]:
+    """Dotted names of the modules run in order, descending only towards ``targets``."""
+    steps = []
+    for name, child in module.named_children():
+        full = prefix + name
+        if full in targets or not any(t.startswith(full + ".") for t in targets):
+            steps.append(full)
+        elif isinstance(child, nn.Sequential):
+            steps += _flatten_steps(child, targets, full + ".")
+        else:
+            inner = [t for t in targets if t.startswith(full + ".")]
+            raise ConfigError(
+                f"feature module(s) {inner} sit inside '{full}' ({type(child).__name__}), which is not an "
+                "nn.Sequential; this timm model cannot be cut into stages"
+            )
+    return steps
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return False
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
+
+
+class TimmStagedModel(StagedModel):
+    """A timm CNN seen as ``stem -> blocks -> head`` (see the module docstring).
+
+    Args:
+        model: a timm model with ``feature_info``, ``forward_features``,
+            ``forward_head`` and ``get_classifier``.
+        name: its timm name (informational: ``timm_name``).
+        probe_size: side of the square dummy input used to check the staging; default
+            ``2 x`` the deepest reduction, at least the model's ``min_input_size``.
+
+    Attributes: ``timm_name``, ``timm_model`` (the plain timm model, sharing every
+    module and weight), ``pretrained_cfg`` (timm's dict: mean, std, input size...),
+    ``num_features``, ``num_classes``, ``steps`` (dotted module names of the stem, each
+    block and the head extras).
+    """
+
+    def __init__(self, model: nn.Module, name: str = "", probe_size: Optional[int] = None):
+        super().__init__()
+        label = name or type(model).__name__
+        info = getattr(model, "feature_info", None)
+        if info is None or not hasattr(model, "forward_head") or not hasattr(model, "forward_features"):
+            raise ConfigError(
+                f"timm model '{label}' has no feature_info / forward_features / forward_head; only timm CNNs "
+                "that publish feature_info can be staged"
+            )
+        info = [dict(num_chs=int(d["num_chs"]), reduction=int(d["reduction"]), module=str(d["module"]))
+                for d in list(info)]
+        if len(info) < 2:
+            raise ConfigError(f"timm model '{label}' lists {len(info)} feature stage(s); at least 2 are needed")
+        own = [n for n, _ in model.named_parameters(recurse=False)] + [n for n, _ in model.named_buffers(recurse=False)]
+        if own:
+            raise ConfigError(
+                f"timm model '{label}' keeps tensors {own} on its root module (not a plain CNN); it cannot be staged"
+            )
+        object.__setattr__(self, "_timm", model)  # outside the module tree: no key prefix
+        self._adopt_children()
+        self.timm_name = name
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        self.num_features = int(getattr(model, "num_features", info[-1]["num_chs"]))
+        self.num_classes = int(getattr(model, "num_classes", 0))
+        self.feature_info = info
+        self.num_blocks = len(info) - 1
+
+        targets = [d["module"] for d in info]
+        steps = _flatten_steps(model, targets)
+        missing = [t for t in targets if t not in steps]
+        if missing:
+            raise ConfigError(f"timm model '{label}': feature modules {missing} are not reachable as a chain of children")
+        cuts = [steps.index(t) for t in targets]
+        if cuts != sorted(cuts) or len(set(cuts)) != len(cuts):
+            raise ConfigError(f"timm model '{label}': feature modules {targets} are not in forward order")
+        self._stem_steps = steps[: cuts[0] + 1]
+        self._block_steps = [steps[a + 1: b + 1] for a, b in zip(cuts, cuts[1:])]
+        self._rest = steps[cuts[-1] + 1:]
+        self._tail_steps: List[str] = []
+        self._probe(label, probe_size)
+
+    # -- construction helpers --------------------------------------------------------
+    def _adopt_children(self) -> None:
+        for key in list(self._modules):
+            del self._modules[key]
+        for n, child in self._timm.named_children():
+            self.add_module(n, child)
+
+    @property
+    def timm_model(self) -> nn.Module:
+        """The plain timm model (same modules and weights; its ``forward`` returns logits only)."""
+        return self._timm
+
+    @property
+    def steps(self) -> Dict[str, List]:
+        return {"stem": list(self._stem_steps), "blocks": [list(b) for b in self._block_steps],
+                "head": list(self._tail_steps)}
+
+    def _run(self, names: Sequence[str], h: Tensor) -> Tensor:
+        for n in names:
+            h = self.get_submodule(n)(h)
+        return h
+
+    @torch.no_grad()
+    def _probe(self, label: str, size: Optional[int]) -> None:
+        """Find the head extras and check the staging against timm's own forward (eval mode)."""
+        max_red = max(d["reduction"] for d in self.feature_info)
+        native = int((self.pretrained_cfg.get("input_size") or (3, 224, 224))[-1])
+        if size is not None:
+            sizes = [int(size)]
+        elif self.pretrained_cfg.get("fixed_input_size"):
+            sizes = [native]
+        else:
+            min_size = int((self.pretrained_cfg.get("min_input_size") or (3, 0, 0))[-1])
+            small = max(2 * max_red, 32, min_size)
+            sizes = [-(-small // max_red) * max_red, native]  # small first, the model's own size if that fails
+        param = next(iter(self.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        modes = {m: m.training for m in self._timm.modules()}
+        modes[self] = self.training
+        self.eval()
+        try:
+            for attempt, size in enumerate(sizes):
+                gen = torch.Generator().manual_seed(0)
+                x = torch.randn(2, 3, size, size, generator=gen).to(device=device, dtype=dtype)
+                try:
+                    ref_feat = self._timm.forward_features(x)
+                    ref_logits = self._timm(x)
+                    h = self._run(self._stem_steps, x)
+                    feats = [h]
+                    for names in self._block_steps:
+                        h = self._run(names, h)
+                        feats.append(h)
+                    break
+                except Exception as e:
+                    if attempt + 1 == len(sizes):
+                        raise ConfigError(
+                            f"timm model '{label}' failed a {size}x{size} probe forward ({type(e).__name__}: {e}); "
+                            "it cannot be staged"
+                        ) from None
+            for d, f in zip(self.feature_info, feats):
+                if not isinstance(f, Tensor) or f.dim() != 4 or f.shape[1] != d["num_chs"]:
+                    got = f"shape {tuple(f.shape)}" if isinstance(f, Tensor) else f"a {type(f).__name__}"
+                    raise ConfigError(
+                        f"timm model '{label}': feature '{d['module']}' is {got}, expected a tensor "
+                        f"NCHW with {d['num_chs']} channels; only CNNs with NCHW stage outputs can be staged"
+                    )
+            tail, found = [], _close(h, ref_feat)
+            for n in self._rest:
+                if found:
+                    break
+                try:
+                    h = self.get_submodule(n)(h)
+                except Exception:
+                    break
+                tail.append(n)
+                found = _close(h, ref_feat)
+            if not found:
+                raise ConfigError(
+                    f"timm model '{label}': running its children in order does not reproduce forward_features; "
+                    "its forward is not a plain chain of modules, so it cannot be staged"
+                )
+            self._tail_steps = tail
+            logits = self.forward_head(feats[-1])
+            if not _close(logits, ref_logits):
+                raise ConfigError(
+                    f"timm model '{label}': the staged head does not reproduce the model's logits; it cannot be staged"
+                )
+            if not _close(self.classifier_forward(self.forward_head(feats[-1], pre_logits=True)), ref_logits):
+                raise ConfigError(
+                    f"timm model '{label}': get_classifier() applied to forward_head(pre_logits=True) does not give "
+                    "the logits; it cannot be staged"
+                )
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+
+    # -- StagedModel protocol ------------------------------------------------------------
+    def forward_stem(self, x: Tensor):
+        h = self._run(self._stem_steps, x)
+        return h, h
+
+    def forward_block(self, i: int, h: Tensor):
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(f"block index {i} out of range for {self.num_blocks} blocks")
+        h = self._run(self._block_steps[i], h)
+        return h, h
+
+    def forward_head(self, h: Tensor, pre_logits: bool = False) -> Tensor:
+        """Head extras (layers of timm's ``forward_features`` after the last stage), then timm's ``forward_head``."""
+        return self._timm.forward_head(self._run(self._tail_steps, h), pre_logits=pre_logits)
+
+    def get_classifier(self) -> nn.Module:
+        return self._timm.get_classifier()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._timm.training = mode  # timm's forward_head reads the root flag (head dropout)
+        return self
+
+    def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
+        """timm's ``reset_classifier`` (new classifier with ``num_classes`` outputs)."""
+        self._timm.reset_classifier(num_classes, *args, **kwargs)
+        self._adopt_children()
+        self.num_classes = int(getattr(self._timm, "num_classes", num_classes))
+
+    def load_timm_state_dict(self, state, strict: bool = True):
+        """Load a plain timm checkpoint: a state dict, a checkpoint dict or a file path (see :func:`read_state_dict`)."""
+        if isinstance(state, (str, os.PathLike)):
+            return load_timm_checkpoint(self, state, strict=strict)
+        sd = _unwrap_state(state, "<state dict>")
+        try:
+            return self.load_state_dict(sd, strict=strict)
+        except RuntimeError as e:
+            raise CheckpointError(f"state dict does not fit timm model '{self.timm_name}': {e}") from None
+
+
+# -- checkpoints ---------------------------------------------------------------------
+def _unwrap_state(obj, where: str) -> Dict[str, Tensor]:
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{where} holds no state dict (expected a dict of tensors, or one under 'model' / 'state_dict')"
+        )
+    out = {}
+    for k, v in obj.items():
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def read_state_dict(path) -> Dict[str, Tensor]:
+    """Read a state dict from ``path``: a ``.safetensors`` file or a torch file holding a
+    state dict, ``{"model": ...}`` (this toolbox / mdistiller) or ``{"state_dict": ...}``
+    (timm's training script). ``module.`` / ``_orig_mod.`` prefixes are removed.
+    Torch files are read with ``weights_only=True``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' not found; give the path of an existing weights file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:  # pragma: no cover - safetensors ships with timm
+            raise CheckpointError(f"'{path}' is a safetensors file; install 'safetensors' to read it") from None
+        try:
+            obj = load_file(path, device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors checkpoint '{path}': {e}") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read checkpoint '{path}' with weights_only=True ({type(e).__name__}: {e}). If it is a "
+                "full training checkpoint holding other Python objects and you trust it, re-save only its "
+                "state dict (torch.save(ckpt['state_dict'], 'weights.pth')) and pass that file"
+            ) from None
+    return _unwrap_state(obj, f"checkpoint '{path}'")
+
+
+def load_timm_checkpoint(model: nn.Module, path, strict: bool = True):
+    """Load the weights file at ``path`` (any :func:`read_state_dict` format) into ``model``.
+
+    Works for a :class:`TimmStagedModel` and for a plain timm model alike (same keys).
+    Raises :class:`CheckpointError` naming missing / unexpected / mis-shaped keys.
+    """
+    sd = read_state_dict(path)
+    try:
+        return model.load_state_dict(sd, strict=strict)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit this model ({e}); check the architecture name and num_classes"
+        ) from None
+
+
+# -- builder ---------------------------------------------------------------------------
+def build_timm_model(name: str, num_classes: int = 1000, pretrained=False, **kwargs) -> TimmStagedModel:
+    """Build timm model ``name`` with ``num_classes`` outputs as a :class:`TimmStagedModel`.
+
+    ``pretrained``: ``False``/``None``/``""`` random init; ``True`` timm's own weights
+    (downloaded from the Hugging Face hub; with ``num_classes`` other than the weights'
+    classes timm leaves the classifier random); a path loads a local checkpoint (see
+    :func:`read_state_dict`) with ``strict=True``. Extra ``kwargs`` go to
+    ``timm.create_model`` (``drop_rate``, ``drop_path_rate``...).
+
+    Raises :class:`ConfigError` for an unknown name, a bad argument or a model that
+    cannot be staged; :class:`CheckpointError` when weights cannot be downloaded or loaded.
+    """
+    timm = _import_timm()
+    if not isinstance(name, str) or not name or not timm.is_model(name):
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for the names"
+        raise ConfigError(f"unknown timm model '{name}'{hint}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    local = None
+    if isinstance(pretrained, (str, os.PathLike)):
+        local, pretrained = (os.fspath(pretrained) or None), False
+    elif pretrained is None:
+        pretrained = False
+    elif not isinstance(pretrained, bool):
+        raise ConfigError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"timm model '{name}' rejected the arguments {sorted(kwargs)}: {e}") from None
+    except Exception as e:
+        if not pretrained:
+            raise ConfigError(f"timm could not build '{name}': {type(e).__name__}: {e}") from None
+        raise CheckpointError(
+            f"could not download timm's pretrained weights for '{name}' ({type(e).__name__}: {e}). Check the "
+            "network connection, or download the weights elsewhere and pass the local checkpoint path instead "
+            "(DISTILLER.TEACHER_CKPT <file>, or pretrained='<file>')"
+        ) from None
+    if local is not None:
+        load_timm_checkpoint(model, local)
+    return TimmStagedModel(model, name=name)
