@@ -313,3 +313,16 @@ def test_folded_teacher_computes_the_same_stones():
     torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-4)
     for a, b in zip(za, zb):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_cifar_yamls_cover_every_upstream_pair():
+    import glob
+    import os
+    root = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar100", "blockkd")
+    pairs = set()
+    for path in glob.glob(os.path.join(root, "*.yaml")):
+        cfg = load_cfg(path)
+        assert cfg.DISTILLER.TYPE == "BLOCKKD" and cfg.SOLVER.EPOCHS == 240 and cfg.SOLVER.WEIGHT_DECAY == 5e-4
+        assert cfg.SOLVER.LR == (0.01 if cfg.DISTILLER.STUDENT in ("ShuffleV1", "ShuffleV2", "MobileNetV2") else 0.05)
+        pairs.add((cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT))
+    assert pairs == set(UPSTREAM_PAIRS)

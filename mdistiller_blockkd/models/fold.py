@@ -8,9 +8,9 @@ and bias, which removes the BN from both the forward and the input-gradient back
 large share of that cost on CPU).
 
 :func:`fold_frozen_bn` works on any model without architecture tables: it records the
-order of Conv2d / BatchNorm2d calls on a probe batch, folds each BN whose input *is*
-the tensor the conv just produced, then checks on the probe batch that every output
-of the staged view is unchanged. If anything differs it returns ``None`` and the
+order of Conv2d / BatchNorm2d calls on a probe batch, and folds each BN whose input *is*
+the tensor the conv just produced, keeping a fold only if every output of the staged
+view on the probe batch is unchanged. With nothing folded it returns ``None`` and the
 caller keeps the unfolded model.
 """
 
@@ -50,12 +50,31 @@ def _conv_bn_pairs(model: nn.Module, probe: torch.Tensor):
     return sorted(set(pairs))
 
 
+def _outputs(model: StagedModel, probe: torch.Tensor):
+    view = model.staged_view()
+    h = view.stem(probe)
+    outs = [h]
+    for i in range(view.num_blocks):
+        h = view.block(i, h)
+        outs.append(h)
+    outs.append(view.head(h))
+    return outs
+
+
+def _same(ref, outs, rtol: float) -> bool:
+    return all(a.shape == b.shape and (a - b).abs().max().item() <= rtol * max(1.0, a.abs().max().item())
+               for a, b in zip(ref, outs))
+
+
 @torch.no_grad()
 def fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) -> Optional[StagedModel]:
     """Return an eval-mode copy of ``model`` with conv->BN pairs folded, or ``None``.
 
-    ``probe`` is a small input batch on the model's device. The copy shares nothing
-    with ``model``; its parameters do not require gradients.
+    ``probe`` is a small input batch on the model's device. Each candidate pair is kept
+    only if the staged outputs (stem, every block, logits) on ``probe`` stay within
+    ``rtol`` (relative to each output's largest magnitude); a pair whose conv output is
+    also used elsewhere (e.g. by a residual add) fails that check and stays unfolded.
+    The copy shares nothing with ``model``; its parameters do not require gradients.
     """
     model = model.eval()
     pairs = _conv_bn_pairs(model, probe)
@@ -63,28 +82,26 @@ def fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) 
         return None
     folded = copy.deepcopy(model).eval().requires_grad_(False)
     mods = dict(folded.named_modules())
-    for conv_name, bn_name in pairs:
-        conv, bn = mods[conv_name], mods[bn_name]
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        conv.weight.copy_(conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
-        parent, _, attr = bn_name.rpartition(".")
-        setattr(mods[parent] if parent else folded, attr, nn.Identity())
-    # verify every staged output on the probe batch
     try:
-        va, vb = model.staged_view(), folded.staged_view()
-        ha, hb = va.stem(probe), vb.stem(probe)
-        checks = [(ha, hb)]
-        for i in range(va.num_blocks):
-            ha, hb = va.block(i, ha), vb.block(i, hb)
-            checks.append((ha, hb))
-        checks.append((va.head(ha), vb.head(hb)))
-        for a, b in checks:
-            tol = rtol * max(1.0, a.abs().max().item())
-            if a.shape != b.shape or (a - b).abs().max().item() > tol:
-                return None
+        ref = _outputs(model, probe)
+        kept = 0
+        for conv_name, bn_name in pairs:
+            conv, bn = mods[conv_name], mods[bn_name]
+            old_weight, old_bias = conv.weight.detach().clone(), conv.bias
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.copy_(conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+            parent, _, attr = bn_name.rpartition(".")
+            owner = mods[parent] if parent else folded
+            setattr(owner, attr, nn.Identity())
+            if _same(ref, _outputs(folded, probe), rtol):
+                kept += 1
+            else:  # undo: this conv output has another consumer
+                conv.weight.copy_(old_weight)
+                conv.bias = old_bias
+                setattr(owner, attr, bn)
     except Exception as e:  # a model whose code reads a folded BN's attributes directly
         warnings.warn(f"BatchNorm folding skipped for {type(model).__name__}: {e}")
         return None
-    return folded
+    return folded if kept else None
