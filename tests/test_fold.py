@@ -34,7 +34,7 @@ def test_fold_is_exact_or_declined(name):
     # float64 so that the comparison tests the algebra, not float32 rounding in deep nets
     model = build_model(name, num_classes=100).eval().double()
     randomize_bn(model)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     folded = fold_frozen_bn(model, x)
     assert folded is not None, f"{name}: no conv->BN pair was folded"
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) < sum(
