@@ -70,10 +70,12 @@ def _same(ref, outs, rtol: float) -> bool:
 def fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) -> Optional[StagedModel]:
     """Return an eval-mode copy of ``model`` with conv->BN pairs folded, or ``None``.
 
-    ``probe`` is a small input batch on the model's device. Each candidate pair is kept
-    only if the staged outputs (stem, every block, logits) on ``probe`` stay within
-    ``rtol`` (relative to each output's largest magnitude); a pair whose conv output is
-    also used elsewhere (e.g. by a residual add) fails that check and stays unfolded.
+    ``probe`` is a small input batch on the model's device. Folds are kept only if the
+    staged outputs (stem, every block, logits) on ``probe`` stay within ``rtol``
+    (relative to each output's largest magnitude); a pair whose conv output is also used
+    elsewhere (e.g. by a residual add) fails that check and stays unfolded. All pairs are
+    tried at once first, then halves of a failing group (bisection), so a model with no
+    such pair costs one check.
     The copy shares nothing with ``model``; its parameters do not require gradients.
     """
     model = model.eval()
@@ -82,25 +84,43 @@ def fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) 
         return None
     folded = copy.deepcopy(model).eval().requires_grad_(False)
     mods = dict(folded.named_modules())
+
+    def apply(pair):
+        conv_name, bn_name = pair
+        conv, bn = mods[conv_name], mods[bn_name]
+        parent, _, attr = bn_name.rpartition(".")
+        owner = mods[parent] if parent else folded
+        undo = (conv, conv.weight.detach().clone(), conv.bias, owner, attr, bn)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        conv.weight.copy_(conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+        setattr(owner, attr, nn.Identity())
+        return undo
+
+    def revert(undo):
+        conv, weight, bias, owner, attr, bn = undo
+        conv.weight.copy_(weight)
+        conv.bias = bias
+        setattr(owner, attr, bn)
+
+    kept = []
+
+    def search(group):
+        """Keep the largest sub-groups whose folding leaves the outputs unchanged (bisection)."""
+        undos = [apply(p) for p in group]
+        if _same(ref, _outputs(folded, probe), rtol):
+            kept.extend(group)
+            return
+        for u in reversed(undos):
+            revert(u)
+        if len(group) > 1:
+            search(group[: len(group) // 2])
+            search(group[len(group) // 2:])
+
     try:
         ref = _outputs(model, probe)
-        kept = 0
-        for conv_name, bn_name in pairs:
-            conv, bn = mods[conv_name], mods[bn_name]
-            old_weight, old_bias = conv.weight.detach().clone(), conv.bias
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            conv.weight.copy_(conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))))
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
-            parent, _, attr = bn_name.rpartition(".")
-            owner = mods[parent] if parent else folded
-            setattr(owner, attr, nn.Identity())
-            if _same(ref, _outputs(folded, probe), rtol):
-                kept += 1
-            else:  # undo: this conv output has another consumer
-                conv.weight.copy_(old_weight)
-                conv.bias = old_bias
-                setattr(owner, attr, bn)
+        search(pairs)
     except Exception as e:  # a model whose code reads a folded BN's attributes directly
         warnings.warn(f"BatchNorm folding skipped for {type(model).__name__}: {e}")
         return None
