@@ -250,3 +250,12 @@ def test_blockkd_step_on_timm_pair(pair):
     after = d.student.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(t_before[k], v) for k, v in d.teacher.state_dict().items())
+
+
+def test_module_replacement_is_seen_by_both_views():
+    m = build_model("timm:resnet18", num_classes=4).eval()
+    new_fc = torch.nn.Linear(512, 4)
+    m.fc = new_fc
+    assert m.timm_model.fc is new_fc and m.get_classifier() is new_fc
+    with torch.no_grad():
+        torch.testing.assert_close(m(_x())[0], m.timm_model(_x()))

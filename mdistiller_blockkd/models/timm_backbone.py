@@ -25,10 +25,10 @@ extra logic in ``forward_features``) is refused with a :class:`ConfigError`.
 timm has no pre-activation outputs: ``preact_feats`` are the ``feats``.
 
 State-dict keys
-    The wrapper registers the timm model's own top-level children as its children (the
-    same module objects; the timm model itself is kept outside the module tree and only
-    serves its ``forward_head``/``get_classifier``), so ``state_dict()`` keys, order and
-    shapes are exactly the plain timm model's. A plain timm checkpoint loads with
+    The wrapper shares the timm model's table of top-level children (the same dict, so
+    a module replaced on either side is seen by both; the timm model itself is kept
+    outside the module tree and only serves its ``forward_head``/``get_classifier``), so
+    ``state_dict()`` keys, order and shapes are exactly the plain timm model's. A plain timm checkpoint loads with
     ``load_state_dict`` (``strict=True``) and the staged model's weights load into
     ``timm.create_model(name)``; :func:`load_timm_checkpoint` /
     :meth:`TimmStagedModel.load_timm_state_dict` read the usual file formats.
@@ -95,7 +95,8 @@ class TimmStagedModel(StagedModel):
             ``forward_head`` and ``get_classifier``.
         name: its timm name (informational: ``timm_name``).
         probe_size: side of the square dummy input used to check the staging; default
-            ``2 x`` the deepest reduction, at least the model's ``min_input_size``.
+            ``2 x`` the deepest reduction (at least 32 and the model's ``min_input_size``),
+            then the model's own input size if the small probe fails (inception_v3...).
 
     Attributes: ``timm_name``, ``timm_model`` (the plain timm model, sharing every
     module and weight), ``pretrained_cfg`` (timm's dict: mean, std, input size...),
@@ -122,7 +123,9 @@ class TimmStagedModel(StagedModel):
                 f"timm model '{label}' keeps tensors {own} on its root module (not a plain CNN); it cannot be staged"
             )
         object.__setattr__(self, "_timm", model)  # outside the module tree: no key prefix
-        self._adopt_children()
+        # one children table for both: a module replaced on either side (BN folding, a new
+        # classifier...) is seen by the other, and the keys are the timm model's
+        object.__setattr__(self, "_modules", model._modules)
         self.timm_name = name
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
         self.num_features = int(getattr(model, "num_features", info[-1]["num_chs"]))
@@ -145,12 +148,6 @@ class TimmStagedModel(StagedModel):
         self._probe(label, probe_size)
 
     # -- construction helpers --------------------------------------------------------
-    def _adopt_children(self) -> None:
-        for key in list(self._modules):
-            del self._modules[key]
-        for n, child in self._timm.named_children():
-            self.add_module(n, child)
-
     @property
     def timm_model(self) -> nn.Module:
         """The plain timm model (same modules and weights; its ``forward`` returns logits only)."""
@@ -158,6 +155,7 @@ class TimmStagedModel(StagedModel):
 
     @property
     def steps(self) -> Dict[str, List]:
+        """Dotted module names run by the stem, by each block, and by the head before timm's ``forward_head``."""
         return {"stem": list(self._stem_steps), "blocks": [list(b) for b in self._block_steps],
                 "head": list(self._tail_steps)}
 
@@ -267,7 +265,6 @@ class TimmStagedModel(StagedModel):
     def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
         """timm's ``reset_classifier`` (new classifier with ``num_classes`` outputs)."""
         self._timm.reset_classifier(num_classes, *args, **kwargs)
-        self._adopt_children()
         self.num_classes = int(getattr(self._timm, "num_classes", num_classes))
 
     def load_timm_state_dict(self, state, strict: bool = True):
