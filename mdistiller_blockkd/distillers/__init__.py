@@ -1,21 +1,15 @@
 """Distillers registered by upper-case type name, as in mdistiller.
 
 ``distiller_dict[cfg.DISTILLER.TYPE](student, teacher, cfg)`` builds one. Each method
-lives in its own file: ``kd.py``, ``dkd.py``, ``reviewkd.py``, ``blockkd.py``.
+lives in its own file; all share ``losses.py`` and the ``Distiller`` base.
 """
 
-import importlib
-
 from .base import Distiller, Vanilla
+from .blockkd import BlockKD
+from .dkd import DKD
+from .kd import KD
+from .reviewkd import ReviewKD
 
-distiller_dict = {"NONE": Vanilla}
+distiller_dict = {"NONE": Vanilla, "KD": KD, "DKD": DKD, "REVIEWKD": ReviewKD, "BLOCKKD": BlockKD}
 
-for _name, _module, _cls in (("KD", "kd", "KD"), ("DKD", "dkd", "DKD"), ("REVIEWKD", "reviewkd", "ReviewKD"),
-                             ("BLOCKKD", "blockkd", "BlockKD")):
-    try:
-        distiller_dict[_name] = getattr(importlib.import_module(f"{__name__}.{_module}"), _cls)
-    except ModuleNotFoundError as _e:  # TEMPORARY while methods are being written
-        if _e.name != f"{__name__}.{_module}":
-            raise
-
-__all__ = ["Distiller", "Vanilla", "distiller_dict"]
+__all__ = ["Distiller", "Vanilla", "KD", "DKD", "ReviewKD", "BlockKD", "distiller_dict"]
