@@ -1,0 +1,218 @@
+"""Helpers shared by the command-line tools (``tools/benchmark.py``, ``tools/report.py``).
+
+* :func:`atomic_write_text` -- write a file through a temporary file and ``os.replace``.
+* :func:`split_overrides` -- ``KEY=VALUE`` / ``KEY VALUE`` tokens to a flat yacs list.
+* :func:`split_top_level` -- split on a separator outside brackets and quotes.
+* :func:`cfg_get` / :func:`default_value` -- read a dotted key from a config (yacs node or
+  plain dict loaded from ``config.yaml``) and its default in the package config.
+* :func:`variant_label` / :func:`method_label` -- the label that names a method's
+  variant (``BLOCKKD sample:1``), used by both tools so their tables agree.
+* :func:`mean_std` -- mean and sample standard deviation.
+* :func:`read_metrics` -- read a run's ``metrics.jsonl`` tolerating a half-written line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
+
+from .errors import ConfigError
+
+#: Config keys whose non-default value names a variant of a method. A key under a
+#: distiller's node (``BLOCKKD.*``) only labels runs of that distiller.
+DEFAULT_LABEL_KEYS: Tuple[str, ...] = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "BLOCKKD.CONNECTOR")
+
+#: Distiller node names of the config (a key under one of them only concerns that method).
+DISTILLER_NODES: Tuple[str, ...] = ("KD", "DKD", "REVIEWKD", "BLOCKKD")
+
+_MISSING = object()
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_bytes_from(path: str, writer) -> None:
+    """Call ``writer(tmp_path)`` to produce a file, then move it to ``path`` atomically.
+
+    The temporary file keeps ``path``'s extension (matplotlib picks the format from it).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    ext = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{ext}", dir=folder)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def split_top_level(text: str, sep: str = ",") -> List[str]:
+    """Split ``text`` on ``sep`` where it is outside brackets/parentheses and quotes."""
+    parts, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def split_overrides(tokens: Sequence[str]) -> List[str]:
+    """Turn ``["A.B=1", "C.D", "2"]`` into the flat yacs list ``["A.B", "1", "C.D", "2"]``.
+
+    A token containing ``=`` is one ``KEY=VALUE`` override; other tokens must come in
+    ``KEY VALUE`` pairs (mdistiller's command-line style).
+    """
+    flat: List[str] = []
+    pending: Optional[str] = None
+    for tok in tokens:
+        if pending is not None:
+            flat += [pending, tok]
+            pending = None
+        elif "=" in tok:
+            key, _, value = tok.partition("=")
+            if not key or not value:
+                raise ConfigError(f"override '{tok}' must read KEY=VALUE, e.g. BLOCKKD.STONES=sample:1")
+            flat += [key.strip(), value.strip()]
+        else:
+            pending = tok
+    if pending is not None:
+        raise ConfigError(f"override '{pending}' has no value; write KEY=VALUE (e.g. SOLVER.BATCH_SIZE=32)")
+    return flat
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Value of the dotted ``key`` in a yacs node or a nested dict; ``default`` when absent."""
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return default
+    return node
+
+
+def default_value(key: str) -> Any:
+    """Default of the dotted ``key`` in the package config; ``None`` for a key it does not have."""
+    from .engine.cfg import CFG
+
+    return cfg_get(CFG, key, None)
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip().lower()
+    if isinstance(value, (list, tuple)):
+        return [_norm(v) for v in value]
+    return value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value), separators=(",", ":"))
+    return str(value)
+
+
+def variant_label(cfg: Any, label_keys: Iterable[str] = DEFAULT_LABEL_KEYS) -> str:
+    """Space-separated non-default values of ``label_keys`` that concern this run's method.
+
+    ``""`` for the method's default variant. A key under a distiller node (``BLOCKKD.*``)
+    only counts when ``DISTILLER.TYPE`` is that distiller; ``BLOCKKD.STONES`` (and the
+    other default label keys) show the bare value (``sample:1``), other keys
+    ``NAME=value`` with the last key component (``T=2.0``).
+    """
+    kind = str(cfg_get(cfg, "DISTILLER.TYPE", "NONE")).upper()
+    parts = []
+    for key in label_keys:
+        node = key.split(".", 1)[0].upper()
+        if node in DISTILLER_NODES and node != kind:
+            continue
+        value = cfg_get(cfg, key, _MISSING)
+        if value is _MISSING:
+            continue
+        if _norm(value) == _norm(default_value(key)):
+            continue
+        parts.append(_show(value) if key in DEFAULT_LABEL_KEYS else f"{key.rsplit('.', 1)[-1]}={_show(value)}")
+    return " ".join(parts)
+
+
+def method_label(kind: str, variant: str) -> str:
+    """``"BLOCKKD"`` or ``"BLOCKKD sample:1"``."""
+    return f"{kind} {variant}".strip()
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (``ddof = 1``; 0.0 for a single value)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("mean_std of an empty list")
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, 0.0
+    var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1)
+    return m, math.sqrt(var)
+
+
+def read_metrics(path: str) -> Tuple[List[dict], List[str]]:
+    """Records of a ``metrics.jsonl`` file and warnings about lines that could not be read.
+
+    Blank lines are skipped; a line that is not a JSON object (e.g. the half-written last
+    line of a run in progress) is skipped with a warning. Records are sorted by ``epoch``
+    when every record has one; a repeated epoch (a resumed run) keeps the last record.
+    """
+    records: List[dict] = []
+    warnings: List[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.append(f"{path}:{n}: not valid JSON (a line being written?); skipped")
+                continue
+            if not isinstance(rec, dict):
+                warnings.append(f"{path}:{n}: not a JSON object; skipped")
+                continue
+            records.append(rec)
+    if records and all(isinstance(r.get("epoch"), (int, float)) for r in records):
+        by_epoch = {}
+        for r in records:
+            by_epoch[r["epoch"]] = r
+        records = [by_epoch[e] for e in sorted(by_epoch)]
+    return records, warnings

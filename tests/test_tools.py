@@ -1,0 +1,267 @@
+"""The benchmark and report tools: command lines, JSON schema, cost model, tables and plots."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mdistiller_blockkd.distillers import distiller_dict
+from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.errors import ConfigError, UserError
+from mdistiller_blockkd.tools_common import mean_std, read_metrics, split_overrides, split_top_level, variant_label
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_KEYS = {"teacher", "student", "distiller", "variant", "batch_size", "ms_per_step", "images_per_s",
+               "peak_mem_mb", "ratio_to_kd"}
+TOP_KEYS = {"results", "device", "torch", "threads", "command"}
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench_tool():
+    return load_tool("benchmark")
+
+
+@pytest.fixture(scope="module")
+def report():
+    return load_tool("report")
+
+
+# -- shared helpers -----------------------------------------------------------------
+def test_overrides_and_labels():
+    assert split_overrides(["A.B=1", "C.D", "2", "E.F=[[1,2],[3,4]]"]) == ["A.B", "1", "C.D", "2", "E.F", "[[1,2],[3,4]]"]
+    with pytest.raises(ConfigError, match="has no value"):
+        split_overrides(["A.B"])
+    assert split_top_level("BLOCKKD.PAIRS=[[1,1],[2,2]],BLOCKKD.STONES=last:2") == [
+        "BLOCKKD.PAIRS=[[1,1],[2,2]]", "BLOCKKD.STONES=last:2"]
+    cfg = load_cfg(None, ["DISTILLER.TYPE", "BLOCKKD", "BLOCKKD.STONES", "sample:1"])
+    assert variant_label(cfg) == "sample:1"
+    assert variant_label(load_cfg(None, ["DISTILLER.TYPE", "BLOCKKD"])) == ""
+    # a Block-KD key does not label a KD run
+    assert variant_label(load_cfg(None, ["DISTILLER.TYPE", "KD", "BLOCKKD.STONES", "sample:1"])) == ""
+    assert variant_label(load_cfg(None, ["DISTILLER.TYPE", "KD", "KD.TEMPERATURE", 2]), ["KD.TEMPERATURE"]) == "TEMPERATURE=2"
+    m, s = mean_std([70.0, 72.0, 74.0])
+    assert m == pytest.approx(72.0) and s == pytest.approx(2.0)
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_benchmark_parsing(bench_tool):
+    assert bench_tool.parse_pair("resnet56:resnet20") == ("resnet56", "resnet20")
+    assert bench_tool.parse_pair("timm:resnet34:timm:resnet18") == ("timm:resnet34", "timm:resnet18")
+    with pytest.raises(ConfigError, match="TEACHER:STUDENT"):
+        bench_tool.parse_pair("resnet56")
+    assert bench_tool.parse_variant("BLOCKKD.STONES=sample:1") == ("BLOCKKD", ["BLOCKKD.STONES", "sample:1"], "sample:1")
+    kind, flat, label = bench_tool.parse_variant("BLOCKKD.STONES=last:2,BLOCKKD.T=2.0")
+    assert (kind, label) == ("BLOCKKD", "last:2 T=2.0") and flat == ["BLOCKKD.STONES", "last:2", "BLOCKKD.T", "2.0"]
+    with pytest.raises(ConfigError, match="distiller's node"):
+        bench_tool.parse_variant("SOLVER.LR=0.1")
+    # cost model arithmetic: 3F(S) + F(T) (+ 2 F(tail) + 3 F(C) per stone, expected share for sample:K)
+    assert bench_tool.stone_share("sample", 1, 4) == [0.25] * 4
+    assert bench_tool.stone_share("last", 2, 3) == [0.0, 1.0, 1.0]
+    kd, bk = bench_tool.blockkd_costs(1.0, 3.0, [2.0, 1.0], [0.1, 0.1], [1.0, 1.0])
+    assert kd == pytest.approx(6.0) and bk == pytest.approx(6.0 + 4.0 + 0.3 + 2.0 + 0.3)
+
+
+def test_benchmark_cli_json_and_cost_model(tmp_path):
+    out = tmp_path / "bench.json"
+    names = ["NONE", "BLOCKKD"] + (["KD"] if "KD" in distiller_dict else [])
+    cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--pairs", "resnet20:resnet8", "--distillers", *names,
+           "--variants", "BLOCKKD.STONES=sample:1", "--batch-size", "4", "--warmup", "1", "--steps", "2",
+           "--threads", "1", "--cost-model", "--json", str(out), "BLOCKKD.WARMUP=0"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "ms/step" in proc.stdout and "cost model" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert set(doc) == TOP_KEYS | {"cost_model"}
+    assert doc["threads"] == 1 and doc["device"].startswith("cpu") and doc["command"].startswith("python tools/benchmark.py")
+    rows = {(r["distiller"], r["variant"]): r for r in doc["results"]}
+    assert set(rows) == {(n, "") for n in names} | {("BLOCKKD", "sample:1")}
+    for r in doc["results"]:
+        assert set(r) == RESULT_KEYS
+        assert (r["teacher"], r["student"], r["batch_size"]) == ("resnet20", "resnet8", 4)
+        assert r["ms_per_step"] > 0 and r["peak_mem_mb"] >= 0
+        assert r["images_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1000), rel=1e-3)
+        if "KD" in names:
+            kd_ms = rows[("KD", "")]["ms_per_step"]
+            assert r["ratio_to_kd"] == pytest.approx(r["ms_per_step"] / kd_ms, rel=1e-3)
+        else:
+            assert r["ratio_to_kd"] is None
+    # cost model: BLOCKKD all > KD > 0, and sampling one stone costs less than all of them
+    costs = {c["variant"]: c for c in doc["cost_model"]}
+    assert set(costs) == {"", "sample:1"}
+    full, one = costs[""], costs["sample:1"]
+    g = full["forward_gflops"]
+    assert g["student"] > 0 and g["teacher"] > g["student"]
+    assert 3 * g["student"] + g["teacher"] > 0
+    assert full["flops_ratio_to_kd"] > 1.0 and full["time_ratio_to_kd"] > 1.0
+    assert 1.0 < one["flops_ratio_to_kd"] < full["flops_ratio_to_kd"]
+    assert full["num_stones"] == 3 and one["stones"] == "sample:1"
+    n = full["num_stones"]
+    tails = sum(2 * g[f"tail{k + 1}"] + 3 * g[f"connector{k + 1}"] for k in range(n))
+    kd = 3 * g["student"] + g["teacher"]
+    assert full["flops_ratio_to_kd"] == pytest.approx((kd + tails) / kd, rel=1e-6)
+    assert one["flops_ratio_to_kd"] == pytest.approx((kd + tails / n) / kd, rel=1e-6)
+
+
+def test_benchmark_main_in_process(bench_tool, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench_tool.main(["--pairs", "resnet8:resnet8", "--distillers", "NONE", "--batch-size", "2", "--warmup", "0",
+                           "--steps", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc) == TOP_KEYS
+    (r,) = doc["results"]
+    assert set(r) == RESULT_KEYS and r["distiller"] == "NONE" and r["ratio_to_kd"] is None
+    assert "NONE" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="not registered"):
+        bench_tool.main(["--pairs", "resnet8:resnet8", "--distillers", "NOPE"])
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
+        bench_tool.main(["--pairs", "resnet8:nope", "--distillers", "NONE"])
+    with pytest.raises(ConfigError, match="--steps"):
+        bench_tool.main(["--steps", "0"])
+
+
+def test_benchmark_help():
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "--cost-model" in proc.stdout and "round-robin" in proc.stdout
+
+
+# -- report -------------------------------------------------------------------------
+def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", student="resnet20", extra=None,
+              stones=0, tail=""):
+    """A run directory as the trainer writes it: config.yaml (cfg.dump()) and metrics.jsonl."""
+    d = root / name
+    d.mkdir(parents=True)
+    opts = ["DISTILLER.TYPE", kind, "DISTILLER.TEACHER", teacher, "DISTILLER.STUDENT", student,
+            "EXPERIMENT.SEED", seed, "SOLVER.EPOCHS", epochs or len(accs)] + list(extra or [])
+    (d / "config.yaml").write_text(load_cfg(None, opts).dump())
+    lines = []
+    best = -1.0
+    for e, acc in enumerate(accs, 1):
+        best = max(best, acc)
+        rec = {"epoch": e, "lr": 0.05, "train_loss": 1.0, "loss_ce": 1.0, "train_acc": acc - 5, "test_acc": acc,
+               "test_acc_top5": acc + 10, "test_loss": 1.5, "best_acc": best, "epoch_time_s": 1.0, "ms_per_step": 10.0}
+        for k in range(stones):
+            rec[f"acc_stone{k + 1}"] = acc + k + 1
+        if stones:
+            rec["acc_teacher"] = 72.34
+        lines.append(json.dumps(rec))
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
+    return d
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "output"
+    for seed, accs in enumerate([[50.0, 70.0, 65.0], [55.0, 72.0, 66.0], [60.0, 74.0, 67.0]]):
+        write_run(root, f"kd/s{seed}", "KD", seed, accs)
+    write_run(root, "none/s0", "NONE", 0, [40.0, 60.0, 61.0], teacher="ResNet50")
+    write_run(root, "bkd/s0", "BLOCKKD", 0, [52.0, 71.0, 70.5], stones=3)
+    write_run(root, "bkd/s1", "BLOCKKD", 1, [53.0, 73.0, 72.5], stones=3)
+    # sample:1, one finished seed and one in progress (2 of 3 epochs, half-written third line)
+    write_run(root, "bkd_s1/s0", "BLOCKKD", 0, [50.0, 69.0, 68.0], extra=["BLOCKKD.STONES", "sample:1"], stones=3)
+    write_run(root, "bkd_s1/s1", "BLOCKKD", 1, [51.0, 66.0], epochs=3, extra=["BLOCKKD.STONES", "sample:1"],
+              stones=3, tail='{"epoch": 3, "test_a')
+    write_run(root, "kd_other/s0", "KD", 0, [30.0, 40.0], teacher="resnet32x4", student="resnet8x4")
+    (root / "empty").mkdir()
+    (root / "empty" / "config.yaml").write_text(load_cfg(None, ["DISTILLER.TYPE", "KD"]).dump())
+    (root / "empty" / "metrics.jsonl").write_text("")
+    (root / "noconfig").mkdir()
+    (root / "noconfig" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 1.0}) + "\n")
+    return root
+
+
+def table_rows(text, heading):
+    """``{method: [cells]}`` of the markdown table under ``heading``."""
+    part = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in part.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    out = {}
+    for line in rows[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return out
+
+
+def test_report_table_and_plots(report, runs, tmp_path, capsys):
+    out_md = tmp_path / "results.md"
+    plots = tmp_path / "plots"
+    has_mpl = importlib.util.find_spec("matplotlib") is not None  # optional dependency (extra "report")
+    assert report.main(["--root", str(runs), "--out", str(out_md)] + (["--plots", str(plots)] if has_mpl else [])) == 0
+    captured = capsys.readouterr()
+    text = out_md.read_text(encoding="utf-8")
+    assert text == captured.out
+    best = table_rows(text, "## Best top-1")
+    last = table_rows(text, "## Last-epoch top-1")
+    assert list(best) == ["NONE", "KD", "BLOCKKD", "BLOCKKD sample:1"]
+    col, other = "resnet56->resnet20", "resnet32x4->resnet8x4"
+    assert best["KD"][col] == "72.00 ± 2.00 (3 seeds)"
+    assert last["KD"][col] == "66.00 ± 1.00 (3 seeds)"
+    assert best["NONE"][col] == "61.00 (1 seed)" and best["NONE"][other] == "–"
+    s = math.sqrt(2.0)  # std of (71, 73) and of (70.5, 72.5)
+    assert best["BLOCKKD"][col] == f"72.00 ± {s:.2f} (2 seeds)"
+    assert last["BLOCKKD"][col] == f"71.50 ± {s:.2f} (2 seeds)"
+    # partial run counted with its epochs so far: best (69, 66), last (68, 66)
+    assert best["BLOCKKD sample:1"][col] == "67.50 ± 2.12 (2 seeds, 1 partial)"
+    assert last["BLOCKKD sample:1"][col] == f"67.00 ± {s:.2f} (2 seeds, 1 partial)"
+    assert best["KD"][other] == "40.00 (1 seed)"
+    assert "partial (2/3)" in text
+    warnings = captured.err
+    assert "empty" in warnings and "no epoch with a test_acc" in warnings
+    assert "noconfig" in warnings and "no config.yaml" in warnings
+    assert "not valid JSON" in warnings and "included as partial" in warnings
+    if not has_mpl:
+        return
+    for name in ("test_acc.png", "stones_resnet56_resnet20.png"):
+        data = (plots / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert sorted(os.listdir(plots)) == ["stones_resnet56_resnet20.png", "test_acc.png"]
+
+
+def test_report_run_dirs_duplicates_and_errors(report, runs, tmp_path, capsys):
+    dup = write_run(tmp_path / "again", "kd_dup", "KD", 0, [10.0, 20.0, 99.0, 30.0], epochs=4)
+    assert report.main([str(runs / "kd" / "s0"), str(runs / "kd" / "s1"), str(dup), str(tmp_path / "missing")]) == 0
+    captured = capsys.readouterr()
+    # the duplicate seed-0 run has more epochs, so it replaces kd/s0: best (99, 72)
+    assert table_rows(captured.out, "## Best top-1")["KD"]["resnet56->resnet20"] == "85.50 ± 19.09 (2 seeds)"
+    assert "share pair" in captured.err and "missing" in captured.err
+    with pytest.raises(UserError, match="no usable run"):
+        report.main([str(tmp_path / "missing")])
+    with pytest.raises(UserError, match="RUN_DIR"):
+        report.main([])
+
+
+def test_report_without_matplotlib(report, runs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        report.main(["--root", str(runs), "--plots", "unused"])
+
+
+def test_report_cli_subprocess(runs, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), "--root", str(runs)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| KD | 72.00 ± 2.00 (3 seeds) |" in proc.stdout
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(tmp_path / "nothing")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == UserError.exit_code and proc.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_read_metrics_keeps_last_record_of_repeated_epoch(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"epoch": 2, "test_acc": 5}\n{"epoch": 1, "test_acc": 1}\n\n{"epoch": 2, "test_acc": 7}\n[1]\n')
+    recs, warns = read_metrics(str(p))
+    assert [(r["epoch"], r["test_acc"]) for r in recs] == [(1, 1), (2, 7)]
+    assert len(warns) == 1 and "not a JSON object" in warns[0]
