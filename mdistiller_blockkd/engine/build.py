@@ -1,0 +1,139 @@
+"""Build the distiller a config describes: student, teacher (with its weights), method.
+
+:func:`build_distiller` is what ``tools/train.py`` calls; :func:`teacher_checkpoint_path`
+tells where the teacher's weights are read from.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..distillers import distiller_dict
+from ..errors import CheckpointError, ConfigError
+from ..models import build_model, default_teacher_ckpt, list_models
+from .checkpoint import load_model_weights
+
+__all__ = ["build_distiller", "check_distiller_config", "teacher_checkpoint_path", "distiller_type"]
+
+
+def distiller_type(cfg) -> str:
+    """``cfg.DISTILLER.TYPE`` upper-cased; an unregistered type raises :class:`ConfigError` listing the valid ones."""
+    kind = str(cfg.DISTILLER.TYPE).strip().upper()
+    if kind not in distiller_dict:
+        raise ConfigError(
+            f"unknown DISTILLER.TYPE '{cfg.DISTILLER.TYPE}'; valid types: {', '.join(sorted(distiller_dict))}"
+        )
+    return kind
+
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _vanilla_config(name: str) -> Optional[str]:
+    """The CIFAR-100 vanilla config of ``name``: relative when under the working directory, else absolute."""
+    rel = os.path.join("configs", "cifar100", "vanilla", f"{name}.yaml")
+    if os.path.isfile(rel):
+        return rel
+    path = os.path.join(_REPO_ROOT, rel)
+    return path if os.path.isfile(path) else None
+
+
+def teacher_checkpoint_path(cfg) -> Optional[str]:
+    """Path of the teacher's weights: ``DISTILLER.TEACHER_CKPT`` or the model's default.
+
+    ``None`` when nothing is to be loaded (timm's pretrained weights:
+    ``TEACHER_PRETRAINED`` true and no ``TEACHER_CKPT``). A teacher with neither a
+    default path nor ``TEACHER_CKPT`` raises :class:`ConfigError`.
+    """
+    name = cfg.DISTILLER.TEACHER
+    if cfg.DISTILLER.TEACHER_CKPT:
+        return os.path.expanduser(str(cfg.DISTILLER.TEACHER_CKPT))
+    if cfg.DISTILLER.TEACHER_PRETRAINED:
+        return None
+    path = default_teacher_ckpt(name)
+    if path is None:
+        raise ConfigError(
+            f"teacher '{name}' has no default checkpoint path; set DISTILLER.TEACHER_CKPT to its weights file"
+            + (" or DISTILLER.TEACHER_PRETRAINED True for timm's weights" if name.startswith("timm:") else "")
+        )
+    return path
+
+
+def _check_teacher_file(cfg, path: str) -> None:
+    if os.path.isfile(path):
+        return
+    name = cfg.DISTILLER.TEACHER
+    vanilla = _vanilla_config(name)
+    run = (f"a vanilla run ('python tools/train.py --cfg {vanilla}')" if vanilla
+           else f"a vanilla run (DISTILLER.TYPE NONE, DISTILLER.STUDENT {name})")
+    if cfg.DISTILLER.TEACHER_CKPT:
+        raise CheckpointError(
+            f"teacher checkpoint '{path}' (DISTILLER.TEACHER_CKPT) not found; set DISTILLER.TEACHER_CKPT to an "
+            f"existing weights file of '{name}', e.g. the student_best written by {run}"
+        )
+    how = (f"train it with 'python tools/train.py --cfg {vanilla}' (writes that file)" if vanilla
+           else f"train it with {run} and set DISTILLER.TEACHER_CKPT to its student_best")
+    raise CheckpointError(
+        f"teacher checkpoint '{path}' for '{name}' not found (relative to {os.getcwd()}); {how}, copy mdistiller's "
+        "teacher there, or set DISTILLER.TEACHER_CKPT to a weights file"
+    )
+
+
+def check_distiller_config(cfg) -> None:
+    """Fail fast, before any data is read: the distiller type, the model names and the teacher file.
+
+    Raises what :func:`build_distiller` would raise for these inputs.
+    """
+    kind = distiller_type(cfg)
+    names = [cfg.DISTILLER.STUDENT] + ([cfg.DISTILLER.TEACHER] if kind != "NONE" else [])
+    known = list_models()
+    for name in names:
+        if not str(name).startswith("timm:") and name not in known:
+            build_model(name)  # raises the registry's ConfigError naming the model and the known ones
+    if kind != "NONE":
+        ckpt = teacher_checkpoint_path(cfg)
+        if ckpt is not None:
+            _check_teacher_file(cfg, ckpt)
+
+
+def build_distiller(cfg, num_classes: int, device="cpu"):
+    """Build ``distiller_dict[DISTILLER.TYPE](student, teacher, cfg)`` on ``device``.
+
+    * the student is ``build_model(DISTILLER.STUDENT, num_classes)`` with fresh weights;
+    * the teacher (not for ``NONE``) is ``build_model(DISTILLER.TEACHER, num_classes,
+      pretrained=DISTILLER.TEACHER_PRETRAINED)`` whose weights are then read from
+      ``DISTILLER.TEACHER_CKPT`` or the model's default path (mdistiller's
+      ``download_ckpts/cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth``); with
+      ``TEACHER_PRETRAINED`` and no ``TEACHER_CKPT`` timm's weights are used as they are.
+
+    Raises :class:`ConfigError` for an unknown type or model and :class:`CheckpointError`
+    for a missing, corrupt or mismatching teacher checkpoint (checked before any model
+    is built, so a bad path fails fast).
+    """
+    kind = distiller_type(cfg)
+    teacher = None
+    ckpt = None
+    if kind != "NONE":
+        ckpt = teacher_checkpoint_path(cfg)
+        if ckpt is not None:
+            _check_teacher_file(cfg, ckpt)
+    student = build_model(cfg.DISTILLER.STUDENT, num_classes=num_classes)
+    if kind != "NONE":
+        name = cfg.DISTILLER.TEACHER
+        pretrained = bool(cfg.DISTILLER.TEACHER_PRETRAINED) and ckpt is None
+        teacher = build_model(name, num_classes=num_classes, pretrained=pretrained)
+        if pretrained:
+            native = (getattr(teacher, "pretrained_cfg", None) or {}).get("num_classes")
+            if native and int(native) != int(num_classes):
+                raise ConfigError(
+                    f"DISTILLER.TEACHER_PRETRAINED loads timm's weights of '{name}' for {native} classes but the "
+                    f"dataset has {num_classes}: the teacher's classifier would be random; fine-tune a teacher on "
+                    "this dataset and set DISTILLER.TEACHER_CKPT"
+                )
+        if ckpt is not None:
+            load_model_weights(teacher, ckpt, name=name)
+    distiller = distiller_dict[kind](student, teacher, cfg)
+    return distiller.to(torch.device(device))

@@ -1,0 +1,151 @@
+"""Checkpoint files: atomic writes, safe reads, clear errors.
+
+Formats
+    *Teacher format* (mdistiller / CRD teachers, this toolbox's ``student_*`` files):
+    ``{"model": state_dict}`` with plain keys. *Training state* (``latest``, ``best``,
+    ``epoch_<n>``): ``{"epoch", "model": distiller state (teacher excluded), "optimizer",
+    "best_acc", "scaler", "rng": [per-rank RNG states], "world_size"}``. Everything is a
+    tensor, number, string, list or dict, so every file loads with
+    ``torch.load(..., weights_only=True)`` -- the only way this toolbox reads checkpoints.
+
+Every failure a user can cause (missing file, corrupt file, weights of another
+architecture) raises :class:`~mdistiller_blockkd.errors.CheckpointError` with one line
+naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from .utils import FILE_MODE, fsync_dir
+
+__all__ = ["save_checkpoint", "load_checkpoint", "extract_state_dict", "load_model_weights", "STATE_KEYS"]
+
+#: Keys under which a checkpoint may hold the model's state dict (mdistiller, timm, others).
+STATE_KEYS = ("model", "state_dict", "model_state_dict")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def save_checkpoint(obj, path: str) -> None:
+    """Write ``obj`` with ``torch.save`` atomically: temporary file in ``path``'s folder, fsync, ``os.replace``.
+
+    A process killed while saving leaves the previous file (if any) untouched and no
+    temporary file behind (unless killed by SIGKILL mid-write, which leaves a hidden
+    ``.<name>.*.tmp`` that the next save of the same name ignores).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
+def load_checkpoint(path: str, map_location="cpu"):
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises :class:`CheckpointError` naming ``path`` when it is missing, unreadable,
+    corrupt, or holds Python objects other than tensors and plain containers.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' not found; give the path of an existing checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, pickle of foreign objects ...
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(
+            f"cannot read checkpoint '{path}' ({type(e).__name__}: {detail}); the file is corrupt, truncated or "
+            "not a weights-only torch checkpoint: re-create it or point to another file"
+        ) from None
+
+
+def _strip_prefixes(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def extract_state_dict(obj, path: str = "<checkpoint>", prefix: Optional[str] = None) -> Dict[str, Tensor]:
+    """The model state dict inside a loaded checkpoint ``obj``.
+
+    Accepts ``{"model": sd}`` (also ``"state_dict"`` / ``"model_state_dict"``) or a bare
+    state dict; removes ``module.`` / ``_orig_mod.`` prefixes. With ``prefix`` (e.g.
+    ``"student."``), keys starting with it are selected and the prefix removed when there
+    are any -- so a training-state file (``latest``) yields its student.
+    """
+    sd = obj
+    if isinstance(obj, dict):
+        for key in STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                sd = obj[key]
+                break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
+        kind = f"keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"checkpoint '{path}' holds no state dict (found {kind}); expected {{'model': state_dict}} or a bare state dict"
+        )
+    sd = _strip_prefixes(sd)
+    if prefix:
+        picked = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if picked:
+            sd = picked
+    return sd
+
+
+def _describe_mismatch(model: nn.Module, sd: Dict[str, Tensor]):
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, shapes
+
+
+def load_model_weights(model: nn.Module, path: str, name: Optional[str] = None, prefix: Optional[str] = None) -> None:
+    """Load the weights file at ``path`` into ``model`` with ``strict=True``.
+
+    The file holds ``{"model": state_dict}`` (mdistiller teacher format), a bare state
+    dict, or (with ``prefix="student."``) a training state. Missing / unexpected keys or
+    mis-shaped tensors raise one :class:`CheckpointError` line naming the file, the model
+    ``name`` and a few of the offending keys.
+    """
+    path = os.fspath(path)
+    sd = extract_state_dict(load_checkpoint(path), path, prefix)
+    label = f"model '{name}'" if name else f"the {type(model).__name__} model"
+    missing, unexpected, shapes = _describe_mismatch(model, sd)
+    if missing or unexpected or shapes:
+        examples = (missing[:2] + unexpected[:2] + shapes[:2])[:3]
+        parts = [f"{len(missing)} missing", f"{len(unexpected)} unexpected keys"]
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape")
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit {label} ({', '.join(parts)}, e.g. {'; '.join(examples)}): "
+            "is it a checkpoint of another architecture or number of classes?"
+        )
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:  # pragma: no cover - mismatches are caught above
+        raise CheckpointError(f"checkpoint '{path}' does not fit {label}: {' '.join(str(e).split())[:300]}") from None

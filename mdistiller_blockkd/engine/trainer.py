@@ -1,0 +1,579 @@
+"""The one training loop shared by every distiller (mdistiller's ``BaseTrainer``, extended).
+
+Recipe (as in mdistiller)
+    SGD on ``distiller.get_learnable_parameters()`` (``SOLVER.LR``, ``MOMENTUM``,
+    ``WEIGHT_DECAY``); the learning rate is set at the start of every epoch to
+    ``LR * LR_DECAY_RATE ** (number of LR_DECAY_STAGES s with epoch > s)``; epochs run
+    1..``SOLVER.EPOCHS``; each step calls ``distiller(image=, target=, epoch=)`` and
+    minimises the sum of the means of the returned loss values.
+
+Per epoch
+    evaluation on the validation set: top-1, top-5 and cross-entropy of the student,
+    plus top-1 of every extra head ``distiller.eval_logits(image)`` returns (Block-KD's
+    stepping stones, its teacher) as ``acc_<head>``; one JSON line in ``metrics.jsonl``
+    (epoch, lr, train_loss, each loss term, train_acc, test_acc, test_acc_top5,
+    test_loss, the ``acc_<head>`` values, best_acc, epoch_time_s, ms_per_step); a block
+    in ``worklog.txt``; tensorboardX scalars (``train.events``; also every
+    ``LOG.TENSORBOARD_FREQ`` steps; the x axis is the global step).
+
+Output folder ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<EXPERIMENT.NAME or EXPERIMENT.TAG>/``
+    ``config.yaml`` (the merged config), ``metrics.jsonl``, ``worklog.txt``,
+    ``train.events/``, and checkpoints written atomically at the end of every epoch:
+
+    * ``latest`` -- the training state: ``epoch``, ``model`` (the distiller's state dict
+      *without* the teacher's weights, which are rebuilt from their own checkpoint),
+      ``optimizer``, ``best_acc``, ``scaler`` (fp16 grad scaler), ``rng`` (one RNG
+      snapshot per rank: python, numpy, torch CPU, the CUDA device, the train loader's
+      generator), ``world_size``; ``best`` -- the same at the best epoch;
+      ``epoch_<n>`` every ``LOG.SAVE_CHECKPOINT_FREQ`` epochs;
+    * ``student_latest``, ``student_best``, ``student_<n>`` -- ``{"model": student
+      state dict}``, the teacher format (student only: no connector, no teacher);
+    * ``ckpt_epoch_<EPOCHS>.pth`` after the last epoch -- the final student in the
+      teacher format under mdistiller's teacher file name, so a vanilla run whose
+      folder is ``download_ckpts/cifar_teachers/<name>_vanilla`` produces exactly the
+      file distillation configs look for.
+
+    ``latest`` is written last, so when it says epoch *k* every file of epoch *k* exists;
+    a killed run loses at most the epoch in progress.
+
+Resume (``resume=True``)
+    restores the distiller, optimizer, scaler, epoch, best accuracy and every RNG from
+    ``latest``, drops ``metrics.jsonl`` lines of later epochs and continues: a run killed
+    after epoch *k* and resumed ends with exactly the weights of an uninterrupted run
+    (with ``DATASET.NUM_WORKERS 0``, or with workers that are recreated each epoch;
+    persistent loader workers keep their own RNG streams, which a new process cannot
+    restore).
+
+Mixed precision and layout
+    ``SOLVER.AMP``: ``off``, ``bf16`` or ``fp16`` (``torch.autocast`` on the device type;
+    fp16 uses ``torch.amp.GradScaler``). ``SOLVER.CHANNELS_LAST`` converts the models
+    and every input batch to channels-last.
+
+Distributed (``torchrun``; see :mod:`.dist`)
+    the distiller is wrapped in ``DistributedDataParallel`` (``find_unused_parameters =
+    distiller.has_unused_parameters``); ``SOLVER.BATCH_SIZE`` is the batch *per process*
+    (the effective batch is ``BATCH_SIZE * WORLD_SIZE``; the learning rate is not
+    rescaled); metrics are exact sums over all ranks; BatchNorm buffers are taken from
+    rank 0 before every evaluation; only rank 0 prints, logs and writes files (resume
+    needs ``LOG.PREFIX`` on a file system every rank can read).
+
+Non-finite losses
+    Each step's loss terms stay on the device; they are copied to the host at *check
+    points*: every step on CPU (where the copy costs nothing), every
+    :data:`CUDA_CHECK_EVERY` steps and at tensorboard / epoch boundaries on CUDA (one
+    host synchronisation per check). The first non-finite total loss raises
+    :class:`~mdistiller_blockkd.errors.TrainingError` naming the epoch, the step and the
+    value of every loss term; no checkpoint of that epoch is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, TrainingError
+from . import dist as du
+from .cfg import log_msg
+from .checkpoint import load_checkpoint, save_checkpoint
+from .utils import (
+    append_json_line,
+    append_text,
+    atomic_write_text,
+    correct_topk,
+    get_rng_state,
+    read_json_lines,
+    set_rng_state,
+)
+
+__all__ = ["Trainer", "evaluate_model", "experiment_name", "output_dir", "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
+
+#: On CUDA, loss values are copied to the host (and checked) every this many steps.
+CUDA_CHECK_EVERY = 25
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def experiment_name(cfg) -> str:
+    """``<PROJECT>/<NAME or TAG>``, mdistiller's experiment name."""
+    name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
+    return os.path.join(cfg.EXPERIMENT.PROJECT, name)
+
+
+def output_dir(cfg) -> str:
+    """``LOG.PREFIX/<PROJECT>/<NAME or TAG>``: where a run writes."""
+    return os.path.join(cfg.LOG.PREFIX, experiment_name(cfg))
+
+
+def learning_rate(epoch: int, cfg) -> float:
+    """mdistiller's step schedule: ``LR * RATE ** (number of LR_DECAY_STAGES s with epoch > s)``."""
+    steps = sum(1 for s in cfg.SOLVER.LR_DECAY_STAGES if epoch > s)
+    return float(cfg.SOLVER.LR) * float(cfg.SOLVER.LR_DECAY_RATE) ** steps
+
+
+def adjust_learning_rate(epoch: int, cfg, optimizer) -> float:
+    """Set every parameter group's ``lr`` to :func:`learning_rate` and return it."""
+    lr = learning_rate(epoch, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class _StepLog:
+    """Per-step loss terms and accuracy counts kept on the device until a check point."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.keys: Optional[List[str]] = None
+        self.pending: List[tuple] = []
+        self.sums: Optional[torch.Tensor] = None  # float64 host: [loss, *terms, correct]
+        self.count = 0
+        self.last: Dict[str, float] = {}
+
+    def add(self, step: int, n: int, loss, terms: Dict[str, torch.Tensor], correct) -> None:
+        keys = list(terms)
+        if self.keys is None:
+            self.keys = keys
+        elif keys != self.keys:
+            raise RuntimeError(f"the distiller returned loss terms {keys} after {self.keys} in the same epoch")
+        row = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()] + [correct.float()])
+        self.pending.append((step, n, row))
+
+    def flush(self, epoch: int, num_steps: int) -> None:
+        """Copy pending rows to the host, check them, add them to the sums (collective when distributed)."""
+        bad_step, bad_row = 0, None
+        host = None
+        if self.pending:
+            host = torch.stack([r for _, _, r in self.pending]).cpu().double()
+            finite = torch.isfinite(host[:, :-1]).all(dim=1)
+            if not bool(finite.all()):
+                i = int((~finite).nonzero()[0, 0])
+                bad_step, bad_row = self.pending[i][0], host[i]
+        flag = torch.tensor([bad_step], dtype=torch.int64, device=self.device if du.is_dist() else "cpu")
+        flag = du.all_reduce_max(flag)
+        if int(flag.item()) or bad_row is not None:
+            if bad_row is None:
+                raise TrainingError(
+                    f"non-finite loss on another process at epoch {epoch}, step {int(flag.item())}/{num_steps}; "
+                    "see that process's error"
+                )
+            terms = ", ".join(f"{k}={_fmt(float(v))}" for k, v in zip(self.keys, bad_row[1:-1].tolist()))
+            raise TrainingError(
+                f"non-finite loss at epoch {epoch}, step {bad_step}/{num_steps}: loss={_fmt(float(bad_row[0]))} "
+                f"({terms}); lower SOLVER.LR, check the data and the teacher checkpoint, or use SOLVER.AMP off/bf16"
+            )
+        if host is None:
+            return
+        weights = torch.tensor([n for _, n, _ in self.pending], dtype=torch.float64)
+        weighted = host.clone()
+        weighted[:, :-1] *= weights[:, None]  # loss values are batch means; the count is already a sum
+        part = weighted.sum(dim=0)
+        self.sums = part if self.sums is None else self.sums + part
+        self.count += int(weights.sum())
+        last = host[-1].tolist()
+        self.last = {"loss": last[0], **dict(zip(self.keys, last[1:-1]))}
+        self.pending = []
+
+    def averages(self) -> Dict[str, float]:
+        """Mean loss, mean of each term and accuracy (%) so far, summed over every process."""
+        k = len(self.keys or [])
+        vec = torch.zeros(k + 3, dtype=torch.float64)
+        if self.sums is not None:
+            vec[: k + 2] = self.sums
+        vec[-1] = self.count
+        vec = du.all_reduce_sum(vec.to(self.device)).cpu()
+        n = max(float(vec[-1]), 1.0)
+        out = {"train_loss": float(vec[0]) / n}
+        for i, key in enumerate(self.keys or []):
+            out[key] = float(vec[1 + i]) / n
+        out["train_acc"] = 100.0 * float(vec[k + 1]) / n
+        return out
+
+
+class Trainer:
+    """Train ``distiller`` on ``train_loader``, evaluating on ``val_loader`` after every epoch.
+
+    ``experiment_name`` is ``<PROJECT>/<NAME or TAG>`` (see :func:`experiment_name`); the
+    run writes under ``LOG.PREFIX/<experiment_name>``. ``dist_info`` (from
+    :func:`.dist.init_distributed`) gives the device and rank; without it the device is
+    the distiller's and the run has one process. The distiller is moved to the device,
+    made channels-last if asked, and wrapped in ``DistributedDataParallel`` when several
+    processes train. Call :meth:`train`.
+    """
+
+    def __init__(self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg,
+                 dist_info: Optional[du.DistInfo] = None, log=print):
+        self.cfg = cfg
+        if dist_info is None:
+            param = next(distiller.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+            dist_info = du.DistInfo(du.get_rank(), du.get_world_size(), 0, device)
+        self.info = dist_info
+        self.device = dist_info.device
+        self.is_main = dist_info.is_main
+        self._print = log
+        self.experiment_name = experiment_name
+        self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.epochs = int(cfg.SOLVER.EPOCHS)
+        self.progress = bool(cfg.LOG.PROGRESS) and self.is_main
+        self.tb_freq = max(int(cfg.LOG.TENSORBOARD_FREQ), 0)
+        self.save_freq = max(int(cfg.LOG.SAVE_CHECKPOINT_FREQ), 0)
+        self.check_every = 1 if self.device.type == "cpu" else CUDA_CHECK_EVERY
+
+        amp = str(cfg.SOLVER.AMP).lower()
+        if amp not in ("off", *_AMP_DTYPES):
+            raise ConfigError(f"SOLVER.AMP is '{cfg.SOLVER.AMP}'; use one of off, bf16, fp16")
+        self.amp_dtype = _AMP_DTYPES.get(amp)
+        self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST)
+        if self.device.type == "cuda":
+            deterministic = bool(cfg.EXPERIMENT.DETERMINISTIC)
+            torch.backends.cudnn.deterministic = deterministic
+            torch.backends.cudnn.benchmark = not deterministic
+
+        n_val = len(val_loader.dataset) if hasattr(val_loader, "dataset") else None
+        if n_val is not None and n_val < dist_info.world_size:
+            raise ConfigError(
+                f"the validation set has {n_val} items, fewer than the {dist_info.world_size} processes; "
+                "use fewer processes or a larger DATASET.TEST_SUBSET"
+            )
+
+        distiller = distiller.to(self.device)
+        if self.channels_last:
+            distiller = distiller.to(memory_format=torch.channels_last)
+        self.distiller = distiller
+        if dist_info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(
+                distiller,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(getattr(distiller, "has_unused_parameters", False)),
+            )
+        else:
+            self.model = distiller
+        self.optimizer = torch.optim.SGD(
+            distiller.get_learnable_parameters(),
+            lr=float(cfg.SOLVER.LR),
+            momentum=float(cfg.SOLVER.MOMENTUM),
+            weight_decay=float(cfg.SOLVER.WEIGHT_DECAY),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.best_acc = -1.0
+        self.start_epoch = 1
+        self.tb_writer = None
+        self.history: List[dict] = []
+
+    # -- paths and small helpers ---------------------------------------------------------
+    def path(self, name: str) -> str:
+        """A file of this run's output folder."""
+        return os.path.join(self.log_path, name)
+
+    def log(self, msg: str, mode: str = "INFO") -> None:
+        """Print on rank 0 (coloured like mdistiller)."""
+        if self.is_main:
+            self._print(log_msg(msg, mode))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _to_device(self, image, target):
+        image = image.to(self.device, non_blocking=True)
+        if self.channels_last and image.dim() == 4:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return image, target.to(self.device, non_blocking=True)
+
+    def _generators(self) -> Dict[str, torch.Generator]:
+        gen = getattr(self.train_loader, "generator", None)
+        return {"train_loader": gen} if isinstance(gen, torch.Generator) else {}
+
+    def distiller_state(self) -> Dict[str, torch.Tensor]:
+        """The distiller's state dict without the teacher's weights (student, connectors, buffers)."""
+        return {k: v for k, v in self.distiller.state_dict().items() if not k.startswith("teacher.")}
+
+    def student_state(self) -> Dict[str, torch.Tensor]:
+        """The student's state dict, on the CPU, contiguous (the teacher format's ``model``)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.distiller.student.state_dict().items()}
+
+    # -- start / resume ------------------------------------------------------------------
+    def _prepare_fresh(self) -> None:
+        final = self.path(f"ckpt_epoch_{self.epochs}.pth")
+        if os.path.isfile(final) and not os.path.isfile(self.path("latest")):
+            raise ConfigError(
+                f"'{final}' already exists and was not written by a run in '{self.log_path}' (no 'latest' there); "
+                "move it away, or set EXPERIMENT.NAME / LOG.PREFIX to another output folder"
+            )
+        if not self.is_main:
+            return
+        if os.path.isfile(self.path("latest")):
+            self.log(f"starting a new run in {self.log_path}: its checkpoints will be overwritten "
+                     "(use --resume to continue the previous run)")
+        os.makedirs(self.log_path, exist_ok=True)
+        atomic_write_text(self.path("config.yaml"), self.cfg.dump())
+        atomic_write_text(self.path("metrics.jsonl"), "")
+        atomic_write_text(self.path("worklog.txt"), f"experiment: {self.experiment_name}\n")
+
+    def resume(self) -> None:
+        """Restore the training state from ``latest`` (see the module docstring)."""
+        path = self.path("latest")
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"cannot resume: '{path}' not found; run without --resume to start, or check LOG.PREFIX and "
+                "EXPERIMENT.PROJECT / NAME / TAG"
+            )
+        ckpt = load_checkpoint(path)
+        need = ("epoch", "model", "optimizer", "best_acc", "rng")
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
+            raise CheckpointError(f"'{path}' is not a training-state checkpoint (needs {', '.join(need)}); cannot resume from it")
+        try:
+            missing, unexpected = self.distiller.load_state_dict(ckpt["model"], strict=False)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"'{path}' does not fit this config's distiller ({' '.join(str(e).split())[:200]}); was it written "
+                "with another DISTILLER.TYPE / STUDENT / TEACHER?"
+            ) from None
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"'{path}' does not fit this config's distiller ({len(missing)} missing, {len(unexpected)} unexpected "
+                f"keys, e.g. {', '.join((missing + unexpected)[:3])}); was it written with another DISTILLER.TYPE / "
+                "STUDENT / TEACHER?"
+            )
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"'{path}': the optimizer state does not fit this distiller's parameters ({e})") from None
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.best_acc = float(ckpt["best_acc"])
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        states = ckpt["rng"]
+        if len(states) != self.info.world_size:
+            self.log(f"'{path}' was written by {len(states)} process(es), this run has {self.info.world_size}: "
+                     "random streams are restored from rank 0's and will differ from an uninterrupted run", "INFO")
+        set_rng_state(states[self.info.rank] if self.info.rank < len(states) else states[0],
+                      self.device, self._generators())
+        if self.is_main:
+            kept = [r for r in read_json_lines(self.path("metrics.jsonl")) if int(r.get("epoch", 0)) < self.start_epoch]
+            atomic_write_text(self.path("metrics.jsonl"), "".join(_json_line(r) + "\n" for r in kept))
+            self.history = kept
+            append_text(self.path("worklog.txt"), f"resumed from '{path}' after epoch {self.start_epoch - 1}\n")
+        self.log(f"resumed from {path}: epoch {self.start_epoch - 1} done, best_acc {self.best_acc:.2f}")
+
+    # -- the loop ------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        """Run epochs ``start..SOLVER.EPOCHS`` (after :meth:`resume` when ``resume``); return a summary.
+
+        The summary holds ``best_acc``, ``last`` (the last epoch's metrics, ``{}`` when no
+        epoch ran) and ``log_path``.
+        """
+        if resume:
+            self.resume()
+        else:
+            self._prepare_fresh()
+        steps = len(self.train_loader)
+        if self.is_main:
+            from tensorboardX import SummaryWriter
+
+            purge = (self.start_epoch - 1) * steps + 1 if resume else None
+            self.tb_writer = SummaryWriter(self.path("train.events"), purge_step=purge)
+        try:
+            for epoch in range(self.start_epoch, self.epochs + 1):
+                self.train_epoch(epoch)
+        finally:
+            if self.tb_writer is not None:
+                self.tb_writer.close()
+                self.tb_writer = None
+        if self.is_main and self.start_epoch <= self.epochs:
+            append_text(self.path("worklog.txt"), f"best_acc\t{self.best_acc:.2f}\n")
+        if self.start_epoch > self.epochs:
+            self.log(f"nothing to do: '{self.path('latest')}' is at epoch {self.start_epoch - 1} of {self.epochs}")
+        self.log(f"best test accuracy {self.best_acc:.2f}; outputs in {self.log_path}")
+        return {"best_acc": self.best_acc, "last": self.history[-1] if self.history else {}, "log_path": self.log_path}
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Train one epoch, evaluate, log and checkpoint; return the epoch's metrics record."""
+        t_start = time.perf_counter()
+        lr = adjust_learning_rate(epoch, self.cfg, self.optimizer)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        train = self._train_steps(epoch, lr)
+        t_train = time.perf_counter() - t_start
+        steps = max(len(self.train_loader), 1)
+        du.broadcast_buffers(self.distiller)
+        test = self.evaluate(epoch)
+        is_best = test["test_acc"] >= self.best_acc
+        self.best_acc = max(self.best_acc, test["test_acc"])
+        record = {"epoch": epoch, "lr": lr, **train, **test, "best_acc": self.best_acc,
+                  "epoch_time_s": time.perf_counter() - t_start, "ms_per_step": 1000.0 * t_train / steps}
+        self.history.append(record)
+        if self.is_main:
+            self._write_logs(epoch, record, steps)
+        self._save(epoch, is_best)
+        return record
+
+    def _train_steps(self, epoch: int, lr: float) -> Dict[str, float]:
+        self.model.train()
+        steps = len(self.train_loader)
+        log = _StepLog(self.device)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch}/{self.epochs}", leave=False, dynamic_ncols=True)
+        try:
+            for i, (image, target) in enumerate(self.train_loader, start=1):
+                image, target = self._to_device(image, target)
+                with self._autocast():
+                    preds, losses = self.model(image=image, target=target, epoch=epoch)
+                terms = {k: v.float().mean() for k, v in losses.items()}
+                loss = sum(terms.values())
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                correct = (preds.detach().argmax(dim=1) == target).sum()
+                log.add(i, int(target.shape[0]), loss, terms, correct)
+                global_step = (epoch - 1) * steps + i
+                tb_step = self.tb_freq > 0 and global_step % self.tb_freq == 0
+                if i % self.check_every == 0 or tb_step or i == steps:
+                    log.flush(epoch, steps)
+                    if tb_step and self.tb_writer is not None:
+                        self.tb_writer.add_scalar("train/lr", lr, global_step)
+                        for k, v in log.last.items():
+                            self.tb_writer.add_scalar(f"train/{k}", v, global_step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{log.last.get('loss', float('nan')):.3f}", lr=f"{lr:.3g}", refresh=False)
+                if bar is not None:
+                    bar.update(1)
+            log.flush(epoch, steps)
+        finally:
+            if bar is not None:
+                bar.close()
+        return log.averages()
+
+    @torch.no_grad()
+    def evaluate(self, epoch: Optional[int] = None) -> Dict[str, float]:
+        """Top-1, top-5 and loss of the student on the validation set, plus ``acc_<head>`` of each extra head.
+
+        Sums over every process, so the numbers are exact whole-set metrics.
+        """
+        return evaluate_model(self.distiller, self.val_loader, self.device, amp_dtype=self.amp_dtype,
+                        channels_last=self.channels_last,
+                        progress=self.progress, desc=f"eval {epoch}" if epoch is not None else "eval")
+
+    # -- outputs -------------------------------------------------------------------------
+    def _write_logs(self, epoch: int, record: dict, steps: int) -> None:
+        append_json_line(self.path("metrics.jsonl"), record)
+        lines = ["-" * 25] + [f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in record.items()]
+        append_text(self.path("worklog.txt"), "\n".join(lines) + "\n")
+        if self.tb_writer is not None:
+            step = epoch * steps
+            for k, v in record.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.tb_writer.add_scalar(f"epoch/{k}", v, step)
+            self.tb_writer.flush()
+        heads = " ".join(f"{k}={v:.2f}" for k, v in record.items() if k.startswith("acc_"))
+        self.log(
+            f"epoch {epoch}/{self.epochs} lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.2f} | test loss {record['test_loss']:.4f} top-1 {record['test_acc']:.2f} "
+            f"top-5 {record['test_acc_top5']:.2f}{' | ' + heads if heads else ''} | best {record['best_acc']:.2f} | "
+            f"{record['epoch_time_s']:.1f}s, {record['ms_per_step']:.1f} ms/step",
+            "EVAL",
+        )
+
+    def _save(self, epoch: int, is_best: bool) -> None:
+        rng = du.all_gather_object(get_rng_state(self.device, self._generators()))
+        if not self.is_main:
+            return
+        state = {
+            "epoch": epoch,
+            "model": self.distiller_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "best_acc": self.best_acc,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "world_size": self.info.world_size,
+            "distiller": str(self.cfg.DISTILLER.TYPE),
+            "student": str(self.cfg.DISTILLER.STUDENT),
+        }
+        student = {"model": self.student_state()}
+        if is_best:
+            save_checkpoint(state, self.path("best"))
+            save_checkpoint(student, self.path("student_best"))
+        if self.save_freq and epoch % self.save_freq == 0:
+            save_checkpoint(state, self.path(f"epoch_{epoch}"))
+            save_checkpoint(student, self.path(f"student_{epoch}"))
+        if epoch == self.epochs:
+            save_checkpoint(student, self.path(f"ckpt_epoch_{epoch}.pth"))
+        save_checkpoint(student, self.path("student_latest"))
+        save_checkpoint(state, self.path("latest"))  # last: 'latest' at epoch k => every file of epoch k exists
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps(record, separators=(", ", ": "))
+
+
+@torch.no_grad()
+def evaluate_model(distiller: nn.Module, loader, device, amp_dtype=None, channels_last: bool = False,
+             progress: bool = False, desc: str = "eval") -> Dict[str, float]:
+    """Evaluate ``distiller`` (its ``forward_test`` and ``eval_logits``) on ``loader``.
+
+    Returns ``test_acc``, ``test_acc_top5`` (percent), ``test_loss`` (mean cross-entropy)
+    and ``acc_<head>`` for every head of ``eval_logits``, summed over all processes.
+    The distiller is left in eval mode.
+    """
+    device = torch.device(device)
+    distiller.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    c1 = torch.zeros((), dtype=torch.int64, device=device)
+    c5 = torch.zeros((), dtype=torch.int64, device=device)
+    heads: Dict[str, torch.Tensor] = {}
+    n = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
+    try:
+        for image, target in loader:
+            image = image.to(device, non_blocking=True)
+            if channels_last and image.dim() == 4:
+                image = image.contiguous(memory_format=torch.channels_last)
+            target = target.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = distiller.forward_test(image)
+                extra = distiller.eval_logits(image)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+            top1, top5 = correct_topk(logits, target, (1, 5))
+            c1 += top1
+            c5 += top5
+            for name, z in extra.items():
+                hit = correct_topk(z.float(), target, (1,))[0]
+                heads[name] = heads[name] + hit if name in heads else hit
+            n += int(target.shape[0])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    names = list(heads)
+    vec = torch.stack([loss_sum, c1.double(), c5.double(), torch.tensor(float(n), dtype=torch.float64, device=device)]
+                      + [heads[k].double() for k in names])
+    vec = du.all_reduce_sum(vec).cpu().tolist()
+    total = max(vec[3], 1.0)
+    out = {"test_acc": 100.0 * vec[1] / total, "test_acc_top5": 100.0 * vec[2] / total, "test_loss": vec[0] / total}
+    for k, v in zip(names, vec[4:]):
+        out[f"acc_{k}"] = 100.0 * v / total
+    return out

@@ -1,0 +1,242 @@
+"""Small helpers of the training engine.
+
+* :class:`AverageMeter` -- running weighted average (mdistiller's name and fields).
+* :func:`accuracy` -- top-k accuracy in percent (mdistiller's signature).
+* :func:`seed_everything` -- seed python, numpy and torch (CPU and every CUDA device).
+* :func:`get_rng_state` / :func:`set_rng_state` -- every random generator's state as a
+  plain dict of tensors and numbers, so a checkpoint holding it loads with
+  ``torch.load(..., weights_only=True)``.
+* :func:`atomic_write_text`, :func:`append_text`, :func:`append_line`,
+  :func:`append_json_line` -- files written so that a killed process never leaves a
+  half-written file or line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "AverageMeter",
+    "accuracy",
+    "correct_topk",
+    "seed_everything",
+    "get_rng_state",
+    "set_rng_state",
+    "FILE_MODE",
+    "fsync_dir",
+    "atomic_write_text",
+    "append_text",
+    "append_line",
+    "append_json_line",
+    "read_json_lines",
+]
+
+
+class AverageMeter:
+    """Running average of a value weighted by counts: ``update(val, n)``; ``avg``, ``sum``, ``count``, ``val``."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        """Forget every update."""
+        self.val = 0.0
+        self.sum = 0.0
+        self.count = 0
+        self.avg = 0.0
+
+    def update(self, val: float, n: int = 1):
+        """Add ``n`` observations whose mean is ``val``."""
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+        self.avg = self.sum / self.count if self.count else 0.0
+
+
+def correct_topk(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> List[torch.Tensor]:
+    """Number of samples whose target is among the ``k`` largest logits, for each ``k``.
+
+    Returns 0-d tensors on ``output``'s device (no host synchronisation). ``k`` larger
+    than the number of classes counts every sample as correct.
+    """
+    maxk = min(max(topk), output.shape[1])
+    pred = output.topk(maxk, dim=1, largest=True, sorted=True).indices  # (N, maxk)
+    hit = pred.eq(target.view(-1, 1))
+    return [hit[:, : min(k, maxk)].any(dim=1).sum() for k in topk]
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> List[torch.Tensor]:
+    """Top-k accuracies in percent of ``output`` logits against ``target`` labels (one 0-d tensor per ``k``)."""
+    n = max(int(target.shape[0]), 1)
+    return [c.float() * (100.0 / n) for c in correct_topk(output, target, topk)]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global generator and torch (CPU and all CUDA devices)."""
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# -- RNG states as tensors ---------------------------------------------------------------
+def get_rng_state(device: Optional[torch.device] = None, generators: Optional[Dict[str, torch.Generator]] = None) -> dict:
+    """Snapshot of python, numpy, torch CPU and (when ``device`` is CUDA) that device's RNG.
+
+    ``generators`` adds named ``torch.Generator`` s (a data loader's, ...). Everything is a
+    tensor, an int, a float or a string, so ``torch.load(weights_only=True)`` reads it back.
+    """
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python_version": int(version),
+        "python_state": torch.tensor(internal, dtype=torch.int64),
+        "python_gauss": float("nan") if gauss is None else float(gauss),
+        "python_has_gauss": gauss is not None,
+        "numpy_name": str(np_name),
+        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    for name, gen in (generators or {}).items():
+        if gen is not None:
+            state[f"gen_{name}"] = gen.get_state()
+    return state
+
+
+def set_rng_state(state: dict, device: Optional[torch.device] = None,
+                  generators: Optional[Dict[str, torch.Generator]] = None) -> None:
+    """Restore a snapshot taken by :func:`get_rng_state` (missing entries are left alone)."""
+    internal = tuple(int(v) for v in state["python_state"].tolist())
+    gauss = state["python_gauss"] if state.get("python_has_gauss") else None
+    random.setstate((int(state["python_version"]), internal, gauss))
+    np.random.set_state((
+        state["numpy_name"],
+        state["numpy_keys"].numpy().astype(np.uint32),
+        int(state["numpy_pos"]),
+        int(state["numpy_has_gauss"]),
+        float(state["numpy_gauss"]),
+    ))
+    torch.set_rng_state(state["torch"].cpu())
+    if device is not None and torch.device(device).type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
+    for name, gen in (generators or {}).items():
+        key = f"gen_{name}"
+        if gen is not None and key in state:
+            gen.set_state(state[key].cpu())
+
+
+# -- files ----------------------------------------------------------------------------
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Mode of files written through a temporary file (``mkstemp`` creates them 0600).
+FILE_MODE = 0o666 & ~_current_umask()
+
+
+def fsync_dir(folder: str) -> None:
+    """fsync a folder so a rename inside it survives a crash (ignored where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
+def append_text(path: str, text: str) -> None:
+    """Append ``text`` to ``path`` with a single ``write`` on an ``O_APPEND`` descriptor, then fsync.
+
+    A killed process leaves either all of ``text`` or none of it (one write of a few
+    kilobytes at most; local file systems apply it whole).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = text.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # pragma: no cover - only on a full disk
+            raise OSError(f"short write to '{path}' ({written} of {len(data)} bytes)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line (``line`` must not contain a newline) with :func:`append_text`."""
+    if "\n" in line:
+        raise ValueError("append_line writes a single line; the text contains a newline")
+    append_text(path, line + "\n")
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _json_safe(value.item() if value.numel() == 1 else value.tolist())
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def append_json_line(path: str, record: dict) -> None:
+    """Append ``record`` as one JSON line (non-finite floats become ``null``) with :func:`append_line`."""
+    append_line(path, json.dumps(_json_safe(record), separators=(", ", ": ")))
+
+
+def read_json_lines(path: str) -> List[dict]:
+    """Every JSON object of a JSON-lines file (blank lines skipped); ``[]`` when the file is missing."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                out.append(json.loads(line))
+    return out
+

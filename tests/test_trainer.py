@@ -1,0 +1,318 @@
+"""The trainer, checkpoints and distiller building (in-process, tiny synthetic runs on the CPU)."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdistiller_blockkd.data import get_dataloaders
+from mdistiller_blockkd.distillers import Vanilla
+from mdistiller_blockkd.engine.build import build_distiller
+from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from mdistiller_blockkd.engine.trainer import Trainer, experiment_name, learning_rate
+from mdistiller_blockkd.engine.utils import get_rng_state, seed_everything, set_rng_state
+from mdistiller_blockkd.errors import CheckpointError, ConfigError, TrainingError
+from mdistiller_blockkd.models import build_model
+
+TIMING_KEYS = {"epoch_time_s", "ms_per_step"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared with other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(tmp_path, *opts):
+    base = [
+        "DATASET.TYPE", "synthetic", "DATASET.NUM_WORKERS", "0",
+        "DATASET.SYNTHETIC.TRAIN_SIZE", "48", "DATASET.SYNTHETIC.TEST_SIZE", "24",
+        "DATASET.SYNTHETIC.NUM_CLASSES", "6", "DATASET.TEST.BATCH_SIZE", "16",
+        "DISTILLER.STUDENT", "resnet8", "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "2",
+        "SOLVER.LR", "0.05", "SOLVER.LR_DECAY_STAGES", "[1]", "SOLVER.WEIGHT_DECAY", "0.0005",
+        "LOG.PREFIX", str(tmp_path), "LOG.PROGRESS", "False", "LOG.TENSORBOARD_FREQ", "2",
+        "LOG.SAVE_CHECKPOINT_FREQ", "1", "EXPERIMENT.PROJECT", "p", "EXPERIMENT.NAME", "run",
+    ]
+    return load_cfg(None, base + list(opts))
+
+
+def make_trainer(cfg, distiller_fn=None):
+    """What tools/train.py does, in-process: seed, data, distiller, trainer."""
+    seed_everything(cfg.EXPERIMENT.SEED)
+    train_loader, val_loader, num_classes = get_dataloaders(cfg)
+    if distiller_fn is None:
+        distiller = build_distiller(cfg, num_classes, "cpu")
+    else:
+        distiller = distiller_fn(build_model(cfg.DISTILLER.STUDENT, num_classes=num_classes), cfg)
+    return Trainer(experiment_name(cfg), distiller, train_loader, val_loader, cfg, log=lambda *a: None)
+
+
+def run_dir(cfg):
+    return os.path.join(cfg.LOG.PREFIX, cfg.EXPERIMENT.PROJECT, cfg.EXPERIMENT.NAME)
+
+
+def read_metrics(cfg):
+    with open(os.path.join(run_dir(cfg), "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Killed(Exception):
+    pass
+
+
+class Noisy(Vanilla):
+    """Vanilla training whose loss depends on torch, numpy and python RNG draws (so RNG restore matters)."""
+
+    kill_at = None  # (epoch, step): raise Killed there, like a process killed mid-epoch
+
+    def __init__(self, student, cfg):
+        super().__init__(student, None, cfg)
+        self.calls = {}
+
+    def forward_train(self, image, target, **kw):
+        epoch = kw["epoch"]
+        self.calls[epoch] = self.calls.get(epoch, 0) + 1
+        if self.kill_at == (epoch, self.calls[epoch]):
+            raise Killed()
+        noise = 0.5 * torch.randn_like(image) * float(np.random.uniform(0.5, 1.5)) * random.uniform(0.5, 1.5)
+        logits, _ = self.student(image + noise)
+        return logits, {"loss_ce": F.cross_entropy(logits, target)}
+
+
+class KilledNoisy(Noisy):
+    kill_at = (2, 2)
+
+
+def test_learning_rate_matches_mdistiller_schedule(tmp_path):
+    cfg = make_cfg(tmp_path, "SOLVER.LR_DECAY_STAGES", "[150, 180, 210]")
+    assert learning_rate(1, cfg) == pytest.approx(0.05)
+    assert learning_rate(150, cfg) == pytest.approx(0.05)  # decays *after* the stage epoch
+    assert learning_rate(151, cfg) == pytest.approx(0.005)
+    assert learning_rate(181, cfg) == pytest.approx(0.0005)
+    assert learning_rate(240, cfg) == pytest.approx(0.00005)
+
+
+def test_rng_state_roundtrip_is_weights_only(tmp_path):
+    seed_everything(3)
+    state = get_rng_state()
+    save_checkpoint({"rng": [state]}, tmp_path / "rng")
+    a = (random.random(), float(np.random.rand()), float(torch.rand(())), random.gauss(0, 1))
+    set_rng_state(load_checkpoint(tmp_path / "rng")["rng"][0])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(())), random.gauss(0, 1)) == a
+
+
+def test_resume_gives_exactly_the_uninterrupted_weights(tmp_path):
+    full_cfg = make_cfg(tmp_path / "full")
+    full = make_trainer(full_cfg, Noisy)
+    full.train()
+    assert [r["epoch"] for r in read_metrics(full_cfg)] == [1, 2]
+
+    cfg = make_cfg(tmp_path / "split")
+    killed = make_trainer(cfg, KilledNoisy)
+    with pytest.raises(Killed):
+        killed.train()  # epoch 1 finished and saved; killed in the middle of epoch 2
+    assert load_checkpoint(os.path.join(run_dir(cfg), "latest"))["epoch"] == 1
+    resumed = make_trainer(cfg, Noisy)  # a fresh process: new seed, data and model
+    resumed.train(resume=True)
+
+    a, b = full.distiller.state_dict(), resumed.distiller.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
+    assert strip(read_metrics(cfg)) == strip(read_metrics(full_cfg))
+    # the noise matters: another seed gives other weights (so the equality above is not vacuous)
+    other = make_trainer(make_cfg(tmp_path / "other", "EXPERIMENT.SEED", "1"), Noisy)
+    other.train()
+    assert not torch.equal(other.distiller.student.fc.weight, full.distiller.student.fc.weight)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(CheckpointError, match=r"cannot resume: '.*latest' not found"):
+        make_trainer(cfg).train(resume=True)
+
+
+def test_outputs_metrics_format_and_student_files(tmp_path):
+    cfg = make_cfg(tmp_path)
+    trainer = make_trainer(cfg)
+    summary = trainer.train()
+    out = run_dir(cfg)
+    names = set(os.listdir(out))
+    assert {"latest", "best", "student_latest", "student_best", "epoch_1", "epoch_2", "student_1", "student_2",
+            "ckpt_epoch_2.pth", "config.yaml", "metrics.jsonl", "worklog.txt", "train.events"} == names
+    rows = read_metrics(cfg)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    expected = {"epoch", "lr", "train_loss", "loss_ce", "train_acc", "test_acc", "test_acc_top5", "test_loss",
+                "best_acc", "epoch_time_s", "ms_per_step"}
+    for r in rows:
+        assert set(r) == expected
+        assert all(isinstance(r[k], (int, float)) for k in expected)
+        assert r["train_loss"] == pytest.approx(r["loss_ce"])
+        assert 0 <= r["test_acc"] <= r["test_acc_top5"] <= 100
+    assert rows[0]["lr"] == pytest.approx(0.05) and rows[1]["lr"] == pytest.approx(0.005)
+    assert rows[1]["best_acc"] == max(r["test_acc"] for r in rows) == summary["best_acc"]
+    assert load_cfg(os.path.join(out, "config.yaml")).dump() == cfg.dump()
+    latest = load_checkpoint(os.path.join(out, "latest"))
+    assert latest["epoch"] == 2 and set(latest) >= {"model", "optimizer", "best_acc", "rng", "scaler"}
+    student_keys = set(trainer.distiller.student.state_dict())
+    for name in ("student_latest", "student_best", "ckpt_epoch_2.pth"):
+        ckpt = load_checkpoint(os.path.join(out, name))
+        assert set(ckpt) == {"model"} and set(ckpt["model"]) == student_keys
+    # the student file is a teacher checkpoint: it loads strictly and scores the logged accuracy
+    model = build_model("resnet8", num_classes=6)
+    load_model_weights(model, os.path.join(out, "student_latest"), name="resnet8")
+    _, val_loader, _ = get_dataloaders(cfg)
+    from mdistiller_blockkd.engine.trainer import evaluate_model
+
+    acc = evaluate_model(Vanilla(model, None, cfg), val_loader, "cpu")["test_acc"]
+    assert acc == pytest.approx(rows[-1]["test_acc"])
+    worklog = open(os.path.join(out, "worklog.txt")).read()
+    assert "epoch: 2" in worklog and "best_acc" in worklog
+
+
+def test_distiller_with_teacher_and_connectors(tmp_path):
+    """Block-KD: stone accuracies are logged; student files hold the student only, latest no teacher."""
+    teacher = build_model("resnet8", num_classes=6)
+    save_checkpoint({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    cfg = make_cfg(tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "resnet8",
+                   "DISTILLER.TEACHER_CKPT", str(tmp_path / "teacher.pth"), "SOLVER.EPOCHS", "1")
+    trainer = make_trainer(cfg)
+    assert torch.equal(trainer.distiller.teacher.fc.weight, teacher.fc.weight)
+    trainer.train()
+    row = read_metrics(cfg)[0]
+    stones = [k for k in row if k.startswith("acc_stone")]
+    assert stones and "acc_teacher" in row and "loss_kd" in row
+    out = run_dir(cfg)
+    student = load_checkpoint(os.path.join(out, "student_latest"))["model"]
+    assert set(student) == set(trainer.distiller.student.state_dict())
+    latest = load_checkpoint(os.path.join(out, "latest"))["model"]
+    assert not any(k.startswith("teacher.") for k in latest)
+    assert any(k.startswith("connectors.") for k in latest)
+    assert {k[len("student."):] for k in latest if k.startswith("student.")} == set(student)
+
+
+class NaNAtStep3(Vanilla):
+    def __init__(self, student, cfg):
+        super().__init__(student, None, cfg)
+        self.step = 0
+
+    def forward_train(self, image, target, **kw):
+        self.step += 1
+        logits, _ = self.student(image)
+        kd = torch.tensor(float("nan")) if self.step == 3 else logits.sum() * 0
+        return logits, {"loss_ce": F.cross_entropy(logits, target), "loss_kd": kd}
+
+
+def test_nan_loss_raises_training_error_naming_epoch_step_and_terms(tmp_path):
+    cfg = make_cfg(tmp_path)
+    trainer = make_trainer(cfg, NaNAtStep3)
+    with pytest.raises(TrainingError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "epoch 1, step 3/3" in msg and "loss_kd=nan" in msg and "loss_ce=" in msg and "\n" not in msg
+    assert not os.path.exists(os.path.join(run_dir(cfg), "latest"))
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+    cfg = make_cfg(tmp_path, "SOLVER.AMP", "bf16", "SOLVER.CHANNELS_LAST", "True", "SOLVER.EPOCHS", "1")
+    trainer = make_trainer(cfg)
+    seen = []
+    conv = trainer.distiller.student.conv1
+    conv.register_forward_hook(lambda m, i, o: seen.append((o.dtype, i[0].is_contiguous(memory_format=torch.channels_last))))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.train()
+    assert (torch.bfloat16, True) in seen
+    row = read_metrics(cfg)[0]
+    assert np.isfinite(row["train_loss"]) and np.isfinite(row["test_loss"])
+    assert trainer.distiller.student.conv1.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_fp16_uses_a_grad_scaler_whose_state_is_saved(tmp_path):
+    cfg = make_cfg(tmp_path, "SOLVER.AMP", "fp16", "SOLVER.EPOCHS", "1")
+    trainer = make_trainer(cfg)
+    assert trainer.scaler.is_enabled()
+    trainer.train()
+    assert load_checkpoint(os.path.join(run_dir(cfg), "latest"))["scaler"]["scale"] > 0
+
+
+# -- checkpoints --------------------------------------------------------------------------
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt"
+    save_checkpoint({"model": {"w": torch.ones(3)}}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))  # old file untouched
+    assert os.listdir(tmp_path) == ["ckpt"]  # no temporary file left
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    model = build_model("resnet20", num_classes=10)
+    with pytest.raises(CheckpointError, match=r"checkpoint '.*missing\.pth' not found"):
+        load_model_weights(model, tmp_path / "missing.pth")
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"\x00not a torch file" * 10)
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint '.*corrupt\.pth'.*corrupt"):
+        load_model_weights(model, bad)
+    other = tmp_path / "resnet8.pth"
+    save_checkpoint({"model": build_model("resnet8", num_classes=10).state_dict()}, other)
+    with pytest.raises(CheckpointError) as e:
+        load_model_weights(model, other, name="resnet20")
+    msg = str(e.value)
+    assert "does not fit model 'resnet20'" in msg and "missing" in msg and "another architecture" in msg
+    wrong_classes = tmp_path / "c100.pth"
+    save_checkpoint({"model": build_model("resnet20", num_classes=100).state_dict()}, wrong_classes)
+    with pytest.raises(CheckpointError, match=r"2 of another shape, e\.g\. fc\.weight \(100, 64\) vs \(10, 64\)"):
+        load_model_weights(model, wrong_classes, name="resnet20")
+
+
+def test_load_model_weights_accepts_bare_and_prefixed_state_dicts(tmp_path):
+    src = build_model("resnet8", num_classes=10)
+    bare = tmp_path / "bare.pth"
+    save_checkpoint({f"module.{k}": v for k, v in src.state_dict().items()}, bare)
+    dst = build_model("resnet8", num_classes=10)
+    load_model_weights(dst, bare)
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+
+
+def test_build_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown DISTILLER.TYPE 'FOO'; valid types: .*BLOCKKD.*KD.*NONE"):
+        build_distiller(make_cfg(tmp_path, "DISTILLER.TYPE", "FOO"), 6)
+    cfg = make_cfg(tmp_path, "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet8")
+    with pytest.raises(CheckpointError) as e:
+        build_distiller(cfg, 6)
+    msg = str(e.value)
+    assert "download_ckpts/cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth" in msg and "DISTILLER.TEACHER_CKPT" in msg
+    cfg = make_cfg(tmp_path, "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "resnet8",
+                   "DISTILLER.TEACHER_CKPT", str(tmp_path / "nope.pth"))
+    with pytest.raises(CheckpointError, match=r"nope\.pth' \(DISTILLER.TEACHER_CKPT\) not found"):
+        build_distiller(cfg, 6)
+    with pytest.raises(ConfigError, match="resnet9000"):
+        build_distiller(make_cfg(tmp_path, "DISTILLER.STUDENT", "resnet9000"), 6)
+
+
+def test_fresh_run_refuses_to_overwrite_a_foreign_teacher_file(tmp_path):
+    cfg = make_cfg(tmp_path, "SOLVER.EPOCHS", "1")
+    os.makedirs(run_dir(cfg))
+    save_checkpoint({"model": {}}, os.path.join(run_dir(cfg), "ckpt_epoch_1.pth"))
+    with pytest.raises(ConfigError, match=r"ckpt_epoch_1\.pth' already exists"):
+        make_trainer(cfg).train()
