@@ -39,6 +39,7 @@ class Distiller(nn.Module):
         self.student = student
         self.teacher = teacher
         self.fold_teacher_bn = bool(cfg.DISTILLER.FOLD_TEACHER_BN) if cfg is not None else True
+        self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST) if cfg is not None else False
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -80,7 +81,9 @@ class Distiller(nn.Module):
         A BN-folded copy of the frozen teacher, built on first use for ``x``'s device and
         rebuilt after ``load_state_dict`` / ``.to()``; the teacher itself when folding is
         off, impossible, or changes any output. Never registered as a submodule, so it is
-        neither saved nor counted.
+        neither saved nor counted. The copy is channels-last on CPU (measured faster for
+        every CIFAR teacher, forward and input-gradient backward) and with
+        ``SOLVER.CHANNELS_LAST``.
         """
         key = (x.device, x.dtype)
         cache = self.__dict__.get("_teacher_exec")
@@ -88,7 +91,11 @@ class Distiller(nn.Module):
             model = self.teacher
             if self.fold_teacher_bn and isinstance(self.teacher, StagedModel):
                 with torch.autocast(x.device.type, enabled=False):
-                    model = fold_frozen_bn(self.teacher, x[:2].detach().float()) or self.teacher
+                    folded = fold_frozen_bn(self.teacher, x[:2].detach().float())
+                if folded is not None:
+                    model = folded
+                    if x.device.type == "cpu" or self.channels_last:
+                        model = model.to(memory_format=torch.channels_last)
             cache = (key, model)
             self.__dict__["_teacher_exec"] = cache
         return cache[1]
