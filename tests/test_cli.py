@@ -23,7 +23,7 @@ METRIC_KEYS = {"epoch", "lr", "train_loss", "loss_ce", "train_acc", "test_acc", 
 def env():
     e = dict(os.environ)
     e["OMP_NUM_THREADS"] = "1"  # tiny models; the CPU is shared
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, e.get("PYTHONPATH")) if p)
+    e.pop("PYTHONPATH", None)  # the scripts find the package themselves (no installation needed)
     return e
 
 

@@ -201,6 +201,14 @@ def test_distiller_with_teacher_and_connectors(tmp_path):
     assert not any(k.startswith("teacher.") for k in latest)
     assert any(k.startswith("connectors.") for k in latest)
     assert {k[len("student."):] for k in latest if k.startswith("student.")} == set(student)
+    # resume: the teacher comes back from its own checkpoint, the rest from 'latest'
+    cfg2 = make_cfg(tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "resnet8",
+                    "DISTILLER.TEACHER_CKPT", str(tmp_path / "teacher.pth"), "SOLVER.EPOCHS", "2")
+    resumed = make_trainer(cfg2)
+    resumed.resume()
+    assert resumed.start_epoch == 2
+    for k, v in trainer.distiller.state_dict().items():
+        assert torch.equal(v, resumed.distiller.state_dict()[k]), k
 
 
 class NaNAtStep3(Vanilla):
