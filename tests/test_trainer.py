@@ -280,6 +280,10 @@ def test_checkpoint_errors_are_clear(tmp_path):
     bad.write_bytes(b"\x00not a torch file" * 10)
     with pytest.raises(CheckpointError, match=r"cannot read checkpoint '.*corrupt\.pth'.*corrupt"):
         load_model_weights(model, bad)
+    foreign = tmp_path / "numpy_scalar.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "accuracy": np.float64(71.0)}, foreign)  # not loadable weights-only
+    with pytest.raises(CheckpointError, match=r"numpy_scalar\.pth' holds Python objects .*numpy.*re-save"):
+        load_checkpoint(foreign)
     other = tmp_path / "resnet8.pth"
     save_checkpoint({"model": build_model("resnet8", num_classes=10).state_dict()}, other)
     with pytest.raises(CheckpointError) as e:

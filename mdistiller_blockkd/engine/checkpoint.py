@@ -16,6 +16,8 @@ naming the file and the fix.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from typing import Dict, Optional
 
@@ -70,12 +72,26 @@ def load_checkpoint(path: str, map_location="cpu"):
         raise CheckpointError(f"checkpoint '{path}' not found; give the path of an existing checkpoint file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, pickle of foreign objects ...
-        detail = " ".join(str(e).split())[:200]
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not found:
+            raise _unreadable(path, e) from None
+        fix = f"torch.save({{'model': torch.load('{path}', weights_only=False)['model']}}, 'clean.pth')"
         raise CheckpointError(
-            f"cannot read checkpoint '{path}' ({type(e).__name__}: {detail}); the file is corrupt, truncated or "
-            "not a weights-only torch checkpoint: re-create it or point to another file"
+            f"checkpoint '{path}' holds Python objects that weights_only=True loading refuses ({found.group(1)}); "
+            f"if you trust the file, re-save its state dict alone: {fix}"
         ) from None
+    except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file ...
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: Exception) -> CheckpointError:
+    inner = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))  # torch's wrapper text is about trust, not the cause
+    detail = " ".join((inner.group(1) if inner else str(e)).split())[:200]
+    return CheckpointError(
+        f"cannot read checkpoint '{path}' ({type(e).__name__}: {detail}); the file is corrupt, truncated or "
+        "not a torch checkpoint: re-create it or point to another file"
+    )
 
 
 def _strip_prefixes(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -366,6 +366,7 @@ class Trainer:
             kept = [r for r in read_json_lines(self.path("metrics.jsonl")) if int(r.get("epoch", 0)) < self.start_epoch]
             atomic_write_text(self.path("metrics.jsonl"), "".join(_json_line(r) + "\n" for r in kept))
             self.history = kept
+            atomic_write_text(self.path("config.yaml"), self.cfg.dump())  # the config the run continues with
             append_text(self.path("worklog.txt"), f"resumed from '{path}' after epoch {self.start_epoch - 1}\n")
         self.log(f"resumed from {path}: epoch {self.start_epoch - 1} done, best_acc {self.best_acc:.2f}")
 
@@ -384,7 +385,8 @@ class Trainer:
         if self.is_main:
             from tensorboardX import SummaryWriter
 
-            purge = (self.start_epoch - 1) * steps + 1 if resume else None
+            # hide events of an earlier run (fresh start) or of the epoch lost at the kill (resume)
+            purge = (self.start_epoch - 1) * steps + 1 if resume else 0
             self.tb_writer = SummaryWriter(self.path("train.events"), purge_step=purge)
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
