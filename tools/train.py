@@ -56,7 +56,10 @@ def main(argv=None):
     check_distiller_config(cfg)  # before any data is read or downloaded
     info = du.init_distributed()
     try:
-        say = print if info.is_main else (lambda *a, **k: None)
+        def say(msg):
+            if info.is_main:
+                print(msg, flush=True)
+
         seed_everything(cfg.EXPERIMENT.SEED)
         train_loader, val_loader, num_classes = get_dataloaders(cfg, info.rank, info.world_size)
         say(log_msg(f"data: {dataset_description(cfg)}", "INFO"))

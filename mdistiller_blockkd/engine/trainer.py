@@ -211,7 +211,7 @@ class Trainer:
     """
 
     def __init__(self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg,
-                 dist_info: Optional[du.DistInfo] = None, log=print):
+                 dist_info: Optional[du.DistInfo] = None, log=None):
         self.cfg = cfg
         if dist_info is None:
             param = next(distiller.parameters(), None)
@@ -220,7 +220,7 @@ class Trainer:
         self.info = dist_info
         self.device = dist_info.device
         self.is_main = dist_info.is_main
-        self._print = log
+        self._print = log or _print_flush
         self.experiment_name = experiment_name
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -520,6 +520,10 @@ class Trainer:
             save_checkpoint(student, self.path(f"ckpt_epoch_{epoch}.pth"))
         save_checkpoint(student, self.path("student_latest"))
         save_checkpoint(state, self.path("latest"))  # last: 'latest' at epoch k => every file of epoch k exists
+
+
+def _print_flush(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def _json_line(record: dict) -> str:
