@@ -248,6 +248,20 @@ def test_sample_k_is_unbiased_for_task_and_distill_terms():
         assert factor == 3.0
         counts[idx] += 1
     assert torch.allclose(counts / 3000, torch.full((3,), 1 / 3), atol=0.03)
+    # stratified: every stone exactly once per cycle of n/K steps, cycles in varying order
+    cycles = [tuple(d._active_stones()[0][0] for _ in range(3)) for _ in range(50)]
+    assert all(sorted(c) == [0, 1, 2] for c in cycles) and len(set(cycles)) > 1
+    # the draw position travels with the state_dict (exact resume)
+    d._active_stones()
+    state = d.state_dict()
+    e = make(STONES="sample:1")
+    e.load_state_dict(state)
+    assert [e._active_stones() for _ in range(2)] == [d._active_stones() for _ in range(2)]
+    # K not dividing n: independent uniform draws of distinct stones
+    d2 = make(STONES="sample:2")
+    for _ in range(20):
+        idx, factor = d2._active_stones()
+        assert len(set(idx)) == 2 and factor == 1.5
 
 
 def test_eval_logits_and_exported_student():

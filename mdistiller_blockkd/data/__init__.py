@@ -138,11 +138,7 @@ def get_dataloaders(cfg, rank: int = 0, world_size: int = 1):
             "and incomplete batches are dropped; lower SOLVER.BATCH_SIZE or use more data (DATASET.TRAIN_SUBSET)"
         )
     seed = int(cfg.EXPERIMENT.SEED)
-    common = dict(
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-    )
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available())
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     train_loader = DataLoader(
         train_set,
@@ -151,6 +147,8 @@ def get_dataloaders(cfg, rank: int = 0, world_size: int = 1):
         drop_last=True,
         # seeds the workers' augmentation RNG: reproducible for a given seed, distinct per rank
         generator=torch.Generator().manual_seed(seed * 1000 + rank),
+        # fresh workers each epoch: their RNG derives from the saved generator, so resume is exact
+        persistent_workers=False,
         **common,
     )
     val_loader = DataLoader(

@@ -32,6 +32,8 @@ Stones (``STONES``)
     those K). ``sample:K``: K stones drawn uniformly per step, their terms multiplied by
     ``n/K``, so the task and distill terms are unbiased estimates of ``all``; the cross
     terms use the ensemble of the drawn stones (the exact ``Y^E`` needs every stone).
+    When K divides n the draws walk a random permutation (every stone once per n/K
+    steps: each step's draw is still uniform, with less variance across steps).
 
 Block pairing (``PAIRS``)
     Empty: pair student and teacher blocks of equal output stride (within a stride,
@@ -170,6 +172,7 @@ class BlockKD(Distiller):
         self.stone_weights = [1.0 / 2 ** (n - 1 - k) for k in range(n)]
         self.mode, self.k = parse_stones(c.STONES, n)
         self.has_unused_parameters = self.mode != "all"
+        self._deck, self._pos = [], 0  # sample:K draw state (see _active_stones)
         if c.LOGIT_LOSS not in LOGIT_LOSSES:
             raise ConfigError(f"BLOCKKD.LOGIT_LOSS is '{c.LOGIT_LOSS}'; use one of {', '.join(LOGIT_LOSSES)}")
         self.logit_loss, self.T = c.LOGIT_LOSS, float(c.T)
@@ -232,8 +235,21 @@ class BlockKD(Distiller):
             return list(range(n)), 1.0
         if self.mode == "last":
             return list(range(n - self.k, n)), 1.0
-        idx = torch.randperm(n)[: self.k].sort().values.tolist()
-        return idx, n / self.k
+        if n % self.k:
+            idx = torch.randperm(n)[: self.k].tolist()
+        else:  # stratified: walk a random permutation K stones at a time, every stone once per n/K steps
+            if self._pos == 0:
+                self._deck = torch.randperm(n).tolist()
+            idx = self._deck[self._pos: self._pos + self.k]
+            self._pos = (self._pos + self.k) % n
+        return sorted(idx), n / self.k
+
+    def get_extra_state(self):
+        """The ``sample:K`` deck position, saved with the distiller so a resumed run draws the same stones."""
+        return {"deck": list(self._deck), "pos": self._pos}
+
+    def set_extra_state(self, state):
+        self._deck, self._pos = list(state["deck"]), int(state["pos"])
 
     # -- loss -----------------------------------------------------------------------
     def distance(self, logits: Tensor, target_logits: Tensor, target: Tensor) -> Tensor:
