@@ -1,6 +1,7 @@
 """Helpers shared by the command-line tools (``tools/benchmark.py``, ``tools/report.py``).
 
-* :func:`atomic_write_text` -- write a file through a temporary file and ``os.replace``.
+* :func:`atomic_write_text` / :func:`atomic_write_bytes_from` -- atomic file writes
+  (re-exported from :mod:`mdistiller_blockkd.engine.fileio`).
 * :func:`split_overrides` -- ``KEY=VALUE`` / ``KEY VALUE`` tokens to a flat yacs list.
 * :func:`split_top_level` -- split on a separator outside brackets and quotes.
 * :func:`cfg_get` / :func:`default_value` -- read a dotted key from a config (yacs node or
@@ -15,10 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
+from .engine.fileio import atomic_write_bytes_from, atomic_write_text  # noqa: F401 - re-exported for the tools
 from .errors import ConfigError
 
 #: Config keys whose non-default value names a variant of a method. A key under a
@@ -29,44 +29,6 @@ DEFAULT_LABEL_KEYS: Tuple[str, ...] = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "
 DISTILLER_NODES: Tuple[str, ...] = ("KD", "DKD", "REVIEWKD", "BLOCKKD")
 
 _MISSING = object()
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_bytes_from(path: str, writer) -> None:
-    """Call ``writer(tmp_path)`` to produce a file, then move it to ``path`` atomically.
-
-    The temporary file keeps ``path``'s extension (matplotlib picks the format from it).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    ext = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{ext}", dir=folder)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def split_top_level(text: str, sep: str = ",") -> List[str]:

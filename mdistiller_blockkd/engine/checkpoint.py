@@ -18,14 +18,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .utils import FILE_MODE, fsync_dir
+from .fileio import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "extract_state_dict", "load_model_weights", "STATE_KEYS"]
 
@@ -41,24 +40,7 @@ def save_checkpoint(obj, path: str) -> None:
     temporary file behind (unless killed by SIGKILL mid-write, which leaves a hidden
     ``.<name>.*.tmp`` that the next save of the same name ignores).
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(folder)
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def load_checkpoint(path: str, map_location="cpu"):

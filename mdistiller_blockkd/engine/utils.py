@@ -8,7 +8,7 @@
   ``torch.load(..., weights_only=True)``.
 * :func:`atomic_write_text`, :func:`append_text`, :func:`append_line`,
   :func:`append_json_line` -- files written so that a killed process never leaves a
-  half-written file or line.
+  half-written file or line (the atomic writes come from :mod:`.fileio`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import json
 import math
 import os
 import random
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .fileio import FILE_MODE, atomic_write, atomic_write_text, fsync_dir
 
 __all__ = [
     "AverageMeter",
@@ -32,6 +33,7 @@ __all__ = [
     "set_rng_state",
     "FILE_MODE",
     "fsync_dir",
+    "atomic_write",
     "atomic_write_text",
     "append_text",
     "append_line",
@@ -139,49 +141,8 @@ def set_rng_state(state: dict, device: Optional[torch.device] = None,
 
 
 # -- files ----------------------------------------------------------------------------
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-#: Mode of files written through a temporary file (``mkstemp`` creates them 0600).
-FILE_MODE = 0o666 & ~_current_umask()
-
-
-def fsync_dir(folder: str) -> None:
-    """fsync a folder so a rename inside it survives a crash (ignored where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(folder)
+# Atomic writes live in :mod:`.fileio` (torch-free, shared with the command-line tools);
+# they are re-exported here for the engine's callers.
 
 
 def append_text(path: str, text: str) -> None:
