@@ -26,11 +26,20 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from .fileio import atomic_write
 
-__all__ = ["save_checkpoint", "load_checkpoint", "extract_state_dict", "load_model_weights", "STATE_KEYS"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "extract_state_dict",
+    "strip_prefixes",
+    "load_model_weights",
+    "STATE_KEYS",
+    "WRAPPER_PREFIXES",
+]
 
 #: Keys under which a checkpoint may hold the model's state dict (mdistiller, timm, others).
 STATE_KEYS = ("model", "state_dict", "model_state_dict")
-_PREFIXES = ("module.", "_orig_mod.")
+#: Key prefixes added by wrappers (DataParallel / DDP ``module.``, ``torch.compile`` ``_orig_mod.``).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def save_checkpoint(obj, path: str) -> None:
@@ -76,10 +85,11 @@ def _unreadable(path: str, e: Exception) -> CheckpointError:
     )
 
 
-def _strip_prefixes(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def strip_prefixes(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """A copy of ``sd`` whose keys lose their leading ``module.`` prefixes, then their ``_orig_mod.`` ones."""
     out = {}
     for k, v in sd.items():
-        for p in _PREFIXES:
+        for p in WRAPPER_PREFIXES:
             while k.startswith(p):
                 k = k[len(p):]
         out[k] = v
@@ -105,7 +115,7 @@ def extract_state_dict(obj, path: str = "<checkpoint>", prefix: Optional[str] = 
         raise CheckpointError(
             f"checkpoint '{path}' holds no state dict (found {kind}); expected {{'model': state_dict}} or a bare state dict"
         )
-    sd = _strip_prefixes(sd)
+    sd = strip_prefixes(sd)
     if prefix:
         picked = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if picked:

@@ -43,13 +43,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..engine.checkpoint import STATE_KEYS, strip_prefixes
 from ..errors import CheckpointError, ConfigError
 from .staged import StagedModel
 
 __all__ = ["TimmStagedModel", "build_timm_model", "load_timm_checkpoint", "read_state_dict"]
-
-_STATE_KEYS = ("model", "state_dict", "model_state_dict")
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _import_timm():
@@ -281,7 +279,7 @@ class TimmStagedModel(StagedModel):
 # -- checkpoints ---------------------------------------------------------------------
 def _unwrap_state(obj, where: str) -> Dict[str, Tensor]:
     if isinstance(obj, dict):
-        for key in _STATE_KEYS:
+        for key in STATE_KEYS:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
@@ -289,13 +287,7 @@ def _unwrap_state(obj, where: str) -> Dict[str, Tensor]:
         raise CheckpointError(
             f"{where} holds no state dict (expected a dict of tensors, or one under 'model' / 'state_dict')"
         )
-    out = {}
-    for k, v in obj.items():
-        for p in _PREFIXES:
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
+    return strip_prefixes(obj)
 
 
 def read_state_dict(path) -> Dict[str, Tensor]:
