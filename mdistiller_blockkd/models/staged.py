@@ -13,15 +13,21 @@ from it, for free:
   stepping stones from (student stem + blocks 1..i, connector, teacher blocks
   i+1..n, teacher head) and that ReviewKD reads shapes from.
 
-A subclass implements four things:
+A subclass implements these things:
 
 ``forward_stem(x) -> (out, preact)``
     the stem; ``out`` is ``feats[0]``.
 ``forward_block(i, h) -> (out, preact)``
-    block ``i`` (0-based, ``0 <= i < num_blocks``) applied to the previous output.
+    block ``i`` (0-based, ``0 <= i < num_blocks``) applied to the previous output;
+    :meth:`StagedModel.check_block_index` and :meth:`StagedModel.run_preact_blocks`
+    help write it.
 ``forward_head(h, pre_logits=False)``
     everything after the last block: optional extra layers, pooling, classifier.
-    Returns the pooled vector when ``pre_logits`` is True, else the logits.
+    Returns the pooled vector when ``pre_logits`` is True, else the logits. The
+    default is global average pooling then ``get_classifier()``; a model with extra
+    layers calls ``super().forward_head(extra(h), pre_logits)``.
+``get_classifier()``
+    the final classifier module.
 ``feature_info``
     a list of ``{"num_chs", "reduction", "module"}`` dicts, one for the stem then one
     per block, describing each output (channels, down-sampling factor w.r.t. the input).
@@ -33,9 +39,10 @@ forward calls ``forward_block`` of a frozen teacher on student features.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, Iterable, List, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -116,8 +123,30 @@ class StagedModel(nn.Module):
     def forward_block(self, i: int, h: Tensor):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward_head(self, h: Tensor, pre_logits: bool = False) -> Tensor:  # pragma: no cover
+    def get_classifier(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # --- defaults and helpers for subclasses -----------------------------------------
+    def forward_head(self, h: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pooling, then ``get_classifier()`` (skipped when ``pre_logits``)."""
+        pooled = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        return pooled if pre_logits else self.get_classifier()(pooled)
+
+    def check_block_index(self, i: int) -> None:
+        """Raise ``IndexError`` unless ``0 <= i < num_blocks``."""
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(f"block index {i} out of range for {self.num_blocks} blocks")
+
+    @staticmethod
+    def run_preact_blocks(blocks: Iterable[nn.Module], h: Tensor):
+        """Run ``blocks`` (each returning ``(out, preact)``) in order on ``h``.
+
+        Returns the last block's ``(out, preact)`` (``(h, None)`` when there is none).
+        """
+        pre = None
+        for blk in blocks:
+            h, pre = blk(h)
+        return h, pre
 
     # --- provided -----------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
@@ -142,9 +171,6 @@ class StagedModel(nn.Module):
     def classifier_forward(self, pooled: Tensor) -> Tensor:
         """Map the pooled vector to logits (``forward_head(h) == classifier_forward(forward_head(h, True))``)."""
         return self.get_classifier()(pooled)
-
-    def get_classifier(self) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def staged_view(self) -> StagedView:
         return StagedView(self)

@@ -243,8 +243,7 @@ class TimmStagedModel(StagedModel):
         return h, h
 
     def forward_block(self, i: int, h: Tensor):
-        if not 0 <= i < self.num_blocks:
-            raise IndexError(f"block index {i} out of range for {self.num_blocks} blocks")
+        self.check_block_index(i)
         h = self._run(self._block_steps[i], h)
         return h, h
 

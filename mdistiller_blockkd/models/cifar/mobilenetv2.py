@@ -86,7 +86,6 @@ class MobileNetV2(StagedModel):
         self.blocks = nn.ModuleList(groups)
         self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = conv_bn_relu(cin, self.last_channel, 1)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
         self.num_blocks = len(MBV2_STAGES)
         self.num_features = self.last_channel
@@ -102,15 +101,13 @@ class MobileNetV2(StagedModel):
         return out, out
 
     def forward_block(self, i: int, h: Tensor):
-        if not 0 <= i < self.num_blocks:
-            raise IndexError(f"block index {i} out of range for {self.num_blocks} blocks")
+        self.check_block_index(i)
         for g in MBV2_STAGES[i]:
             h = self.blocks[g](h)
         return h, h  # stages end in a linear BN: no ReLU to precede
 
     def forward_head(self, h: Tensor, pre_logits: bool = False) -> Tensor:
-        pooled = self.avgpool(self.conv2(h)).flatten(1)
-        return pooled if pre_logits else self.classifier(pooled)
+        return super().forward_head(self.conv2(h), pre_logits)
 
     def get_classifier(self) -> nn.Module:
         return self.classifier

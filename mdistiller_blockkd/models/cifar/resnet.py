@@ -8,7 +8,9 @@ with ``strict=True``.
 
 This module also holds the pieces shared by the ResNet family (``resnetv2`` builds
 ResNet18/ResNet50 from :class:`CifarResNet` with its own block and key names):
-:func:`init_weights`, :func:`conv_bn_proj`, :class:`BasicBlock`, :class:`CifarResNet`.
+:func:`init_weights`, :func:`conv_bn_proj`, :class:`BasicBlock`, :class:`CifarResNet`;
+and, for the ShuffleNets too, :func:`check_num_classes` and :class:`CifarStagedNet`
+(``conv1 -> bn1 -> ReLU`` stem and ``layer<k>`` stages).
 
 Features follow mdistiller: ``feats[0]`` (and ``preact_feats[0]``) is the stem output
 after its ReLU; ``feats[i]`` is stage ``i``'s output, ``preact_feats[i]`` the same
@@ -98,7 +100,24 @@ class BasicBlock(ResidualBlock):
         return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
 
 
-class CifarResNet(StagedModel):
+class CifarStagedNet(StagedModel):
+    """A CIFAR net of mdistiller's layout: stem ``conv1 -> bn1 -> ReLU``, then stages
+    ``layer1 .. layerK``, each a Sequential of blocks returning ``(out, preact)``.
+
+    The subclass creates ``conv1``, ``bn1`` and the ``layer<k>`` modules; the head is
+    :class:`StagedModel`'s default (global average pooling + ``get_classifier()``).
+    """
+
+    def forward_stem(self, x: Tensor):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return out, out  # mdistiller reports the post-ReLU stem output in both lists
+
+    def forward_block(self, i: int, h: Tensor):
+        self.check_block_index(i)
+        return self.run_preact_blocks(getattr(self, f"layer{i + 1}"), h)
+
+
+class CifarResNet(CifarStagedNet):
     """Generic CIFAR ResNet: 3x3 stem (conv1/bn1/ReLU), stages ``layer1..layerK``, head.
 
     Args:
@@ -151,22 +170,6 @@ class CifarResNet(StagedModel):
         self._head_name = head_name
         self.add_module(head_name, nn.Linear(cin, num_classes))
         init_weights(self)
-
-    def forward_stem(self, x: Tensor):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return out, out  # mdistiller reports the post-ReLU stem output in both lists
-
-    def forward_block(self, i: int, h: Tensor):
-        if not 0 <= i < self.num_blocks:
-            raise IndexError(f"block index {i} out of range for {self.num_blocks} blocks")
-        pre = None
-        for blk in getattr(self, f"layer{i + 1}"):
-            h, pre = blk(h)
-        return h, pre
-
-    def forward_head(self, h: Tensor, pre_logits: bool = False) -> Tensor:
-        pooled = F.adaptive_avg_pool2d(h, 1).flatten(1)
-        return pooled if pre_logits else self.get_classifier()(pooled)
 
     def get_classifier(self) -> nn.Module:
         return getattr(self, self._head_name)

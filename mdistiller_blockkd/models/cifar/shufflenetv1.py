@@ -22,8 +22,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from .. import register_model
-from ..staged import StagedModel
-from .resnet import check_num_classes
+from .resnet import CifarStagedNet, check_num_classes
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -61,7 +60,7 @@ class ShuffleBottleneck(nn.Module):
         return F.relu(pre), pre
 
 
-class ShuffleNetV1(StagedModel):
+class ShuffleNetV1(CifarStagedNet):
     """CIFAR ShuffleNetV1.
 
     Args:
@@ -91,22 +90,6 @@ class ShuffleNetV1(StagedModel):
         self.linear = nn.Linear(cin, num_classes)
         self.num_blocks = len(depths)
         self.num_features = cin
-
-    def forward_stem(self, x: Tensor):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return out, out  # mdistiller reports the post-ReLU stem output in both lists
-
-    def forward_block(self, i: int, h: Tensor):
-        if not 0 <= i < self.num_blocks:
-            raise IndexError(f"block index {i} out of range for {self.num_blocks} blocks")
-        pre = None
-        for blk in getattr(self, f"layer{i + 1}"):
-            h, pre = blk(h)
-        return h, pre
-
-    def forward_head(self, h: Tensor, pre_logits: bool = False) -> Tensor:
-        pooled = F.adaptive_avg_pool2d(h, 1).flatten(1)
-        return pooled if pre_logits else self.linear(pooled)
 
     def get_classifier(self) -> nn.Module:
         return self.linear

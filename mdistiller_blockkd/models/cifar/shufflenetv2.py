@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from .. import register_model
-from ..staged import StagedModel
-from .resnet import check_num_classes
+from .resnet import CifarStagedNet, check_num_classes
 from .shufflenetv1 import channel_shuffle
 
 
@@ -82,7 +81,7 @@ class DownBlock(nn.Module):
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
 
-class ShuffleNetV2(StagedModel):
+class ShuffleNetV2(CifarStagedNet):
     """CIFAR ShuffleNetV2.
 
     Args:
@@ -114,24 +113,13 @@ class ShuffleNetV2(StagedModel):
         self.num_blocks = len(depths)
         self.num_features = out_channels[-1]
 
-    def forward_stem(self, x: Tensor):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return out, out  # mdistiller reports the post-ReLU stem output in both lists
-
     def forward_block(self, i: int, h: Tensor):
-        if not 0 <= i < self.num_blocks:
-            raise IndexError(f"block index {i} out of range for {self.num_blocks} blocks")
+        self.check_block_index(i)
         layer = getattr(self, f"layer{i + 1}")
-        h = layer[0](h)
-        pre = None
-        for unit in layer[1:]:
-            h, pre = unit(h)
-        return h, pre
+        return self.run_preact_blocks(layer[1:], layer[0](h))  # the down-sampling unit has no preact
 
     def forward_head(self, h: Tensor, pre_logits: bool = False) -> Tensor:
-        h = F.relu(self.bn2(self.conv2(h)))
-        pooled = F.adaptive_avg_pool2d(h, 1).flatten(1)
-        return pooled if pre_logits else self.linear(pooled)
+        return super().forward_head(F.relu(self.bn2(self.conv2(h))), pre_logits)
 
     def get_classifier(self) -> nn.Module:
         return self.linear

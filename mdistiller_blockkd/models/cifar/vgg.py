@@ -92,8 +92,7 @@ class VGG(StagedModel):
         return out, out  # mdistiller reports the post-ReLU stem output in both lists
 
     def forward_block(self, i: int, h: Tensor):
-        if not 0 <= i < self.num_blocks:
-            raise IndexError(f"block index {i} out of range for {self.num_blocks} blocks")
+        self.check_block_index(i)
         if i < 3 or h.shape[-2] == 8:  # pool3 only for 64x64 inputs, as upstream
             h = getattr(self, f"pool{i}")(h)
         pre = getattr(self, f"block{i + 1}")(h)

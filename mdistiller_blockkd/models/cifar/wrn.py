@@ -120,16 +120,14 @@ class WideResNet(StagedModel):
         return out, out
 
     def forward_block(self, i: int, h: Tensor):
-        if not 0 <= i < self.num_blocks:
-            raise IndexError(f"block index {i} out of range for {self.num_blocks} blocks")
+        self.check_block_index(i)
         stages = self._stages()
         out = stages[i](h)
         next_bn = stages[i + 1].layer[0].bn1 if i + 1 < self.num_blocks else self.bn1
         return out, bn_without_update(next_bn, out)
 
     def forward_head(self, h: Tensor, pre_logits: bool = False) -> Tensor:
-        pooled = F.adaptive_avg_pool2d(F.relu(self.bn1(h)), 1).flatten(1)
-        return pooled if pre_logits else self.fc(pooled)
+        return super().forward_head(F.relu(self.bn1(h)), pre_logits)
 
     def get_classifier(self) -> nn.Module:
         return self.fc
