@@ -14,6 +14,8 @@ from mdistiller_blockkd.errors import ConfigError
 from mdistiller_blockkd.models import build_model
 from mdistiller_blockkd.models.staged import StageInfo
 
+from helpers import randomize_bn
+
 UPSTREAM_PAIRS = [
     ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
     ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"),
@@ -300,22 +302,12 @@ def test_every_upstream_pair_takes_a_step(teacher, student):
     assert not d.teacher.training
 
 
-def randomize_bn(model):
-    g = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 def test_folded_teacher_computes_the_same_stones():
     x, y = batch()
     out = []
     for fold in (True, False):
         d = make(FOLD=fold).eval()
-        randomize_bn(d.teacher)
+        randomize_bn(d.teacher, shift=0.1)
         with torch.no_grad():
             out.append(d.forward_stones(x))
         used = d.teacher_model(x)

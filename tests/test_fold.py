@@ -9,19 +9,11 @@ import torch
 from mdistiller_blockkd.models import build_model
 from mdistiller_blockkd.models.fold import fold_frozen_bn
 
+from helpers import randomize_bn
+
 ALL = sorted(json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "cifar_models_mdistiller.json"))))
 # the smallest model of every family (the folding logic sees the same module patterns in the rest)
 NAMES = ["resnet8", "resnet8x4", "ResNet18", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2"]
-
-
-def randomize_bn(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
 
 
 def test_families_covered():
