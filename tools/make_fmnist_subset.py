@@ -37,6 +37,7 @@ from mdistiller_blockkd.data.fashion_mnist import (  # noqa: E402
     load_split,
     write_idx,
 )
+from mdistiller_blockkd.engine.fileio import atomic_write_text  # noqa: E402
 from mdistiller_blockkd.errors import UserError, run_cli  # noqa: E402
 
 LICENSE_TEXT = """\
@@ -88,12 +89,6 @@ see LICENSE in this folder.
 """
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def make_subset(source: str, out: str, n_train: int, n_test: int, seed: int = SUBSET_SEED, max_bytes: int = 2_000_000):
     """Write the subset into ``out``; return ``{file name: size in bytes}``."""
     if n_train < 10 or n_test < 10:
@@ -114,8 +109,8 @@ def make_subset(source: str, out: str, n_train: int, n_test: int, seed: int = SU
             img_name, lbl_name = FILES[split]
             write_idx(str(stage / f"{img_name}.gz"), images[idx])
             write_idx(str(stage / f"{lbl_name}.gz"), chosen)
-        _atomic_text(stage / "README.md", _readme(n_train, n_test, seed, source, counts))
-        _atomic_text(stage / "LICENSE", LICENSE_TEXT)
+        atomic_write_text(stage / "README.md", _readme(n_train, n_test, seed, source, counts))
+        atomic_write_text(stage / "LICENSE", LICENSE_TEXT)
         sizes = {p.name: p.stat().st_size for p in sorted(stage.iterdir())}
         total = sum(sizes.values())
         if total > max_bytes:

@@ -22,6 +22,7 @@ import zlib
 import numpy as np
 import torchvision.transforms as T
 
+from ..engine.fileio import atomic_write
 from ..errors import DatasetError
 from .common import ArrayImageDataset, GrayToRGB
 
@@ -98,18 +99,15 @@ def encode_idx(array: np.ndarray) -> bytes:
 def write_idx(path: str, array: np.ndarray) -> None:
     """Write ``array`` as an IDX file atomically; ``.gz`` paths are gzipped reproducibly (mtime 0)."""
     blob = encode_idx(array)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as raw:
-            if path.endswith(".gz"):
-                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
-                    gz.write(blob)
-            else:
-                raw.write(blob)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    def write(raw) -> None:
+        if path.endswith(".gz"):
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
+                gz.write(blob)
+        else:
+            raw.write(blob)
+
+    atomic_write(path, write, binary=True)
 
 
 def find_file(root: str, base: str) -> str | None:
