@@ -17,6 +17,10 @@ import argparse
 import os
 import sys
 
+# Passive OpenMP waiting: spinning threads slow training many-fold when the CPU is shared
+# (must be set before torch is imported; a value set by the user wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 if __package__ in (None, ""):  # run as a script from a checkout: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
