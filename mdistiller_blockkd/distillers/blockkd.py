@@ -220,13 +220,17 @@ class BlockKD(Distiller):
         chunks = dict(zip(order, tview.head(running).split(outs[0].shape[0])))
         return [chunks[k] for k in active]
 
-    def forward_stones(self, image: Tensor):
-        """``(student_logits, [Y^{N_1}, ..., Y^{N_n}], teacher_logits)`` for every stone."""
+    def _forward(self, image: Tensor, active: Sequence[int]):
+        """Student logits, the ``active`` stones' logits and the teacher's (once, no autograd)."""
         s_logits, outs = self._student_forward(image)
         tview = self.teacher_model(image).staged_view()
         with torch.no_grad():
             t_logits = tview(image)
-        return s_logits, self._stone_logits(outs, range(self.num_stones), tview), t_logits
+        return s_logits, self._stone_logits(outs, active, tview), t_logits
+
+    def forward_stones(self, image: Tensor):
+        """``(student_logits, [Y^{N_1}, ..., Y^{N_n}], teacher_logits)`` for every stone."""
+        return self._forward(image, range(self.num_stones))
 
     def _active_stones(self) -> Tuple[List[int], float]:
         """Indices of this step's stones and the factor applied to their terms."""
@@ -284,12 +288,8 @@ class BlockKD(Distiller):
         }
 
     def forward_train(self, image, target, **kwargs):
-        s_logits, outs = self._student_forward(image)
-        tview = self.teacher_model(image).staged_view()
-        with torch.no_grad():
-            t_logits = tview(image)
         active, factor = self._active_stones()
-        stones = self._stone_logits(outs, active, tview)
+        s_logits, stones, t_logits = self._forward(image, active)
         weights = [self.stone_weights[k] * factor for k in active]
         cross_weights = weights if self.weight_cross else [factor] * len(active)
         loss = self.blockkd_loss(s_logits, stones, t_logits, target, weights, cross_weights, kwargs.get("epoch", math.inf))
