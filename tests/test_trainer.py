@@ -212,6 +212,25 @@ def test_distiller_with_teacher_and_connectors(tmp_path):
         assert torch.equal(v, w) if torch.is_tensor(v) else v == w, k  # non-tensors: module extra state
 
 
+@pytest.mark.parametrize("freq, scored", [("0", []), ("2", [2, 3]), ("1", [1, 2, 3])])
+def test_eval_heads_freq_scores_stones_only_on_chosen_epochs(tmp_path, freq, scored):
+    """LOG.EVAL_HEADS_FREQ N: heads every N epochs and at the last one; 0 never."""
+    teacher = build_model("resnet8", num_classes=6)
+    save_checkpoint({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    cfg = make_cfg(tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "resnet8",
+                   "DISTILLER.TEACHER_CKPT", str(tmp_path / "teacher.pth"), "SOLVER.EPOCHS", "3",
+                   "LOG.EVAL_HEADS_FREQ", freq)
+    make_trainer(cfg).train()
+    rows = read_metrics(cfg)
+    assert [r["epoch"] for r in rows if "acc_teacher" in r and "acc_stone1" in r] == scored
+    assert all("test_acc" in r for r in rows)
+
+
+def test_eval_heads_freq_must_not_be_negative():
+    with pytest.raises(ConfigError, match="LOG.EVAL_HEADS_FREQ is -1"):
+        load_cfg(None, ["LOG.EVAL_HEADS_FREQ", "-1"])
+
+
 class NaNAtStep3(Vanilla):
     def __init__(self, student, cfg):
         super().__init__(student, None, cfg)

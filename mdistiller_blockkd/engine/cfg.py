@@ -74,6 +74,9 @@ CFG.LOG.SAVE_CHECKPOINT_FREQ = 40
 CFG.LOG.PREFIX = "./output"
 CFG.LOG.WANDB = False  # upstream default True; off here (not installed, never required)
 CFG.LOG.PROGRESS = True  # added: tqdm progress bars
+# added: score the distiller's extra heads (eval_logits: Block-KD's stones and teacher) every N
+# epochs and at the last epoch; 0 = never. They cost teacher passes over the whole test set.
+CFG.LOG.EVAL_HEADS_FREQ = 1
 
 # Distillation methods
 # KD
@@ -129,6 +132,8 @@ def _check(cfg):
         raise ConfigError(f"SOLVER.TYPE is '{cfg.SOLVER.TYPE}'; only SGD is supported (as in mdistiller)")
     if cfg.SOLVER.EPOCHS < 1 or cfg.SOLVER.BATCH_SIZE < 1:
         raise ConfigError("SOLVER.EPOCHS and SOLVER.BATCH_SIZE must be >= 1")
+    if int(cfg.LOG.EVAL_HEADS_FREQ) < 0:
+        raise ConfigError(f"LOG.EVAL_HEADS_FREQ is {cfg.LOG.EVAL_HEADS_FREQ}; use 0 (never) or a positive number of epochs")
 
 
 def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:

@@ -468,11 +468,14 @@ class Trainer:
     def evaluate(self, epoch: Optional[int] = None) -> Dict[str, float]:
         """Top-1, top-5 and loss of the student on the validation set, plus ``acc_<head>`` of each extra head.
 
-        Sums over every process, so the numbers are exact whole-set metrics.
+        Sums over every process, so the numbers are exact whole-set metrics. The extra heads
+        are scored every ``LOG.EVAL_HEADS_FREQ`` epochs and at the last one (0: never).
         """
+        freq = int(self.cfg.LOG.EVAL_HEADS_FREQ)
+        heads = freq > 0 and (epoch is None or epoch == self.epochs or epoch % freq == 0)
         return evaluate_model(self.distiller, self.val_loader, self.device, amp_dtype=self.amp_dtype,
-                        channels_last=self.channels_last,
-                        progress=self.progress, desc=f"eval {epoch}" if epoch is not None else "eval")
+                              channels_last=self.channels_last, heads=heads,
+                              progress=self.progress, desc=f"eval {epoch}" if epoch is not None else "eval")
 
     # -- outputs -------------------------------------------------------------------------
     def _write_logs(self, epoch: int, record: dict, steps: int) -> None:
@@ -532,18 +535,19 @@ def _json_line(record: dict) -> str:
 
 @torch.no_grad()
 def evaluate_model(distiller: nn.Module, loader, device, amp_dtype=None, channels_last: bool = False,
-             progress: bool = False, desc: str = "eval") -> Dict[str, float]:
+             progress: bool = False, desc: str = "eval", heads: bool = True) -> Dict[str, float]:
     """Evaluate ``distiller`` (its ``forward_test`` and ``eval_logits``) on ``loader``.
 
     Returns ``test_acc``, ``test_acc_top5`` (percent), ``test_loss`` (mean cross-entropy)
-    and ``acc_<head>`` for every head of ``eval_logits``, summed over all processes.
-    The distiller is left in eval mode.
+    and ``acc_<head>`` for every head of ``eval_logits`` (unless ``heads`` is False), summed
+    over all processes. The distiller is left in eval mode.
     """
     device = torch.device(device)
     distiller.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     c1 = torch.zeros((), dtype=torch.int64, device=device)
     c5 = torch.zeros((), dtype=torch.int64, device=device)
+    score_heads = heads
     heads: Dict[str, torch.Tensor] = {}
     n = 0
     bar = None
@@ -559,7 +563,7 @@ def evaluate_model(distiller: nn.Module, loader, device, amp_dtype=None, channel
             target = target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = distiller.forward_test(image)
-                extra = distiller.eval_logits(image)
+                extra = distiller.eval_logits(image) if score_heads else {}
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
             top1, top5 = correct_topk(logits, target, (1, 5))

@@ -1,0 +1,106 @@
+"""tools/study.py: the configs x seeds grid, skipping finished runs, resuming killed ones, failures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = str(REPO / "configs" / "synthetic" / "vanilla_resnet8.yaml")
+
+
+def tiny(prefix, epochs=1):
+    return ["--", "DATASET.SYNTHETIC.TRAIN_SIZE", "64", "DATASET.SYNTHETIC.TEST_SIZE", "32", "SOLVER.EPOCHS", str(epochs),
+            "LOG.PREFIX", str(prefix), "LOG.PROGRESS", "False"]
+
+
+def study(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "tools" / "study.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def epochs(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["epoch"] for line in f if line.strip()]
+
+
+def test_grid_runs_each_seed_then_skips_then_resumes(tmp_path):
+    out = tmp_path / "out"
+    r = study("--cfg", CFG, "--seeds", "0", "1", "--jobs", "2", "--threads", "1", *tiny(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    runs = {s: out / "synthetic" / f"vanilla_resnet8_s{s}" for s in (0, 1)}
+    for s, d in runs.items():
+        assert epochs(d) == [1]
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        assert cfg["EXPERIMENT"]["SEED"] == s and cfg["EXPERIMENT"]["NAME"] == f"vanilla_resnet8_s{s}"
+        assert (out / "synthetic" / "logs" / f"vanilla_resnet8_s{s}.log").is_file()
+    # the printed command reruns one cell alone
+    assert "EXPERIMENT.SEED 1 EXPERIMENT.NAME vanilla_resnet8_s1" in r.stdout
+    # rerun: nothing to do
+    r = study("--cfg", CFG, "--seeds", "0", "1", *tiny(out), cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("[done]") == 2 and "[start]" not in r.stdout
+    # more epochs: the runs continue from 'latest'
+    r = study("--cfg", CFG, "--seeds", "0", "--jobs", "1", *tiny(out, epochs=2), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "[resume]" in r.stdout and epochs(runs[0]) == [1, 2] and epochs(runs[1]) == [1]
+
+
+def test_a_failed_run_is_named_and_the_others_still_run(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"EXPERIMENT": {"NAME": "needs_teacher", "PROJECT": "synthetic"},
+                                   "DISTILLER": {"TYPE": "KD", "TEACHER": "resnet8", "STUDENT": "resnet8",
+                                                 "TEACHER_CKPT": str(tmp_path / "missing.pth")},
+                                   "DATASET": {"TYPE": "synthetic", "NUM_WORKERS": 0}}))
+    out = tmp_path / "out"
+    r = study("--jobs", "1", "--threads", "1", "--cfg", str(bad), CFG, *tiny(out), cwd=tmp_path)
+    assert r.returncode != 0
+    assert "needs_teacher" in r.stderr and "failed" in r.stderr
+    assert epochs(out / "synthetic" / "vanilla_resnet8") == [1]
+    log = (out / "synthetic" / "logs" / "needs_teacher.log").read_text()
+    assert "missing.pth" in log
+
+
+def test_bad_arguments_are_one_clear_error(tmp_path):
+    r = study("--cfg", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert r.returncode != 0 and "nope.yaml" in r.stderr and "not found" in r.stderr
+    r = study("--cfg", CFG, CFG, "--dry-run", cwd=tmp_path)
+    assert r.returncode != 0 and "same run directory" in r.stderr
+    r = study("--cfg", CFG, "--", "SOLVER.EPOCHS", cwd=tmp_path)
+    assert r.returncode != 0 and "KEY VALUE" in r.stderr
+
+
+def test_every_shipped_config_loads_and_names_known_models():
+    from mdistiller_blockkd.engine.build import check_distiller_config
+    from mdistiller_blockkd.engine.cfg import load_cfg
+
+    paths = sorted(str(p) for p in (REPO / "configs").rglob("*.yaml"))
+    assert len(paths) > 60
+    for path in paths:
+        check_distiller_config(load_cfg(path))
+
+
+def test_study_configs_put_every_method_on_equal_footing():
+    """Within a pair, every method shares data, recipe and teacher; the pairs share the recipe."""
+    from mdistiller_blockkd.engine.cfg import load_cfg
+
+    root = REPO / "configs" / "fmnist" / "study"
+    methods = {"vanilla", "kd", "dkd", "reviewkd", "blockkd", "blockkd_sample1"}
+    recipes = []
+    for pair in ("res56_res20", "vgg13_vgg8"):
+        cfgs = {p.stem: load_cfg(str(p)) for p in (root / pair).glob("*.yaml")}
+        assert set(cfgs) == methods
+        recipe = {(c.DATASET.dump(), c.SOLVER.dump(), c.DISTILLER.STUDENT) for c in cfgs.values()}
+        assert len(recipe) == 1, pair
+        recipes.append((cfgs["kd"].DATASET.dump(), cfgs["kd"].SOLVER.dump()))
+        teachers = {(c.DISTILLER.TEACHER, c.DISTILLER.TEACHER_CKPT) for k, c in cfgs.items() if k != "vanilla"}
+        assert len(teachers) == 1, pair
+        name, ckpt = teachers.pop()
+        teacher_cfg = load_cfg(str(root / "teachers" / f"{name}.yaml"))
+        assert ckpt == f"{teacher_cfg.LOG.PREFIX}/{teacher_cfg.EXPERIMENT.PROJECT}/{teacher_cfg.EXPERIMENT.NAME}/student_best"
+        assert cfgs["vanilla"].DISTILLER.TYPE == "NONE" and cfgs["blockkd_sample1"].BLOCKKD.STONES == "sample:1"
+        assert len({c.EXPERIMENT.NAME for c in cfgs.values()}) == len(methods)
+    assert recipes[0] == recipes[1]
