@@ -75,12 +75,17 @@ def test_bad_arguments_are_one_clear_error(tmp_path):
 
 def test_every_shipped_config_loads_and_names_known_models():
     from mdistiller_blockkd.engine.build import check_distiller_config
+    from mdistiller_blockkd.errors import CheckpointError
     from mdistiller_blockkd.engine.cfg import load_cfg
 
     paths = sorted(str(p) for p in (REPO / "configs").rglob("*.yaml"))
     assert len(paths) > 60
     for path in paths:
-        check_distiller_config(load_cfg(path))
+        cfg = load_cfg(path)
+        try:
+            check_distiller_config(cfg)
+        except CheckpointError as e:  # a teacher this clean checkout has not trained or downloaded
+            assert "not found" in str(e) and str(cfg.DISTILLER.TEACHER) in str(e), (path, e)
 
 
 def test_study_configs_put_every_method_on_equal_footing():

@@ -66,7 +66,7 @@ def _check_teacher_file(cfg, path: str) -> None:
     if os.path.isfile(path):
         return
     name = cfg.DISTILLER.TEACHER
-    vanilla = _vanilla_config(name)
+    vanilla = _vanilla_config(name) if str(cfg.DATASET.TYPE) == "cifar100" else None
     run = (f"a vanilla run ('python tools/train.py --cfg {vanilla}')" if vanilla
            else f"a vanilla run (DISTILLER.TYPE NONE, DISTILLER.STUDENT {name})")
     if cfg.DISTILLER.TEACHER_CKPT:
