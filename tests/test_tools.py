@@ -218,6 +218,15 @@ def test_report_table_and_plots(report, runs, tmp_path, capsys):
     assert last["BLOCKKD sample:1"][col] == f"67.00 ± {s:.2f} (2 seeds, 1 partial)"
     assert best["KD"][other] == "40.00 (1 seed)"
     assert "partial (2/3)" in text
+    diff = table_rows(text, "## Best top-1 minus KD")
+    assert list(diff) == ["NONE", "BLOCKKD", "BLOCKKD sample:1"] and list(diff["NONE"]) == [col, other]
+    assert diff["NONE"][col] == "-11.00"  # one seed: no standard error
+    assert diff["BLOCKKD"][col] == f"+0.00 ± {math.sqrt(4 / 3 + 2 / 2):.2f} (+0.0)"
+    se = math.sqrt(4 / 3 + 4.5 / 2)  # (69, 66) against (70, 72, 74)
+    assert diff["BLOCKKD sample:1"][col] == f"-4.50 ± {se:.2f} ({-4.5 / se:+.1f})"
+    stones = text.split("## Block-KD stepping stones", 1)[1].split("\n## ", 1)[0]
+    assert "| resnet56->resnet20 | BLOCKKD | 2 | student 71.50, stone1 72.50, stone2 73.50, stone3 74.50, teacher 72.34 |" in stones
+    assert table_rows(text, "## Training cost")["BLOCKKD"][col] == "10 (1.00× KD)"
     warnings = captured.err
     assert "empty" in warnings and "no epoch with a test_acc" in warnings
     assert "noconfig" in warnings and "no config.yaml" in warnings

@@ -17,8 +17,10 @@ for Block-KD, ...). Runs are grouped by
 
 Output (markdown, to stdout and ``--out FILE.md``): a table of the best top-1 test
 accuracy and one of the last-epoch top-1, rows methods, columns pairs, cells
-``mean ± std (n seeds)`` (sample standard deviation; a single seed shows no ±), and a
-list of the runs. A run still in progress (fewer epochs than ``SOLVER.EPOCHS``) counts
+``mean ± std (n seeds)`` (sample standard deviation; a single seed shows no ±); the
+best top-1 of each method minus ``--baseline``'s (default KD) with Welch's standard
+error; Block-KD's last scored stone and teacher accuracies; the runs' own training
+ms/step; and a list of the runs. A run still in progress (fewer epochs than ``SOLVER.EPOCHS``) counts
 with its epochs so far and is marked ``partial``. Missing files, unreadable lines and
 runs with no evaluated epoch are reported as warnings on stderr and skipped.
 
@@ -287,7 +289,84 @@ def markdown_table(groups, what: str) -> str:
     return "\n".join(lines)
 
 
-def build_markdown(runs: Sequence[Run], groups) -> str:
+def difference_table(groups, baseline: str) -> Optional[str]:
+    """Best top-1 of each method minus ``baseline``'s, per pair: ``d ± se (d/se)``.
+
+    ``se`` is Welch's standard error of the difference of two means, sqrt(s_a^2/n_a + s_b^2/n_b);
+    it needs two or more seeds on both sides. ``None`` when no column has the baseline.
+    """
+    cols = [p for p in column_pairs(groups) if cell_runs(groups, p, baseline)]
+    if not cols:
+        return None
+    ds = several_datasets(groups)
+    lines = ["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |", "|---|" + "---|" * len(cols)]
+    for method in method_rows(groups):
+        if method == baseline:
+            continue
+        cells = []
+        for pair in cols:
+            a = [r.best for r in cell_runs(groups, pair, method)]
+            b = [r.best for r in cell_runs(groups, pair, baseline)]
+            if not a:
+                cells.append("–")
+                continue
+            (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+            d = ma - mb
+            if len(a) < 2 or len(b) < 2:
+                cells.append(f"{d:+.2f}")
+                continue
+            se = math.sqrt(sa * sa / len(a) + sb * sb / len(b))
+            cells.append(f"{d:+.2f} ± {se:.2f} ({d / se:+.1f})" if se > 0 else f"{d:+.2f} ± 0.00")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_of_records(runs: Sequence[Run], key: str, last_only: bool = False) -> Optional[float]:
+    """Mean of ``key`` over the runs' scored records (or each run's last record holding it)."""
+    vals = []
+    for r in runs:
+        rec = [x for x in r.scored if _num(x.get(key)) is not None]
+        vals += [float(x[key]) for x in (rec[-1:] if last_only else rec)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def cost_table(groups) -> str:
+    """Mean training ms/step (``ms_per_step`` of every epoch and seed), and its ratio to KD in the same column."""
+    cols = column_pairs(groups)
+    ds = several_datasets(groups)
+    lines = ["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |", "|---|" + "---|" * len(cols)]
+    for method in method_rows(groups):
+        cells = []
+        for pair in cols:
+            ms = mean_of_records(cell_runs(groups, pair, method), "ms_per_step")
+            kd = mean_of_records(cell_runs(groups, pair, "KD"), "ms_per_step")
+            cells.append("–" if ms is None else f"{ms:.0f}" + (f" ({ms / kd:.2f}× KD)" if kd else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stones_table(groups) -> Optional[str]:
+    """Last scored epoch of each Block-KD method: student, every stone and the teacher, mean over seeds."""
+    rows = []
+    ds = several_datasets(groups)
+    for pair in column_pairs(groups):
+        for method in method_rows(groups):
+            runs = cell_runs(groups, pair, method)
+            keys = _stone_keys(runs)
+            if not keys:
+                continue
+            parts = [f"student {mean_of_records(runs, 'test_acc', last_only=True):.2f}"]
+            for k in keys + ["acc_teacher"]:
+                v = mean_of_records(runs, k, last_only=True)
+                if v is not None:
+                    parts.append(f"{k[len('acc_'):]} {v:.2f}")
+            rows.append(f"| {pair_name(pair, ds)} | {method} | {len(runs)} | " + ", ".join(parts) + " |")
+    if not rows:
+        return None
+    return "\n".join(["| pair | method | seeds | last scored epoch: top-1 (%) |", "|---|---|---|---|"] + rows)
+
+
+def build_markdown(runs: Sequence[Run], groups, baseline: str = "KD") -> str:
     """The whole report as markdown."""
     partial = sum(not r.complete for r in runs)
     out = [
@@ -304,6 +383,24 @@ def build_markdown(runs: Sequence[Run], groups) -> str:
         "## Last-epoch top-1 (%)",
         "",
         markdown_table(groups, "last"),
+        "",
+    ]
+    diff = difference_table(groups, baseline)
+    if diff:
+        out += [f"## Best top-1 minus {baseline} (points)", "",
+                "Cells: difference of the means ± Welch's standard error (difference / standard error). With "
+                "3 seeds a side, |difference / se| below about 2.8 is within seed noise (Welch t, about 4 "
+                "degrees of freedom, 5% two-sided).", "", diff, ""]
+    stones = stones_table(groups)
+    if stones:
+        out += ["## Block-KD stepping stones", "", stones, ""]
+    out += [
+        "## Training cost (ms/step)",
+        "",
+        "Mean of the runs' own `ms_per_step` over epochs and seeds; runs that shared the machine with "
+        "others time slower, so compare within a column. For clean ratios use tools/benchmark.py.",
+        "",
+        cost_table(groups),
         "",
         "## Runs",
         "",
@@ -441,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="find every run directory under DIR (repeatable)")
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown report to this file")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (needs matplotlib)")
+    p.add_argument("--baseline", default="KD", metavar="METHOD",
+                   help="method the difference table compares against (default KD; e.g. 'NONE')")
     p.add_argument("--label-keys", nargs="+", metavar="KEY", default=list(DEFAULT_LABEL_KEYS),
                    help="config keys whose non-default values name a method variant "
                         f"(default: {' '.join(DEFAULT_LABEL_KEYS)})")
@@ -472,7 +571,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError("no usable run found (each needs config.yaml and a metrics.jsonl with at least one "
                         "evaluated epoch); see the warnings above")
     groups = group_runs(runs)
-    text = build_markdown(runs, groups)
+    text = build_markdown(runs, groups, args.baseline)
     print(text, end="")
     if args.out:
         atomic_write_text(args.out, text)
