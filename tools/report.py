@@ -444,6 +444,11 @@ def mean_curve(runs: Sequence[Run], key: str) -> Tuple[List[float], List[float],
     return xs, [m for m, _ in stats], [s for _, s in stats]
 
 
+def _markers(xs: Sequence[float]) -> dict:
+    """Point markers for short curves (a head scored at one epoch only is a single point)."""
+    return {"marker": "o", "markersize": 3.5} if len(xs) <= 12 else {}
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "pair"
 
@@ -477,7 +482,7 @@ def plot_test_acc(groups, out_dir: str, plt) -> str:
             if not runs:
                 continue
             xs, mean, std = mean_curve(runs, "test_acc")
-            line, = ax.plot(xs, mean, label=f"{method} ({len(runs)})", linewidth=1.3)
+            line, = ax.plot(xs, mean, label=f"{method} ({len(runs)})", linewidth=1.3, **_markers(xs))
             if len(runs) > 1:
                 ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 color=line.get_color(), alpha=0.2, linewidth=0)
@@ -513,7 +518,7 @@ def plot_stones(groups, out_dir: str, plt) -> List[str]:
                                       + [("acc_teacher", "teacher", ":")]):
                 xs, mean, _ = mean_curve(runs, key)
                 if xs:
-                    ax.plot(xs, mean, style, label=label, linewidth=1.3)
+                    ax.plot(xs, mean, style, label=label, linewidth=1.3, **_markers(xs))
             ax.set_title(f"{pair_name(pair, several_datasets(groups))}  {method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
             _style(ax)
         stem = f"stones_{_safe(pair[1] or 'plain')}_{_safe(pair[2])}"
