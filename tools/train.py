@@ -57,7 +57,10 @@ def main(argv=None):
     cfg = load_cfg(args.cfg, args.opts)
     if str(cfg.SOLVER.TRAINER).lower() != "base":
         raise ConfigError(f"SOLVER.TRAINER is '{cfg.SOLVER.TRAINER}'; this toolbox has one trainer: base")
-    check_distiller_config(cfg)  # before any data is read or downloaded
+    from mdistiller_blockkd.detection.task import build_detection_run, check_detection_config, is_detection
+
+    detection = is_detection(cfg)
+    (check_detection_config if detection else check_distiller_config)(cfg)  # before any data is read or downloaded
     info = du.init_distributed()
     try:
         def say(msg):
@@ -65,10 +68,17 @@ def main(argv=None):
                 print(msg, flush=True)
 
         seed_everything(cfg.EXPERIMENT.SEED)
-        train_loader, val_loader, num_classes = get_dataloaders(cfg, info.rank, info.world_size)
-        say(log_msg(f"data: {dataset_description(cfg)}", "INFO"))
-        say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
-        distiller = build_distiller(cfg, num_classes, info.device)
+        task = None
+        if detection:
+            train_loader, val_loader, distiller, task, desc = build_detection_run(cfg, info.rank, info.world_size,
+                                                                                  info.device)
+            say(log_msg(f"data: {desc}", "INFO"))
+            say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
+        else:
+            train_loader, val_loader, num_classes = get_dataloaders(cfg, info.rank, info.world_size)
+            say(log_msg(f"data: {dataset_description(cfg)}", "INFO"))
+            say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
+            distiller = build_distiller(cfg, num_classes, info.device)
         extra = distiller.get_extra_parameters()
         say(log_msg(f"{cfg.DISTILLER.TYPE}: student {cfg.DISTILLER.STUDENT}"
                     + (f", teacher {cfg.DISTILLER.TEACHER}" if distiller.teacher is not None else "")
@@ -76,7 +86,7 @@ def main(argv=None):
                     f"batch {cfg.SOLVER.BATCH_SIZE} per process", "INFO"))
         if hasattr(distiller, "describe"):
             say(log_msg(distiller.describe(), "INFO"))
-        trainer = Trainer(experiment_name(cfg), distiller, train_loader, val_loader, cfg, dist_info=info)
+        trainer = Trainer(experiment_name(cfg), distiller, train_loader, val_loader, cfg, dist_info=info, task=task)
         return trainer.train(resume=args.resume)
     finally:
         du.cleanup()

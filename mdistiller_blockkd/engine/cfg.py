@@ -29,7 +29,7 @@ CFG.EXPERIMENT.DETERMINISTIC = False  # added: cudnn deterministic kernels
 
 # Dataset
 CFG.DATASET = CN()
-CFG.DATASET.TYPE = "cifar100"  # cifar100 | fashion_mnist | imagenet | synthetic
+CFG.DATASET.TYPE = "cifar100"  # cifar100 | fashion_mnist | imagenet | synthetic | coco (detection)
 CFG.DATASET.NUM_WORKERS = 2
 CFG.DATASET.TEST = CN()
 CFG.DATASET.TEST.BATCH_SIZE = 64
@@ -123,6 +123,32 @@ CFG.BLOCKKD.DKD_BETA = 8.0
 CFG.BLOCKKD.STONES = "all"  # all | last:K | sample:K
 CFG.BLOCKKD.BATCH_STONES = "auto"  # on | off | auto (on for CUDA inputs): stones share teacher blocks as one concatenated batch
 
+
+# ---- Detection (DATASET.TYPE coco; see docs/detection.md and mdistiller_blockkd/detection/) ----
+# Models are DISTILLER.TEACHER / STUDENT = fasterrcnn_<resnet>_fpn (torchvision Faster R-CNN).
+CFG.DETECTION = CN()
+CFG.DETECTION.TRAIN_SPLIT = "train2017"  # <DATASET.ROOT>/<split>/ and annotations/instances_<split>.json
+CFG.DETECTION.VAL_SPLIT = "val2017"
+CFG.DETECTION.CATEGORY_IDS_AS_LABELS = False  # True: label = COCO category id (torchvision's 91-slot heads)
+CFG.DETECTION.BOX_OUTSIDE = "clip"  # clip (and warn) | error: boxes reaching outside their image
+CFG.DETECTION.MIN_SIZE = 800  # GeneralizedRCNNTransform resize (torchvision defaults)
+CFG.DETECTION.MAX_SIZE = 1333
+CFG.DETECTION.IMAGE_MEAN = [0.485, 0.456, 0.406]
+CFG.DETECTION.IMAGE_STD = [0.229, 0.224, 0.225]
+CFG.DETECTION.STUDENT_NORM = "bn"  # bn | frozen_bn (the teacher always uses frozen_bn)
+CFG.DETECTION.TRAINABLE_LAYERS = 5  # student backbone stages trained (5 = all, as from scratch)
+CFG.DETECTION.STUDENT_BACKBONE_CKPT = ""  # optional ImageNet weights of the student's ResNet (local file)
+CFG.DETECTION.REPRESENTATION_SIZE = 1024  # TwoMLPHead width
+CFG.DETECTION.RPN_PRE_NMS_TOP_N_TRAIN = 2000
+CFG.DETECTION.RPN_PRE_NMS_TOP_N_TEST = 1000
+CFG.DETECTION.RPN_POST_NMS_TOP_N_TRAIN = 2000
+CFG.DETECTION.RPN_POST_NMS_TOP_N_TEST = 1000
+CFG.DETECTION.RPN_BATCH_SIZE_PER_IMAGE = 256
+CFG.DETECTION.BOX_BATCH_SIZE_PER_IMAGE = 512
+CFG.DETECTION.DETECTIONS_PER_IMAGE = 100
+CFG.DETECTION.BOX_SCORE_THRESH = 0.05
+CFG.DETECTION.DISTILL_WARMUP_STEPS = 0  # >0: warm-ups of DKD / BLOCKKD count steps, not epochs (mdistiller's detection DKD: 1000)
+# ---- end of detection block ----
 
 def _check(cfg):
     amp = str(cfg.SOLVER.AMP).lower()

@@ -211,8 +211,10 @@ class Trainer:
     """
 
     def __init__(self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg,
-                 dist_info: Optional[du.DistInfo] = None, log=None):
+                 dist_info: Optional[du.DistInfo] = None, log=None, task=None):
         self.cfg = cfg
+        # task hooks for non-classification data (detection: mdistiller_blockkd.detection.task.DetectionTask)
+        self.task = task
         if dist_info is None:
             param = next(distiller.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
@@ -287,6 +289,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def _to_device(self, image, target):
+        if self.task is not None:
+            return self.task.to_device(image, target, self.device)
         image = image.to(self.device, non_blocking=True)
         if self.channels_last and image.dim() == 4:
             image = image.contiguous(memory_format=torch.channels_last)
@@ -414,8 +418,9 @@ class Trainer:
         steps = max(len(self.train_loader), 1)
         du.broadcast_buffers(self.distiller)
         test = self.evaluate(epoch)
-        is_best = test["test_acc"] >= self.best_acc
-        self.best_acc = max(self.best_acc, test["test_acc"])
+        score = test[self.task.score_key if self.task is not None else "test_acc"]
+        is_best = score >= self.best_acc
+        self.best_acc = max(self.best_acc, score)
         record = {"epoch": epoch, "lr": lr, **train, **test, "best_acc": self.best_acc,
                   "epoch_time_s": time.perf_counter() - t_start, "ms_per_step": 1000.0 * t_train / steps}
         self.history.append(record)
@@ -444,8 +449,11 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                correct = (preds.detach().argmax(dim=1) == target).sum()
-                log.add(i, int(target.shape[0]), loss, terms, correct)
+                if self.task is not None:
+                    n, correct = self.task.step_counts(preds, target)
+                else:
+                    n, correct = int(target.shape[0]), (preds.detach().argmax(dim=1) == target).sum()
+                log.add(i, n, loss, terms, correct)
                 global_step = (epoch - 1) * steps + i
                 tb_step = self.tb_freq > 0 and global_step % self.tb_freq == 0
                 if i % self.check_every == 0 or tb_step or i == steps:
@@ -471,6 +479,8 @@ class Trainer:
         Sums over every process, so the numbers are exact whole-set metrics. The extra heads
         are scored every ``LOG.EVAL_HEADS_FREQ`` epochs and at the last one (0: never).
         """
+        if self.task is not None:
+            return self.task.evaluate(self, epoch)
         freq = int(self.cfg.LOG.EVAL_HEADS_FREQ)
         heads = freq > 0 and (epoch is None or epoch == self.epochs or epoch % freq == 0)
         return evaluate_model(self.distiller, self.val_loader, self.device, amp_dtype=self.amp_dtype,
@@ -488,6 +498,9 @@ class Trainer:
                 if k != "epoch" and isinstance(v, (int, float)):
                     self.tb_writer.add_scalar(f"epoch/{k}", v, step)
             self.tb_writer.flush()
+        if self.task is not None:
+            self.log(self.task.summary(record, self.epochs), "EVAL")
+            return
         heads = " ".join(f"{k}={v:.2f}" for k, v in record.items() if k.startswith("acc_"))
         self.log(
             f"epoch {epoch}/{self.epochs} lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "

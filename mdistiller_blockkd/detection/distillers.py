@@ -1,0 +1,297 @@
+"""Distillers for torchvision Faster R-CNN: vanilla, KD, DKD and Block-KD on ROI class logits.
+
+Every detection distiller follows the toolbox's distiller contract
+(:class:`~mdistiller_blockkd.distillers.base.Distiller`) with detection batches:
+``forward_train(image=[3xHxW tensors], target=[{"boxes", "labels", ...}], epoch=)``
+returns ``((roi_class_logits, roi_labels), {name: loss})`` and ``forward_test(image)``
+returns torchvision's detections (a list of ``{"boxes", "labels", "scores"}`` in the
+input images' coordinates).
+
+The student step (all methods)
+    The student runs as torchvision's ``FasterRCNN.forward`` does in training, split in
+    parts so that the distillers can reuse them: ``transform`` (resize + normalise),
+    backbone body (``layer1..layer4``), FPN, RPN (its two losses), ROI sampling
+    (``RoIHeads.select_training_samples``: ``BOX_BATCH_SIZE_PER_IMAGE`` proposals per
+    image, 25 % positives, each with the label of its matched ground-truth box or 0 for
+    background), ``box_roi_pool`` + ``box_head`` + ``box_predictor`` and
+    ``fastrcnn_loss``. Loss keys: ``loss_classifier``, ``loss_box_reg``,
+    ``loss_objectness``, ``loss_rpn_box_reg`` -- torchvision's.
+
+Which proposals are distilled
+    The student's *sampled* proposals (the ones its ROI head is trained on, ground-truth
+    boxes included, as torchvision adds them), with their matched labels. The teacher
+    does not run its RPN: its backbone and FPN run on the *same transformed images* (the
+    student's transform; the teacher's own is unused), then its ``box_roi_pool``,
+    ``box_head`` and ``box_predictor`` score those proposals. This is the DKD paper's
+    detection setup (its mdistiller code distils the ROI head's class logits on the
+    student's sampled proposals); it makes student and teacher logits row-aligned.
+
+KD / DKD
+    ``loss_classifier`` is scaled by ``KD.LOSS.CE_WEIGHT`` / ``DKD.CE_WEIGHT`` (set 1.0 in
+    detection configs), the other detection losses keep weight 1, and ``loss_kd`` is
+    ``KD.LOSS.KD_WEIGHT * KD(z_s, z_t; KD.TEMPERATURE)`` or
+    ``warm * DKD(z_s, z_t, roi_labels; DKD.ALPHA, DKD.BETA, DKD.T)`` over the
+    ``(num_proposals, num_classes)`` class logits (background is a class).
+
+Block-KD
+    Stone ``i`` (``i = 1..4``) = student stem + ``layer1..layer_i`` -> connectors
+    ``C_1..C_i`` (1x1 conv + BN from the student's stage width to the teacher's, same
+    stride; ``C_k`` is shared by every stone that uses level ``k``) -> teacher
+    ``layer_{i+1}..layer4`` -> teacher FPN (on the connected student levels ``1..i`` and
+    the teacher levels ``i+1..4``) -> teacher ``box_roi_pool`` / ``box_head`` /
+    ``box_predictor`` on the student's sampled proposals. Stone 4 is the whole student
+    body through connectors into the teacher's FPN and heads. Its class logits
+    ``Y^{N_i}`` enter the loss of :class:`~mdistiller_blockkd.distillers.blockkd.BlockKD`
+    unchanged (the same function: ``w_i = 1/2^(n-i)``, ensemble cross term, ``ALPHA``,
+    ``BETA``, ``GAMMA``, ``T``, ``WARMUP``, ``LOGIT_LOSS``, ``STONES``), with the ROI labels
+    as targets. Its task term contains the student's ROI cross-entropy, so
+    ``loss_classifier`` is not added again; ``loss_box_reg`` and the RPN losses are. The
+    stones have no box-regression or RPN loss: only class logits are distilled.
+
+Warm-up
+    DKD and Block-KD ramp their distillation terms over ``DKD.WARMUP`` /
+    ``BLOCKKD.WARMUP`` epochs, or over ``DETECTION.DISTILL_WARMUP_STEPS`` optimiser steps
+    when that is > 0 (a step counter saved with the distiller, so resume continues it).
+
+The teacher is frozen (``eval()``, no gradients; FrozenBatchNorm) and excluded from
+``get_learnable_parameters`` and checkpoints; the exported student is the plain
+torchvision ``FasterRCNN`` (torchvision's state-dict keys).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+from ..distillers import losses
+from ..distillers.base import Distiller
+from ..distillers.blockkd import LOGIT_LOSSES, BlockKD, Connector, parse_stones
+from ..errors import ConfigError
+from ..models.staged import StageInfo
+from .models import body_stages, stage_channels
+
+__all__ = ["DetectionDistiller", "DetVanilla", "DetKD", "DetDKD", "DetBlockKD", "det_distiller_dict"]
+
+_STRIDES = (4, 8, 16, 32)
+
+
+class DetectionDistiller(Distiller):
+    """Base of the detection distillers: the student step, teacher ROI logits, warm-up counter."""
+
+    #: marks detection distillers (the trainer's task is chosen from the config, see :mod:`.task`)
+    is_detection = True
+
+    def __init__(self, student, teacher=None, cfg=None):
+        super().__init__(student, teacher, cfg)
+        self.fold_teacher_bn = False  # torchvision detectors: FrozenBatchNorm teacher, nothing to fold
+        self.warmup_steps = int(cfg.DETECTION.DISTILL_WARMUP_STEPS) if cfg is not None else 0
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
+        if teacher is not None:
+            ns, nt = int(student.num_classes), int(teacher.num_classes)
+            if ns != nt:
+                raise ConfigError(f"the teacher detector classifies {nt} classes but the student {ns} (background "
+                                  "included); teacher and data must have the same categories")
+        # BatchNorm statistics of the teacher are frozen; detection uses FrozenBatchNorm2d there
+
+    # -- contract ---------------------------------------------------------------------
+    def forward_test(self, image):
+        """torchvision detections of the student for a list of images."""
+        return self.student(image)
+
+    def warm(self, epoch, warmup_epochs) -> float:
+        """The warm-up factor: by steps when ``DISTILL_WARMUP_STEPS`` > 0, else by epochs."""
+        if self.warmup_steps > 0:
+            return losses.warmup_factor(int(self.num_steps), self.warmup_steps)
+        return losses.warmup_factor(epoch, warmup_epochs)
+
+    # -- the student step ---------------------------------------------------------------
+    def student_step(self, images: List[Tensor], targets: List[dict]):
+        """Run the student as in ``FasterRCNN.forward`` (training); return a namespace.
+
+        Fields: ``images`` (torchvision's ``ImageList``), ``body`` (``layer1..4`` outputs),
+        ``proposals`` (sampled, per image), ``labels`` (their labels, concatenated),
+        ``logits`` / ``box_regression`` of the ROI head, ``losses`` (torchvision's four).
+        """
+        m = self.student
+        if self.training:
+            self.num_steps += 1
+        images_t, targets_t = m.transform(images, targets)
+        x = images_t.tensors
+        body = m.backbone.body(x)
+        feats = m.backbone.fpn(body)
+        proposals, rpn_losses = m.rpn(images_t, feats, targets_t)
+        rh = m.roi_heads
+        proposals, _, labels, regression_targets = rh.select_training_samples(proposals, targets_t)
+        logits, box_reg = roi_class_logits(m, feats, proposals, images_t.image_sizes, with_boxes=True)
+        loss_cls, loss_box = fastrcnn_loss(logits, box_reg, labels, regression_targets)
+        out = {"loss_classifier": loss_cls, "loss_box_reg": loss_box, **rpn_losses}
+        return SimpleNamespace(images=images_t, body=list(body.values()), proposals=proposals,
+                               labels=torch.cat(labels), logits=logits, losses=out)
+
+    @torch.no_grad()
+    def teacher_logits(self, step) -> Tensor:
+        """The teacher's ROI class logits for the student's sampled proposals (no autograd)."""
+        t = self.teacher
+        feats = t.backbone(step.images.tensors)
+        return roi_class_logits(t, feats, step.proposals, step.images.image_sizes)
+
+    def forward_train(self, image, target, **kwargs):
+        raise NotImplementedError
+
+
+def roi_class_logits(model, feats, proposals, image_sizes, with_boxes: bool = False):
+    """``box_roi_pool`` -> ``box_head`` -> ``box_predictor`` of ``model`` on ``proposals``."""
+    rh = model.roi_heads
+    z = rh.box_head(rh.box_roi_pool(feats, proposals, image_sizes))
+    logits, box_reg = rh.box_predictor(z)
+    return (logits, box_reg) if with_boxes else logits
+
+
+class DetVanilla(DetectionDistiller):
+    """``NONE``: torchvision's Faster R-CNN training of the student."""
+
+    def __init__(self, student, teacher=None, cfg=None):
+        super().__init__(student, None, cfg)
+
+    def forward_train(self, image, target, **kwargs):
+        s = self.student_step(image, target)
+        return (s.logits.detach(), s.labels), s.losses
+
+
+class DetKD(DetectionDistiller):
+    """``KD`` on the ROI class logits of the student's sampled proposals (see the module docstring)."""
+
+    def __init__(self, student, teacher, cfg):
+        super().__init__(student, teacher, cfg)
+        if teacher is None:
+            raise ConfigError("DISTILLER.TYPE KD needs a teacher; set DISTILLER.TEACHER")
+        c = cfg.KD
+        self.temperature = float(c.TEMPERATURE)
+        if self.temperature <= 0:
+            raise ConfigError(f"KD.TEMPERATURE is {c.TEMPERATURE}; it must be > 0")
+        self.ce_weight, self.kd_weight = float(c.LOSS.CE_WEIGHT), float(c.LOSS.KD_WEIGHT)
+
+    def forward_train(self, image, target, **kwargs):
+        s = self.student_step(image, target)
+        t_logits = self.teacher_logits(s)
+        out = dict(s.losses)
+        out["loss_classifier"] = self.ce_weight * out["loss_classifier"]
+        out["loss_kd"] = self.kd_weight * losses.kd_loss(s.logits, t_logits, self.temperature)
+        return (s.logits.detach(), s.labels), out
+
+
+class DetDKD(DetectionDistiller):
+    """``DKD`` on the ROI class logits, with the proposals' labels as the target classes."""
+
+    def __init__(self, student, teacher, cfg):
+        super().__init__(student, teacher, cfg)
+        if teacher is None:
+            raise ConfigError("DISTILLER.TYPE DKD needs a teacher; set DISTILLER.TEACHER")
+        c = cfg.DKD
+        self.ce_weight, self.alpha, self.beta = float(c.CE_WEIGHT), float(c.ALPHA), float(c.BETA)
+        self.temperature, self.warmup = float(c.T), float(c.WARMUP)
+        if self.temperature <= 0:
+            raise ConfigError(f"DKD.T is {c.T}; it must be > 0")
+        if self.warmup < 0:
+            raise ConfigError(f"DKD.WARMUP is {c.WARMUP}; use a number of epochs >= 0 (0 = no warm-up)")
+
+    def forward_train(self, image, target, **kwargs):
+        s = self.student_step(image, target)
+        t_logits = self.teacher_logits(s)
+        out = dict(s.losses)
+        out["loss_classifier"] = self.ce_weight * out["loss_classifier"]
+        warm = self.warm(kwargs.get("epoch", math.inf), self.warmup)
+        out["loss_kd"] = warm * losses.dkd_loss(s.logits, t_logits, s.labels, self.alpha, self.beta, self.temperature)
+        return (s.logits.detach(), s.labels), out
+
+
+class DetBlockKD(DetectionDistiller):
+    """``BLOCKKD`` for Faster R-CNN: stones through the teacher's remaining stages, FPN and ROI head.
+
+    The loss, the logit distance and the stone selection are Block-KD's own
+    (:meth:`BlockKD.blockkd_loss`, :meth:`BlockKD.distance`, :meth:`BlockKD._active_stones`,
+    shared here, not copied: they read the same attribute names).
+    """
+
+    blockkd_loss = BlockKD.blockkd_loss
+    distance = BlockKD.distance
+    _active_stones = BlockKD._active_stones
+    get_extra_state = BlockKD.get_extra_state
+    set_extra_state = BlockKD.set_extra_state
+
+    def __init__(self, student, teacher, cfg):
+        super().__init__(student, teacher, cfg)
+        if teacher is None:
+            raise ConfigError("BLOCKKD needs a teacher (DISTILLER.TEACHER)")
+        c = cfg.BLOCKKD
+        if list(c.PAIRS):
+            raise ConfigError("BLOCKKD.PAIRS is not used for detection: stone i always splices student layer_i "
+                              "onto teacher layer_{i+1}; leave BLOCKKD.PAIRS []")
+        s_ch, t_ch = stage_channels(student), stage_channels(teacher)
+        self.connectors = nn.ModuleList(
+            Connector(StageInfo(a, r), StageInfo(b, r), c.CONNECTOR) for a, b, r in zip(s_ch, t_ch, _STRIDES))
+        n = len(_STRIDES)
+        self.stone_weights = [1.0 / 2 ** (n - 1 - k) for k in range(n)]
+        self.mode, self.k = parse_stones(c.STONES, n)
+        self.has_unused_parameters = self.mode != "all"
+        self._deck, self._pos = [], 0
+        if c.LOGIT_LOSS not in LOGIT_LOSSES:
+            raise ConfigError(f"BLOCKKD.LOGIT_LOSS is '{c.LOGIT_LOSS}'; use one of {', '.join(LOGIT_LOSSES)}")
+        self.logit_loss, self.T = c.LOGIT_LOSS, float(c.T)
+        self.dkd_alpha, self.dkd_beta = float(c.DKD_ALPHA), float(c.DKD_BETA)
+        self.alpha, self.beta, self.gamma = float(c.ALPHA), float(c.BETA), float(c.GAMMA)
+        self.warmup = self.warmup_steps if self.warmup_steps > 0 else c.WARMUP  # read by blockkd_loss
+        self.detach_ensemble, self.weight_cross = bool(c.DETACH_ENSEMBLE), bool(c.WEIGHT_CROSS)
+
+    @property
+    def num_stones(self) -> int:
+        return len(self.connectors)
+
+    def stone_logits(self, step, active: Sequence[int]) -> List[Tensor]:
+        """ROI class logits of the stones ``active`` (0-based) for the step's proposals."""
+        t = self.teacher
+        t_layers = body_stages(t)
+        need = max(active) + 1
+        connected = [self.connectors[k](step.body[k]) for k in range(need)]
+        out = []
+        for i in active:  # stone i+1: student layers 1..i+1, teacher layers i+2..4
+            levels = connected[: i + 1]
+            h = levels[-1]
+            for j in range(i + 1, len(t_layers)):
+                h = t_layers[j](h)
+                levels.append(h)
+            feats = t.backbone.fpn({str(k): v for k, v in enumerate(levels)})
+            out.append(roi_class_logits(t, feats, step.proposals, step.images.image_sizes))
+        return out
+
+    def forward_train(self, image, target, **kwargs):
+        active, factor = self._active_stones()
+        s = self.student_step(image, target)
+        t_logits = self.teacher_logits(s)
+        stones = self.stone_logits(s, active)
+        weights = [self.stone_weights[k] * factor for k in active]
+        cross_weights = weights if self.weight_cross else [factor] * len(active)
+        epoch = int(self.num_steps) if self.warmup_steps > 0 else kwargs.get("epoch", math.inf)
+        out = self.blockkd_loss(s.logits, stones, t_logits, s.labels, weights, cross_weights, epoch)
+        det = dict(s.losses)
+        det.pop("loss_classifier")  # inside loss_ce (Block-KD's task term)
+        return (s.logits.detach(), s.labels), {**out, **det}
+
+    def describe(self) -> str:
+        """One line per stone."""
+        s_ch, t_ch = stage_channels(self.student), stage_channels(self.teacher)
+        lines = []
+        for k, w in enumerate(self.stone_weights):
+            conn = ", ".join(f"{a}->{b}" for a, b in zip(s_ch[:k + 1], t_ch[:k + 1]))
+            rest = f"teacher layer{k + 2}..layer4 + " if k + 1 < len(s_ch) else "teacher "
+            lines.append(f"stone{k + 1}: student layer1..layer{k + 1} -> connectors ({conn}) -> {rest}FPN + ROI head, w={w:g}")
+        return "\n".join(lines)
+
+
+det_distiller_dict: Dict[str, type] = {"NONE": DetVanilla, "KD": DetKD, "DKD": DetDKD, "BLOCKKD": DetBlockKD}

@@ -1,0 +1,317 @@
+"""Detection: COCO-format data, the canvas builder, torchvision Faster R-CNN distillers, COCO mAP, trainer runs."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from mdistiller_blockkd.detection.data import CocoDetection, build_detection_datasets, collate
+from mdistiller_blockkd.detection.distillers import DetBlockKD, det_distiller_dict
+from mdistiller_blockkd.detection.evaluate import METRICS, coco_metrics
+from mdistiller_blockkd.detection.make_canvas import make_detection_set
+from mdistiller_blockkd.detection.models import build_detector, load_detector_weights, stage_channels
+from mdistiller_blockkd.detection.task import build_detection_distiller, build_detection_run
+from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from mdistiller_blockkd.engine.trainer import Trainer, experiment_name
+from mdistiller_blockkd.errors import CheckpointError, ConfigError, DatasetError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["DETECTION.MIN_SIZE", "64", "DETECTION.MAX_SIZE", "64", "DETECTION.REPRESENTATION_SIZE", "32",
+        "DETECTION.RPN_PRE_NMS_TOP_N_TRAIN", "50", "DETECTION.RPN_PRE_NMS_TOP_N_TEST", "50",
+        "DETECTION.RPN_POST_NMS_TOP_N_TRAIN", "20", "DETECTION.RPN_POST_NMS_TOP_N_TEST", "20",
+        "DETECTION.RPN_BATCH_SIZE_PER_IMAGE", "32", "DETECTION.BOX_BATCH_SIZE_PER_IMAGE", "16",
+        "DETECTION.DETECTIONS_PER_IMAGE", "10"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    """A tiny real-image COCO-format set (embedded Fashion-MNIST items on 64x64 canvases)."""
+    root = str(tmp_path_factory.mktemp("det"))
+    make_detection_set(root, n_train=8, n_val=4, size=64, seed=0, source="embedded", max_objects=2,
+                       min_scale=16, max_scale=32)
+    return root
+
+
+def det_cfg(root, prefix, *opts):
+    base = ["DATASET.TYPE", "coco", "DATASET.ROOT", root, "DATASET.NUM_WORKERS", "0", "DATASET.TEST.BATCH_SIZE", "4",
+            "DISTILLER.STUDENT", "fasterrcnn_resnet18_fpn", "DISTILLER.TEACHER", "fasterrcnn_resnet18_fpn",
+            "SOLVER.BATCH_SIZE", "4", "SOLVER.EPOCHS", "1", "SOLVER.LR", "0.01", "SOLVER.LR_DECAY_STAGES", "[5]",
+            "LOG.PREFIX", str(prefix), "LOG.PROGRESS", "False", "LOG.SAVE_CHECKPOINT_FREQ", "0",
+            "EXPERIMENT.PROJECT", "p", "EXPERIMENT.NAME", "run"]
+    return load_cfg(None, base + TINY + list(opts))
+
+
+def write_coco(root, images, anns, cats=None, split="train2017", make_files=True):
+    """A hand-written COCO file (and blank PNGs) for the bad-input tests."""
+    from PIL import Image
+
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    for im in images:
+        if make_files:
+            Image.new("RGB", (im["width"], im["height"])).save(os.path.join(root, split, im["file_name"]))
+    cats = cats if cats is not None else [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+
+
+def img(i, w=40, h=30):
+    return {"id": i, "file_name": f"{i}.png", "width": w, "height": h}
+
+
+def ann(i, image_id, bbox, cat=1, **kw):
+    return {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0, **kw}
+
+
+# -- the canvas builder ---------------------------------------------------------------------
+def test_canvas_builder_is_deterministic_and_boxes_are_inside(tmp_path, coco_root):
+    other = str(tmp_path / "again")
+    make_detection_set(other, n_train=8, n_val=4, size=64, seed=0, source="embedded", max_objects=2,
+                       min_scale=16, max_scale=32)
+    for split in ("train2017", "val2017"):
+        a = json.load(open(os.path.join(coco_root, "annotations", f"instances_{split}.json")))
+        b = json.load(open(os.path.join(other, "annotations", f"instances_{split}.json")))
+        assert a["annotations"] == b["annotations"] and a["images"] == b["images"]
+        for x in a["annotations"]:
+            bx, by, bw, bh = x["bbox"]
+            assert bw > 0 and bh > 0 and bx >= 0 and by >= 0 and bx + bw <= 64 and by + bh <= 64
+            assert 1 <= x["category_id"] <= 10
+        assert len(a["categories"]) == 10
+        with open(os.path.join(coco_root, split, a["images"][0]["file_name"]), "rb") as f1, \
+                open(os.path.join(other, split, a["images"][0]["file_name"]), "rb") as f2:
+            assert f1.read() == f2.read()
+    ds = CocoDetection(coco_root, "train2017")
+    image, target = ds[0]
+    assert image.shape == (3, 64, 64) and target["boxes"].shape[1] == 4 and target["labels"].min() >= 1
+
+
+# -- bad inputs -----------------------------------------------------------------------------
+def test_missing_root_and_annotation_file(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        CocoDetection(str(tmp_path / "nowhere"), "train2017")
+    os.makedirs(tmp_path / "r" / "train2017")
+    with pytest.raises(DatasetError, match=r"instances_train2017\.json.*not found"):
+        CocoDetection(str(tmp_path / "r"), "train2017")
+
+
+def test_box_outside_is_clipped_with_a_warning_or_an_error(tmp_path):
+    root = str(tmp_path)
+    write_coco(root, [img(1)], [ann(1, 1, [30, 20, 20, 20]), ann(2, 1, [-5, 0, 10, 10])])
+    with pytest.warns(UserWarning, match="2 box"):
+        ds = CocoDetection(root, "train2017")
+    assert ds[0][1]["boxes"].tolist() == [[30.0, 20.0, 40.0, 30.0], [0.0, 0.0, 5.0, 10.0]]
+    with pytest.raises(DatasetError, match="reaches outside"):
+        CocoDetection(root, "train2017", box_outside="error")
+
+
+def test_degenerate_boxes_dropped_and_images_without_boxes_kept(tmp_path):
+    root = str(tmp_path)
+    write_coco(root, [img(1), img(2), img(3)], [ann(1, 1, [5, 5, 0, 10]), ann(2, 1, [50, 5, 5, 5]),
+                                                 ann(3, 2, [1, 1, 10, 10], cat=2)])
+    with pytest.warns(UserWarning, match="2 box"):
+        ds = CocoDetection(root, "train2017")
+    assert len(ds) == 3 and ds.stats["empty_images"] == 2 and ds.stats["dropped"] == 2
+    _, t = ds[0]
+    assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,)
+    assert ds[1][1]["labels"].tolist() == [2]
+
+
+def test_unknown_category_and_missing_image_are_errors(tmp_path):
+    write_coco(str(tmp_path / "a"), [img(1)], [ann(1, 1, [1, 1, 5, 5], cat=7)])
+    with pytest.raises(DatasetError, match="category_id 7"):
+        CocoDetection(str(tmp_path / "a"), "train2017")
+    write_coco(str(tmp_path / "b"), [img(1)], [], make_files=False)
+    with pytest.raises(DatasetError, match=r"1\.png.*not found"):
+        CocoDetection(str(tmp_path / "b"), "train2017")
+
+
+def test_teacher_with_other_categories_is_an_error(tmp_path, coco_root):
+    cfg = det_cfg(coco_root, tmp_path)
+    other = build_detector("fasterrcnn_resnet18_fpn", 5, cfg.DETECTION)
+    path = str(tmp_path / "t.pth")
+    save_checkpoint({"model": other.state_dict()}, path)
+    cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER_CKPT", path)
+    with pytest.raises(ConfigError, match="classifies 5 classes.*dataset has 11"):
+        build_detection_run(cfg)
+
+
+def test_missing_teacher_file_names_torchvision_file(tmp_path, coco_root):
+    cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER", "fasterrcnn_resnet50_fpn",
+                  "DISTILLER.TEACHER_CKPT", str(tmp_path / "missing.pth"))
+    with pytest.raises(CheckpointError, match=r"missing\.pth.*fasterrcnn_resnet50_fpn_coco-258fb6c6\.pth"):
+        build_detection_run(cfg)
+    cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "REVIEWKD")
+    with pytest.raises(ConfigError, match="not available for detection"):
+        build_detection_run(cfg)
+
+
+def test_cli_prints_one_error_line_for_a_missing_annotation_file(tmp_path):
+    os.makedirs(tmp_path / "d")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "--cfg",
+                        os.path.join(ROOT, "configs", "detection", "fmnist_det", "vanilla.yaml"),
+                        "DATASET.ROOT", str(tmp_path / "d"), "LOG.PREFIX", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: annotation file") and "instances_train2017.json" in lines[0]
+
+
+# -- models ---------------------------------------------------------------------------------
+def test_detector_keys_are_torchvisions():
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    cfg = load_cfg(None, ["DETECTION.REPRESENTATION_SIZE", "1024"])
+    ours = build_detector("fasterrcnn_resnet50_fpn", 91, cfg.DETECTION, norm="frozen_bn").state_dict()
+    ref = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    # without weights torchvision builds BatchNorm2d; its COCO file (FrozenBatchNorm2d) has no num_batches_tracked
+    ref = {k: v for k, v in ref.items() if not k.endswith("num_batches_tracked")}
+    assert list(ours) == list(ref)
+    assert all(ours[k].shape == ref[k].shape for k in ref)
+    with pytest.raises(ConfigError, match="unknown"):
+        build_detector("fasterrcnn_vgg16_fpn", 3, cfg.DETECTION)
+
+
+def test_bn_trained_weights_load_into_frozen_bn_teacher(tmp_path):
+    cfg = load_cfg(None, TINY)
+    student = build_detector("fasterrcnn_resnet18_fpn", 3, cfg.DETECTION, norm="bn")
+    path = str(tmp_path / "s.pth")
+    save_checkpoint({"model": student.state_dict()}, path)
+    teacher = build_detector("fasterrcnn_resnet18_fpn", 3, cfg.DETECTION, norm="frozen_bn")
+    load_detector_weights(teacher, path, "fasterrcnn_resnet18_fpn", 3)
+    assert torch.equal(teacher.backbone.body.layer1[0].conv1.weight, student.backbone.body.layer1[0].conv1.weight)
+    assert torch.equal(teacher.backbone.body.bn1.running_var, student.backbone.body.bn1.running_var)
+    other = build_detector("fasterrcnn_resnet34_fpn", 3, cfg.DETECTION, norm="frozen_bn")
+    with pytest.raises(CheckpointError, match="does not fit detector"):
+        load_detector_weights(other, path, "fasterrcnn_resnet34_fpn", 3)
+
+
+# -- COCO mAP -------------------------------------------------------------------------------
+def test_coco_metrics_known_answers(coco_root):
+    ann_file = os.path.join(coco_root, "annotations", "instances_val2017.json")
+    gt = json.load(open(ann_file))["annotations"]
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in gt]
+    m = coco_metrics(ann_file, perfect)
+    assert list(m) == list(METRICS)
+    assert m["AP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0) and m["AP75"] == pytest.approx(100.0)
+    assert m["APl"] == -1.0  # no ground-truth box larger than 96^2 px on a 64 px canvas
+    wrong = [dict(d, category_id=d["category_id"] % 10 + 1) for d in perfect]
+    assert coco_metrics(ann_file, wrong)["AP"] == pytest.approx(0.0)
+    assert coco_metrics(ann_file, []) == {k: 0.0 for k in METRICS}
+    shifted = [dict(d, bbox=[d["bbox"][0] + d["bbox"][2] * 0.3, d["bbox"][1], d["bbox"][2], d["bbox"][3]]) for d in perfect]
+    s = coco_metrics(ann_file, shifted)  # IoU ~0.54: a hit at IoU 0.5, a miss at 0.75
+    assert s["AP50"] == pytest.approx(100.0) and s["AP75"] == pytest.approx(0.0)
+
+
+# -- distillers -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher_file(coco_root, tmp_path_factory):
+    cfg = det_cfg(coco_root, "unused")
+    torch.manual_seed(0)
+    t = build_detector("fasterrcnn_resnet34_fpn", 11, cfg.DETECTION, norm="bn")
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pth")
+    save_checkpoint({"model": t.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["NONE", "KD", "DKD", "BLOCKKD"])
+def test_one_training_step_each_distiller(kind, coco_root, teacher_file, tmp_path):
+    cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", kind, "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
+                  "DISTILLER.TEACHER_CKPT", teacher_file, "DETECTION.DISTILL_WARMUP_STEPS", "2")
+    train_set, _, n = build_detection_datasets(cfg)
+    torch.manual_seed(0)
+    d = build_detection_distiller(cfg, n)
+    assert isinstance(d, det_distiller_dict[kind])
+    d.train()
+    images, targets = collate([train_set[i] for i in range(3)])
+    before = {k: v.clone() for k, v in d.teacher.state_dict().items()} if d.teacher is not None else {}
+    opt = torch.optim.SGD(d.get_learnable_parameters(), lr=0.01)
+    (logits, labels), losses = d(image=images, target=targets, epoch=1)
+    assert logits.shape == (labels.numel(), 11)
+    expect = {"loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    expect |= {"NONE": {"loss_classifier"}, "KD": {"loss_classifier", "loss_kd"}, "DKD": {"loss_classifier", "loss_kd"},
+               "BLOCKKD": {"loss_ce", "loss_kd", "loss_cross"}}[kind]
+    assert set(losses) == expect
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    if kind in ("KD", "BLOCKKD"):
+        assert float(losses["loss_kd"].detach()) > 0  # random teacher: logits differ
+    if kind == "DKD":  # warm-up by steps: 1 of 2 steps done
+        assert d.warm(1, 0) == pytest.approx(0.5)
+    opt.zero_grad()
+    total.backward()
+    opt.step()
+    assert d.student.backbone.body.conv1.weight.grad is not None
+    if d.teacher is not None:
+        assert all(p.grad is None for p in d.teacher.parameters())
+        assert all(torch.equal(v, before[k]) for k, v in d.teacher.state_dict().items())
+        assert not any(n.startswith("teacher.") for n, _ in d.named_parameters() if any(p is _ for p in d.get_learnable_parameters()))
+    if kind == "BLOCKKD":
+        assert all(c.proj[0].weight.grad is not None for c in d.connectors)
+        assert "stone4" in d.describe()
+
+
+def test_blockkd_last_stone_with_identity_connectors_equals_teacher(coco_root, teacher_file, tmp_path):
+    """Splicing check: the teacher's own body through identity connectors gives the teacher's logits."""
+    cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
+                  "DISTILLER.TEACHER_CKPT", teacher_file)
+    train_set, _, n = build_detection_datasets(cfg)
+    d = build_detection_distiller(cfg, n)
+    assert stage_channels(d.teacher) == [64, 128, 256, 512]
+    d.train()
+    images, targets = collate([train_set[i] for i in range(2)])
+    step = d.student_step(images, targets)
+    t_body = d.teacher.backbone.body(step.images.tensors)
+    step.body = list(t_body.values())  # feed the teacher's own stages into the stones
+    for c in d.connectors:
+        conv, bn = c.proj[0], c.proj[1]
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(conv.weight.shape[0]).view_as(conv.weight))
+        bn.eval()  # running stats 0 / 1: identity up to eps
+        bn.eps = 0.0
+    with torch.no_grad():
+        stones = d.stone_logits(step, [0, 1, 2, 3])
+        t_logits = d.teacher_logits(step)
+    for z in stones:
+        assert torch.allclose(z, t_logits, atol=1e-4)
+
+
+# -- the trainer ----------------------------------------------------------------------------
+def test_training_run_metrics_resume_and_export(coco_root, teacher_file, tmp_path):
+    from tools.train import main as train_main  # noqa: F401 - the command line is tested via subprocess above
+
+    def run(epochs, resume=False):
+        cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
+                      "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.EPOCHS", str(epochs), "BLOCKKD.STONES", "sample:2")
+        torch.manual_seed(0)
+        tl, vl, d, task, _ = build_detection_run(cfg)
+        tr = Trainer(experiment_name(cfg), d, tl, vl, cfg, log=lambda *a: None, task=task)
+        return tr.train(resume=resume), tr
+
+    summary, _ = run(1)
+    out = summary["log_path"]
+    rec = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(rec) == 1 and all(f"test_{k}" in rec[0] for k in METRICS)
+    assert rec[0]["best_acc"] == rec[0]["test_AP"] and {"loss_ce", "loss_kd", "loss_cross", "loss_box_reg"} <= set(rec[0])
+    summary2, tr = run(2, resume=True)
+    rec = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rec] == [1, 2]
+    assert tr.start_epoch == 2 and int(tr.distiller.num_steps) == 2 * (8 // 4)
+    sd = load_checkpoint(os.path.join(out, "student_best"))["model"]
+    cfg = det_cfg(coco_root, tmp_path)
+    fresh = build_detector("fasterrcnn_resnet18_fpn", 11, cfg.DETECTION)
+    assert list(sd) == list(fresh.state_dict())
+    fresh.load_state_dict(sd)
+    assert not any(k.startswith(("teacher.", "connectors.")) for k in load_checkpoint(os.path.join(out, "latest"))["model"])
