@@ -29,7 +29,10 @@ pair (``null`` when KD was not run).
 
 Entries
     ``--cfg FILE ...``        one entry per YAML config (its pair, DISTILLER.TYPE and
-                              Block-KD variant, e.g. ``BLOCKKD.STONES``);
+                              Block-KD variant, e.g. ``BLOCKKD.STONES``); a detection
+                              config (DATASET.TYPE coco) times its Faster R-CNN
+                              distiller (random teacher) on random images with 1-3
+                              random boxes each, labels in [1, --num-classes);
     ``--pairs T:S ...``       pairs, each run with every ``--distillers`` name
                               (default: every registered one of NONE KD DKD REVIEWKD
                               BLOCKKD); ``--distillers`` also applies to the pairs of
@@ -60,6 +63,8 @@ Examples (from the repository root, no installation needed)::
     python tools/benchmark.py --pairs resnet56:resnet20 resnet32x4:resnet8x4 \\
         --distillers NONE KD DKD REVIEWKD BLOCKKD --variants BLOCKKD.STONES=sample:1 \\
         --device cuda --amp bf16 --channels-last --json bench.json
+    python tools/benchmark.py --cfg configs/detection/fmnist_det/{kd,vanilla,dkd,blockkd}.yaml \\
+        --batch-size 8 --image-size 96 --num-classes 11 --threads 1   # detection (DATASET.TYPE coco)
     python tools/benchmark.py --cfg configs/cifar100/blockkd/res56_res20.yaml \\
         --distillers KD --cost-model --threads 4 --steps 20
 """
@@ -87,6 +92,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 import torch  # noqa: E402
 
 from mdistiller_blockkd.distillers import distiller_dict  # noqa: E402
+from mdistiller_blockkd.detection.task import DetectionTask, benchmark_batch, build_detection_distiller, is_detection  # noqa: E402
 from mdistiller_blockkd.engine.cfg import load_cfg  # noqa: E402
 from mdistiller_blockkd.errors import ConfigError, run_cli  # noqa: E402
 from mdistiller_blockkd.models import build_model, list_models  # noqa: E402
@@ -171,7 +177,7 @@ def _make_cfg(base: Optional[str], opts: List, image_size: int, num_classes: int
     cfg = load_cfg(base, opts)
     extra = ["DATASET.IMAGE_SIZE", image_size, "DATASET.SYNTHETIC.IMAGE_SIZE", image_size,
              "DATASET.SYNTHETIC.NUM_CLASSES", num_classes]
-    if image_size != 32 and str(cfg.DATASET.TYPE).lower() not in ("imagenet", "synthetic"):
+    if image_size != 32 and str(cfg.DATASET.TYPE).lower() not in ("imagenet", "synthetic", "coco"):
         extra += ["DATASET.TYPE", "synthetic"]
     return load_cfg(base, list(opts) + extra)
 
@@ -213,7 +219,7 @@ def build_entries(args, overrides: List[str]) -> List[Entry]:
         pairs.append(DEFAULT_PAIR)
     known = set(list_models())
     for name in {n for pair in pairs for n in pair}:
-        if not name.startswith("timm:") and name not in known:
+        if not name.startswith(("timm:", "fasterrcnn_")) and name not in known:  # fasterrcnn_*: detection configs
             raise ConfigError(f"unknown model '{name}'; known CIFAR models: {', '.join(sorted(known))}, "
                               "or 'timm:<timm model name>'")
 
@@ -347,9 +353,12 @@ class Runner:
     def build(self, e: Entry):
         """Build ``e``'s models, distiller, optimiser and batch on the device."""
         torch.manual_seed(self.seed)
-        student = build_model(e.student, num_classes=self.num_classes)
-        teacher = None if e.distiller == "NONE" else build_model(e.teacher, num_classes=self.num_classes)
-        model = distiller_dict[e.distiller](student, teacher, e.cfg)
+        if is_detection(e.cfg):  # torchvision Faster R-CNN: random teacher, fixed random boxes (timing only)
+            model = build_detection_distiller(e.cfg, self.num_classes, load_teacher=False)
+        else:
+            student = build_model(e.student, num_classes=self.num_classes)
+            teacher = None if e.distiller == "NONE" else build_model(e.teacher, num_classes=self.num_classes)
+            model = distiller_dict[e.distiller](student, teacher, e.cfg)
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -363,6 +372,9 @@ class Runner:
         y = torch.randint(0, self.num_classes, (self.batch_size,), generator=g)
         e.x = x.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         e.y = y.to(self.device)
+        if is_detection(e.cfg):
+            images, targets = benchmark_batch(self.batch_size, self.image_size, self.num_classes, self.seed)
+            e.x, e.y = DetectionTask(None).to_device(images, targets, self.device)
         e.epoch = float(max(int(e.cfg.SOLVER.EPOCHS), 1))  # past every warm-up: all loss terms active
         e.model = model
 

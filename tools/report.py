@@ -12,6 +12,8 @@ for Block-KD, ...). Runs are grouped by
 * method: ``DISTILLER.TYPE`` plus its variant, the non-default values of the label keys
   (``--label-keys``, default ``BLOCKKD.STONES BLOCKKD.LOGIT_LOSS BLOCKKD.CONNECTOR``), e.g.
   ``BLOCKKD sample:1``;
+* detection runs (``DATASET.TYPE coco``) are ranked by box AP (``test_AP``) instead of
+  top-1, and get a table of ``AP, AP50, AP75, APs, APm, APl`` at their best-AP epoch;
 * seed: ``EXPERIMENT.SEED`` (two runs with the same pair, method and seed: the one with
   more epochs is kept, with a warning).
 
@@ -25,7 +27,7 @@ with its epochs so far and is marked ``partial``. Missing files, unreadable line
 runs with no evaluated epoch are reported as warnings on stderr and skipped.
 
 ``--plots DIR`` (needs matplotlib; the Agg backend, no display) writes
-``test_acc.png`` (test top-1 per epoch, one panel per pair, one line per method, mean
+``test_acc.png`` (test top-1 -- box AP for detection runs -- per epoch, one panel per pair, one line per method, mean
 over seeds with a ±std band) and, for every pair with Block-KD runs,
 ``stones_<teacher>_<student>.png`` (per Block-KD method: the student's ``test_acc``, every
 ``acc_stone<i>`` and ``acc_teacher`` per epoch, mean over seeds). Each epoch's mean is
@@ -107,9 +109,14 @@ class Run:
         return (self.dataset, None if self.kind == "NONE" else self.teacher, self.student)
 
     @property
+    def score(self) -> str:
+        """The metric the run is ranked by: ``test_acc``, or box AP ``test_AP`` for detection (``coco``)."""
+        return "test_AP" if self.dataset == "coco" else "test_acc"
+
+    @property
     def scored(self) -> List[dict]:
-        """Records that carry a numeric ``test_acc``."""
-        return [r for r in self.records if _num(r.get("test_acc")) is not None]
+        """Records that carry a numeric score (``test_acc``; ``test_AP`` for detection)."""
+        return [r for r in self.records if _num(r.get(self.score)) is not None]
 
     @property
     def epochs(self) -> int:
@@ -126,11 +133,11 @@ class Run:
 
     @property
     def best(self) -> float:
-        return max(float(r["test_acc"]) for r in self.scored)
+        return max(float(r[self.score]) for r in self.scored)
 
     @property
     def last(self) -> float:
-        return float(self.scored[-1]["test_acc"])
+        return float(self.scored[-1][self.score])
 
 
 def _num(v) -> Optional[float]:
@@ -202,7 +209,7 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
         records=records,
     )
     if not run.scored:
-        warn(f"{path}: {METRICS} has no epoch with a test_acc yet; skipped")
+        warn(f"{path}: {METRICS} has no epoch with a {run.score} yet; skipped")
         return None
     if not run.complete:
         warn(f"{path}: in progress or stopped ({run.last_epoch:g} of {run.planned_epochs} epochs); included as partial")
@@ -345,6 +352,28 @@ def cost_table(groups) -> str:
     return "\n".join(lines)
 
 
+DETECTION_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def detection_table(groups) -> Optional[str]:
+    """Detection runs: the six COCO metrics at each run's best-AP epoch, mean over seeds; None without any."""
+    rows = []
+    ds = several_datasets(groups)
+    for pair in column_pairs(groups):
+        for method in method_rows(groups):
+            runs = [r for r in cell_runs(groups, pair, method) if r.score == "test_AP"]
+            if not runs:
+                continue
+            best = [max(r.scored, key=lambda x: float(x["test_AP"])) for r in runs]
+            cells = [format_cell([float(b[f"test_{k}"]) for b in best if _num(b.get(f"test_{k}")) is not None],
+                                 sum(not r.complete for r in runs)) for k in DETECTION_METRICS]
+            rows.append(f"| {pair_name(pair, ds)} | {method} | " + " | ".join(cells) + " |")
+    if not rows:
+        return None
+    head = "| pair | method | " + " | ".join(DETECTION_METRICS) + " |"
+    return "\n".join([head, "|---|---|" + "---|" * len(DETECTION_METRICS)] + rows)
+
+
 def stones_table(groups) -> Optional[str]:
     """Last scored epoch of each Block-KD method: student, every stone and the teacher, mean over seeds."""
     rows = []
@@ -391,6 +420,11 @@ def build_markdown(runs: Sequence[Run], groups, baseline: str = "KD") -> str:
                 "Cells: difference of the means ± Welch's standard error (difference / standard error). With "
                 "3 seeds a side, |difference / se| below about 2.8 is within seed noise (Welch t, about 4 "
                 "degrees of freedom, 5% two-sided).", "", diff, ""]
+    det = detection_table(groups)
+    if det:
+        out += ["## Detection: COCO box mAP (%) at the best-AP epoch", "",
+                "Detection runs (DATASET.TYPE coco) are ranked by box AP: in the tables above, and in "
+                "test_acc.png, their cells are AP (%), not top-1.", "", det, ""]
     stones = stones_table(groups)
     if stones:
         out += ["## Block-KD stepping stones", "", stones, ""]
@@ -481,7 +515,7 @@ def plot_test_acc(groups, out_dir: str, plt) -> str:
             runs = cell_runs(groups, pair, method)
             if not runs:
                 continue
-            xs, mean, std = mean_curve(runs, "test_acc")
+            xs, mean, std = mean_curve(runs, runs[0].score)
             line, = ax.plot(xs, mean, label=f"{method} ({len(runs)})", linewidth=1.3, **_markers(xs))
             if len(runs) > 1:
                 ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],

@@ -2,8 +2,9 @@
 
 Names: ``fasterrcnn_<resnet>_fpn`` with ``<resnet>`` one of torchvision's ResNets
 (``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``). The model is
-torchvision's own :class:`~torchvision.models.detection.FasterRCNN` over
-``resnet_fpn_backbone(...)`` (a :class:`BackboneWithFPN`), so its state-dict keys are
+torchvision's own :class:`~torchvision.models.detection.FasterRCNN` over a
+:class:`BackboneWithFPN` built as ``resnet_fpn_backbone`` builds it (:func:`resnet_fpn`; the FPN width is
+``DETECTION.FPN_CHANNELS``, torchvision's 256 by default), so its state-dict keys are
 torchvision's (``backbone.body.layer1...``, ``backbone.fpn...``, ``rpn...``,
 ``roi_heads...``): ``fasterrcnn_resnet50_fpn``'s COCO weights load into
 ``build_detector("fasterrcnn_resnet50_fpn", 91, ...)`` unchanged, and an exported student
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import misc as misc_ops
 
@@ -78,8 +80,7 @@ def build_detector(name: str, num_classes: int, dcfg, norm: str = "bn") -> Faste
     arch = detector_backbone_name(name)
     if int(num_classes) < 2:
         raise ConfigError(f"a detector needs at least 2 classes (background + 1), got {num_classes}")
-    backbone = resnet_fpn_backbone(backbone_name=arch, weights=None, norm_layer=_norm_layer(norm),
-                                   trainable_layers=int(dcfg.TRAINABLE_LAYERS))
+    backbone = resnet_fpn(arch, _norm_layer(norm), int(dcfg.TRAINABLE_LAYERS), int(dcfg.FPN_CHANNELS))
     rep = int(dcfg.REPRESENTATION_SIZE)
     res = 7
     box_head = TwoMLPHead(backbone.out_channels * res * res, rep)
@@ -104,6 +105,29 @@ def build_detector(name: str, num_classes: int, dcfg, norm: str = "bn") -> Faste
     model.num_classes = int(num_classes)
     model.arch_name = str(name)
     return model
+
+
+def resnet_fpn(arch: str, norm_layer, trainable_layers: int = 5, out_channels: int = 256) -> BackboneWithFPN:
+    """torchvision's ``resnet_fpn_backbone`` with a choice of FPN width (its own is fixed at 256).
+
+    Same modules and state-dict keys (``body.*``, ``fpn.*``); layers outside the
+    ``trainable_layers`` last ones (of ``layer4, layer3, layer2, layer1, conv1``) are frozen
+    as torchvision does.
+    """
+    if not 0 <= trainable_layers <= 5:
+        raise ConfigError(f"DETECTION.TRAINABLE_LAYERS is {trainable_layers}; use 0..5")
+    if out_channels < 1:
+        raise ConfigError(f"DETECTION.FPN_CHANNELS is {out_channels}; use a positive width (torchvision: 256)")
+    body = getattr(tv_resnet, arch)(weights=None, norm_layer=norm_layer)
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        train.append("bn1")
+    for name, p in body.named_parameters():
+        if not any(name.startswith(t) for t in train):
+            p.requires_grad_(False)
+    c2 = body.inplanes // 8
+    return BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, [c2 * 2 ** i for i in range(4)],
+                           out_channels, extra_blocks=LastLevelMaxPool())
 
 
 def body_stages(model: FasterRCNN) -> List[nn.Module]:

@@ -34,7 +34,7 @@ from .evaluate import METRICS, evaluate_detector
 from .models import build_detector, detector_backbone_name, load_detector_weights, missing_teacher_error
 
 __all__ = ["is_detection", "DetectionTask", "build_detection_run", "build_detection_distiller",
-           "check_detection_config", "detection_loaders"]
+           "check_detection_config", "detection_loaders", "benchmark_batch"]
 
 
 def is_detection(cfg) -> bool:
@@ -84,17 +84,22 @@ def _load_student_backbone(model, path: str) -> None:
                               "give torchvision's ImageNet weights of the same ResNet")
 
 
-def build_detection_distiller(cfg, num_classes: int, device="cpu"):
-    """The detection distiller of ``cfg`` (student fresh, teacher from ``DISTILLER.TEACHER_CKPT``)."""
+def build_detection_distiller(cfg, num_classes: int, device="cpu", load_teacher: bool = True):
+    """The detection distiller of ``cfg`` (student fresh, teacher from ``DISTILLER.TEACHER_CKPT``).
+
+    ``load_teacher=False`` keeps the teacher's random weights (timing only: tools/benchmark.py).
+    """
     kind = _kind(cfg)
-    check_detection_config(cfg)
+    if load_teacher:
+        check_detection_config(cfg)
     student = build_detector(cfg.DISTILLER.STUDENT, num_classes, cfg.DETECTION, norm=str(cfg.DETECTION.STUDENT_NORM))
     if str(cfg.DETECTION.STUDENT_BACKBONE_CKPT):
         _load_student_backbone(student, str(cfg.DETECTION.STUDENT_BACKBONE_CKPT))
     teacher = None
     if kind != "NONE":
         teacher = build_detector(cfg.DISTILLER.TEACHER, num_classes, cfg.DETECTION, norm="frozen_bn")
-        load_detector_weights(teacher, str(cfg.DISTILLER.TEACHER_CKPT), str(cfg.DISTILLER.TEACHER), num_classes)
+        if load_teacher:
+            load_detector_weights(teacher, str(cfg.DISTILLER.TEACHER_CKPT), str(cfg.DISTILLER.TEACHER), num_classes)
     return det_distiller_dict[kind](student, teacher, cfg).to(torch.device(device))
 
 
@@ -158,6 +163,20 @@ def build_detection_run(cfg, rank: int = 0, world_size: int = 1, device="cpu"):
     train_loader, val_loader = detection_loaders(cfg, train_set, val_set, rank, world_size)
     distiller = build_detection_distiller(cfg, num_classes, device)
     return train_loader, val_loader, distiller, DetectionTask(val_set), describe_detection_data(cfg, train_set, val_set)
+
+
+def benchmark_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0):
+    """A fixed random detection batch for timing: images and 1-3 random boxes each (labels 1..num_classes-1)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    images, targets = [], []
+    for _ in range(batch_size):
+        images.append(torch.rand(3, image_size, image_size, generator=g))
+        n = int(torch.randint(1, 4, (), generator=g))
+        xy = torch.rand(n, 2, generator=g) * image_size * 0.6
+        wh = (0.15 + 0.25 * torch.rand(n, 2, generator=g)) * image_size
+        targets.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=image_size)], dim=1),
+                        "labels": torch.randint(1, num_classes, (n,), generator=g)})
+    return images, targets
 
 
 METRIC_KEYS = tuple(f"test_{k}" for k in METRICS)

@@ -138,6 +138,7 @@ CFG.DETECTION.IMAGE_STD = [0.229, 0.224, 0.225]
 CFG.DETECTION.STUDENT_NORM = "bn"  # bn | frozen_bn (the teacher always uses frozen_bn)
 CFG.DETECTION.TRAINABLE_LAYERS = 5  # student backbone stages trained (5 = all, as from scratch)
 CFG.DETECTION.STUDENT_BACKBONE_CKPT = ""  # optional ImageNet weights of the student's ResNet (local file)
+CFG.DETECTION.FPN_CHANNELS = 256  # FPN width (torchvision: 256)
 CFG.DETECTION.REPRESENTATION_SIZE = 1024  # TwoMLPHead width
 CFG.DETECTION.RPN_PRE_NMS_TOP_N_TRAIN = 2000
 CFG.DETECTION.RPN_PRE_NMS_TOP_N_TEST = 1000
