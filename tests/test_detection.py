@@ -193,6 +193,9 @@ def test_bn_trained_weights_load_into_frozen_bn_teacher(tmp_path):
     load_detector_weights(teacher, path, "fasterrcnn_resnet18_fpn", 3)
     assert torch.equal(teacher.backbone.body.layer1[0].conv1.weight, student.backbone.body.layer1[0].conv1.weight)
     assert torch.equal(teacher.backbone.body.bn1.running_var, student.backbone.body.bn1.running_var)
+    old = {k.replace("rpn.head.conv.0.0.", "rpn.head.conv."): v for k, v in student.state_dict().items()}
+    save_checkpoint(old, path)  # a bare state dict with torchvision's old RPN-head names (its COCO file)
+    load_detector_weights(teacher, path, "fasterrcnn_resnet18_fpn", 3)
     other = build_detector("fasterrcnn_resnet34_fpn", 3, cfg.DETECTION, norm="frozen_bn")
     with pytest.raises(CheckpointError, match="does not fit detector"):
         load_detector_weights(other, path, "fasterrcnn_resnet34_fpn", 3)
@@ -290,8 +293,6 @@ def test_blockkd_last_stone_with_identity_connectors_equals_teacher(coco_root, t
 
 # -- the trainer ----------------------------------------------------------------------------
 def test_training_run_metrics_resume_and_export(coco_root, teacher_file, tmp_path):
-    from tools.train import main as train_main  # noqa: F401 - the command line is tested via subprocess above
-
     def run(epochs, resume=False):
         cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
                       "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.EPOCHS", str(epochs), "BLOCKKD.STONES", "sample:2")
@@ -314,4 +315,5 @@ def test_training_run_metrics_resume_and_export(coco_root, teacher_file, tmp_pat
     fresh = build_detector("fasterrcnn_resnet18_fpn", 11, cfg.DETECTION)
     assert list(sd) == list(fresh.state_dict())
     fresh.load_state_dict(sd)
-    assert not any(k.startswith(("teacher.", "connectors.")) for k in load_checkpoint(os.path.join(out, "latest"))["model"])
+    state = load_checkpoint(os.path.join(out, "latest"))["model"]  # training state: connectors yes, teacher no
+    assert any(k.startswith("connectors.") for k in state) and not any(k.startswith("teacher.") for k in state)

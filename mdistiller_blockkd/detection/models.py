@@ -169,7 +169,8 @@ def load_detector_weights(model: FasterRCNN, path: str, name: str, num_classes: 
     """Load a detector's weights from the local file ``path`` (``torch.load(weights_only=True)``).
 
     Accepts torchvision's own files (a bare state dict) and this toolbox's ``{"model": sd}``
-    files (``student_best`` of a detection run). ``num_batches_tracked`` entries are
+    files (``student_best`` of a detection run); torchvision's old RPN-head key names
+    (``rpn.head.conv.weight``) are renamed as torchvision does. ``num_batches_tracked`` entries are
     ignored (a ``frozen_bn`` teacher loads BatchNorm-trained weights). Raises
     :class:`CheckpointError`: missing file (naming torchvision's file name for its COCO
     weights), or weights of another architecture; :class:`ConfigError` when the file's
@@ -180,6 +181,9 @@ def load_detector_weights(model: FasterRCNN, path: str, name: str, num_classes: 
         raise missing_teacher_error(path, name)
     sd = extract_state_dict(load_checkpoint(path), path, prefix="student.")
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    for kind in ("weight", "bias"):  # torchvision's older files (the COCO weights): RPNHead v1 key names
+        if f"rpn.head.conv.{kind}" in sd:
+            sd[f"rpn.head.conv.0.0.{kind}"] = sd.pop(f"rpn.head.conv.{kind}")
     key = "roi_heads.box_predictor.cls_score.weight"
     if key in sd and int(sd[key].shape[0]) != int(num_classes):
         raise ConfigError(
