@@ -1,5 +1,6 @@
 """Detection: COCO-format data, the canvas builder, torchvision Faster R-CNN distillers, COCO mAP, trainer runs."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -292,7 +293,15 @@ def test_blockkd_last_stone_with_identity_connectors_equals_teacher(coco_root, t
 
 
 # -- the trainer ----------------------------------------------------------------------------
-def test_training_run_metrics_resume_and_export(coco_root, teacher_file, tmp_path):
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_training_run_metrics_resume_and_export(coco_root, teacher_file, tmp_path, capsys):
     def run(epochs, resume=False):
         cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
                       "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.EPOCHS", str(epochs), "BLOCKKD.STONES", "sample:2")
@@ -317,3 +326,19 @@ def test_training_run_metrics_resume_and_export(coco_root, teacher_file, tmp_pat
     fresh.load_state_dict(sd)
     state = load_checkpoint(os.path.join(out, "latest"))["model"]  # training state: connectors yes, teacher no
     assert any(k.startswith("connectors.") for k in state) and not any(k.startswith("teacher.") for k in state)
+    # tools/report.py ranks detection runs by AP and tables the six metrics; plots test_AP per epoch
+    report = load_tool("report")
+    assert report.main([out, "--plots", str(tmp_path / "plots")]) == 0
+    text = capsys.readouterr().out
+    assert "COCO box mAP" in text and "| AP | AP50 | AP75 | APs | APm | APl |" in text
+    assert f"{rec[-1]['test_APl']:.2f}" in text.split("COCO box mAP")[1]
+    assert os.path.getsize(tmp_path / "plots" / "test_acc.png") > 0
+
+
+def test_benchmark_times_detection_configs(capsys):
+    bench = load_tool("benchmark")
+    cfgs = [os.path.join(ROOT, "configs", "detection", "fmnist_det", f"{m}.yaml") for m in ("kd", "blockkd")]
+    assert bench.main(["--cfg", *cfgs, "--batch-size", "2", "--image-size", "64", "--num-classes", "11",
+                       "--warmup", "1", "--steps", "1", *[f"{k}={v}" for k, v in zip(TINY[::2], TINY[1::2])]]) == 0
+    out = capsys.readouterr().out
+    assert "BLOCKKD" in out and "fasterrcnn_resnet34_fpn" in out and "1.00" in out
