@@ -23,6 +23,7 @@ from mdistiller_blockkd.errors import CheckpointError, ConfigError, DatasetError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["DETECTION.MIN_SIZE", "64", "DETECTION.MAX_SIZE", "64", "DETECTION.REPRESENTATION_SIZE", "32",
+        "DETECTION.FPN_CHANNELS", "32",
         "DETECTION.RPN_PRE_NMS_TOP_N_TRAIN", "50", "DETECTION.RPN_PRE_NMS_TOP_N_TEST", "50",
         "DETECTION.RPN_POST_NMS_TOP_N_TRAIN", "20", "DETECTION.RPN_POST_NMS_TOP_N_TEST", "20",
         "DETECTION.RPN_BATCH_SIZE_PER_IMAGE", "32", "DETECTION.BOX_BATCH_SIZE_PER_IMAGE", "16",
@@ -342,3 +343,31 @@ def test_benchmark_times_detection_configs(capsys):
                        "--warmup", "1", "--steps", "1", *[f"{k}={v}" for k, v in zip(TINY[::2], TINY[1::2])]]) == 0
     out = capsys.readouterr().out
     assert "BLOCKKD" in out and "fasterrcnn_resnet34_fpn" in out and "1.00" in out
+
+
+@pytest.mark.slow
+def test_two_process_gloo_detection_run(coco_root, teacher_file, tmp_path):
+    """torchrun, 2 CPU processes, KD: DDP training, and COCO metrics equal to a one-process evaluation."""
+    from mdistiller_blockkd.detection.evaluate import evaluate_detector
+
+    opts = ["DATASET.TYPE", "coco", "DATASET.ROOT", coco_root, "DISTILLER.TYPE", "KD", "DISTILLER.TEACHER",
+            "fasterrcnn_resnet34_fpn", "DISTILLER.TEACHER_CKPT", teacher_file, "SOLVER.BATCH_SIZE", "2",
+            "SOLVER.EPOCHS", "1", "DATASET.TEST.BATCH_SIZE", "1", "LOG.PREFIX", str(tmp_path),
+            "EXPERIMENT.NAME", "ddp", "LOG.PROGRESS", "False", *TINY]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "tools", "train.py"), "--cfg",
+                        os.path.join(ROOT, "configs", "detection", "fmnist_det", "vanilla.yaml"), *opts],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = os.path.join(str(tmp_path), "fmnist_det", "ddp")
+    (row,) = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    assert load_checkpoint(os.path.join(folder, "latest"))["world_size"] == 2
+    cfg = det_cfg(coco_root, tmp_path, "DATASET.TEST.BATCH_SIZE", "1")
+    _, val_set, n = build_detection_datasets(cfg)
+    model = build_detector("fasterrcnn_resnet18_fpn", n, cfg.DETECTION)
+    model.load_state_dict(load_checkpoint(os.path.join(folder, "student_latest"))["model"])
+    model.eval()
+    loader = torch.utils.data.DataLoader(val_set, batch_size=1, collate_fn=collate)
+    m = evaluate_detector(model, loader, val_set, "cpu")
+    assert m["AP"] == pytest.approx(row["test_AP"]) and m["AP50"] == pytest.approx(row["test_AP50"])
