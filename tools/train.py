@@ -47,7 +47,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Load the config, build data, distiller and trainer, train; return the trainer's summary."""
     args = parse_args(argv)
-    from mdistiller_blockkd.data import dataset_description, get_dataloaders
+    from mdistiller_blockkd.data import dataset_description, get_loaders
     from mdistiller_blockkd.engine import dist as du
     from mdistiller_blockkd.engine.build import build_distiller, check_distiller_config
     from mdistiller_blockkd.engine.cfg import load_cfg, log_msg
@@ -68,17 +68,18 @@ def main(argv=None):
                 print(msg, flush=True)
 
         seed_everything(cfg.EXPERIMENT.SEED)
-        task = None
+        task, holdout = None, None
         if detection:
-            train_loader, val_loader, distiller, task, desc = build_detection_run(cfg, info.rank, info.world_size,
-                                                                                  info.device)
+            train_loader, test_loader, distiller, task, desc = build_detection_run(cfg, info.rank, info.world_size,
+                                                                                   info.device)
             say(log_msg(f"data: {desc}", "INFO"))
             say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
         else:
-            train_loader, val_loader, num_classes = get_dataloaders(cfg, info.rank, info.world_size)
+            loaders = get_loaders(cfg, info.rank, info.world_size)
+            train_loader, test_loader, holdout = loaders.train, loaders.test, loaders.val
             say(log_msg(f"data: {dataset_description(cfg)}", "INFO"))
             say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
-            distiller = build_distiller(cfg, num_classes, info.device)
+            distiller = build_distiller(cfg, loaders.num_classes, info.device)
         extra = distiller.get_extra_parameters()
         say(log_msg(f"{cfg.DISTILLER.TYPE}: student {cfg.DISTILLER.STUDENT}"
                     + (f", teacher {cfg.DISTILLER.TEACHER}" if distiller.teacher is not None else "")
@@ -86,7 +87,8 @@ def main(argv=None):
                     f"batch {cfg.SOLVER.BATCH_SIZE} per process", "INFO"))
         if hasattr(distiller, "describe"):
             say(log_msg(distiller.describe(), "INFO"))
-        trainer = Trainer(experiment_name(cfg), distiller, train_loader, val_loader, cfg, dist_info=info, task=task)
+        trainer = Trainer(experiment_name(cfg), distiller, train_loader, test_loader, cfg, dist_info=info,
+                          holdout_loader=holdout, task=task)
         return trainer.train(resume=args.resume)
     finally:
         du.cleanup()

@@ -7,7 +7,8 @@ Layout under ``DATASET.ROOT`` (as COCO 2017 unpacks)::
     <root>/train2017/<file_name>
     <root>/val2017/<file_name>
 
-(``DETECTION.TRAIN_SPLIT`` / ``VAL_SPLIT`` rename ``train2017`` / ``val2017``.)
+(``DETECTION.TRAIN_SET`` / ``TEST_SET`` rename ``train2017`` / ``val2017``; COCO's val2017 is
+the set every epoch is scored on, as in the papers.)
 
 Items are ``(image, target)``: ``image`` a float ``3 x H x W`` tensor in ``[0, 1]`` at the
 file's own size (the detector's transform resizes and normalises), ``target`` a dict
@@ -239,8 +240,8 @@ def build_detection_datasets(cfg) -> Tuple[CocoDetection, CocoDetection, int]:
     root = os.path.expanduser(str(cfg.DATASET.ROOT or "./data/coco"))
     d = cfg.DETECTION
     kw = dict(category_ids_as_labels=bool(d.CATEGORY_IDS_AS_LABELS), box_outside=str(d.BOX_OUTSIDE).lower())
-    train = CocoDetection(root, str(d.TRAIN_SPLIT), train=True, subset=int(cfg.DATASET.TRAIN_SUBSET), **kw)
-    val = CocoDetection(root, str(d.VAL_SPLIT), train=False, subset=int(cfg.DATASET.TEST_SUBSET), **kw)
+    train = CocoDetection(root, str(d.TRAIN_SET), train=True, subset=int(cfg.DATASET.TRAIN_SUBSET), **kw)
+    val = CocoDetection(root, str(d.TEST_SET), train=False, subset=int(cfg.DATASET.TEST_SUBSET), **kw)
     if train.cat_to_label != val.cat_to_label:
         raise DatasetError(f"'{train.ann_file}' and '{val.ann_file}' list different categories; both splits need "
                            "the same 'categories'")

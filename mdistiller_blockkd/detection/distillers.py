@@ -71,7 +71,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from ..distillers import losses
 from ..distillers.base import Distiller
-from ..distillers.blockkd import LOGIT_LOSSES, BlockKD, Connector, parse_stones
+from ..distillers.blockkd import BlockKD, Connector, check_options, parse_stones
 from ..errors import ConfigError
 from ..models.staged import StageInfo
 from .models import body_stages, stage_channels
@@ -230,40 +230,48 @@ class DetBlockKD(DetectionDistiller):
         if teacher is None:
             raise ConfigError("BLOCKKD needs a teacher (DISTILLER.TEACHER)")
         c = cfg.BLOCKKD
+        check_options(c)
         if list(c.PAIRS):
             raise ConfigError("BLOCKKD.PAIRS is not used for detection: stone i always splices student layer_i "
                               "onto teacher layer_{i+1}; leave BLOCKKD.PAIRS []")
         s_ch, t_ch = stage_channels(student), stage_channels(teacher)
+        # one connector per FPN level (every stone feeds the teacher's FPN its connected levels 1..i)
         self.connectors = nn.ModuleList(
             Connector(StageInfo(a, r), StageInfo(b, r), c.CONNECTOR) for a, b, r in zip(s_ch, t_ch, _STRIDES))
         n = len(_STRIDES)
-        self.stone_weights = [1.0 / 2 ** (n - 1 - k) for k in range(n)]
+        # the stone options exactly as BlockKD reads them (same attribute names: its methods run on self)
         self.mode, self.k = parse_stones(c.STONES, n)
-        self.has_unused_parameters = self.mode != "all"
-        self._deck, self._pos = [], 0
-        if c.LOGIT_LOSS not in LOGIT_LOSSES:
-            raise ConfigError(f"BLOCKKD.LOGIT_LOSS is '{c.LOGIT_LOSS}'; use one of {', '.join(LOGIT_LOSSES)}")
-        self.logit_loss, self.T = c.LOGIT_LOSS, float(c.T)
+        uniform = str(c.STONE_WEIGHTS).lower() == "uniform"
+        weights = [1.0 if uniform else 1.0 / 2 ** (n - 1 - k) for k in range(n)]
+        keep = range(n - self.k, n) if self.mode == "last" else range(n)
+        self.stone_ids = [k + 1 for k in keep]  # 1-based stone numbers (stone i splices after layer_i)
+        self.stone_weights = [weights[k] for k in keep]
+        self.stone_scale = str(c.STONE_SCALE).lower()
+        self.has_unused_parameters = self.mode in ("sample", "every")
+        self._deck, self._pos, self._step = [], 0, 0
+        self.logit_loss, self.T = str(c.LOGIT_LOSS).lower(), float(c.T)
         self.dkd_alpha, self.dkd_beta = float(c.DKD_ALPHA), float(c.DKD_BETA)
         self.alpha, self.beta, self.gamma = float(c.ALPHA), float(c.BETA), float(c.GAMMA)
-        self.warmup = self.warmup_steps if self.warmup_steps > 0 else c.WARMUP  # read by blockkd_loss
+        self.warmup = self.warmup_steps if self.warmup_steps > 0 else float(c.WARMUP)  # read by blockkd_loss
         self.detach_ensemble, self.weight_cross = bool(c.DETACH_ENSEMBLE), bool(c.WEIGHT_CROSS)
 
     @property
     def num_stones(self) -> int:
-        return len(self.connectors)
+        return len(self.stone_ids)
 
     def stone_logits(self, step, active: Sequence[int]) -> List[Tensor]:
-        """ROI class logits of the stones ``active`` (0-based) for the step's proposals."""
+        """ROI class logits of the stones ``active`` (indices into ``stone_ids``) for the step's proposals."""
+        if not active:
+            return []
         t = self.teacher
         t_layers = body_stages(t)
-        need = max(active) + 1
-        connected = [self.connectors[k](step.body[k]) for k in range(need)]
+        levels_of = [self.stone_ids[k] for k in active]  # stone i uses student levels 1..i
+        connected = [self.connectors[k](step.body[k]) for k in range(max(levels_of))]
         out = []
-        for i in active:  # stone i+1: student layers 1..i+1, teacher layers i+2..4
-            levels = connected[: i + 1]
+        for i in levels_of:  # student layers 1..i, teacher layers i+1..4
+            levels = connected[:i]
             h = levels[-1]
-            for j in range(i + 1, len(t_layers)):
+            for j in range(i, len(t_layers)):
                 h = t_layers[j](h)
                 levels.append(h)
             feats = t.backbone.fpn({str(k): v for k, v in enumerate(levels)})
@@ -277,8 +285,9 @@ class DetBlockKD(DetectionDistiller):
         stones = self.stone_logits(s, active)
         weights = [self.stone_weights[k] * factor for k in active]
         cross_weights = weights if self.weight_cross else [factor] * len(active)
+        student_cross = factor if self.mode == "every" else 1.0
         epoch = int(self.num_steps) if self.warmup_steps > 0 else kwargs.get("epoch", math.inf)
-        out = self.blockkd_loss(s.logits, stones, t_logits, s.labels, weights, cross_weights, epoch)
+        out = self.blockkd_loss(s.logits, stones, t_logits, s.labels, weights, cross_weights, epoch, student_cross)
         det = dict(s.losses)
         det.pop("loss_classifier")  # inside loss_ce (Block-KD's task term)
         return (s.logits.detach(), s.labels), {**out, **det}
@@ -287,10 +296,10 @@ class DetBlockKD(DetectionDistiller):
         """One line per stone."""
         s_ch, t_ch = stage_channels(self.student), stage_channels(self.teacher)
         lines = []
-        for k, w in enumerate(self.stone_weights):
-            conn = ", ".join(f"{a}->{b}" for a, b in zip(s_ch[:k + 1], t_ch[:k + 1]))
-            rest = f"teacher layer{k + 2}..layer4 + " if k + 1 < len(s_ch) else "teacher "
-            lines.append(f"stone{k + 1}: student layer1..layer{k + 1} -> connectors ({conn}) -> {rest}FPN + ROI head, w={w:g}")
+        for i, w in zip(self.stone_ids, self.stone_weights):
+            conn = ", ".join(f"{a}->{b}" for a, b in zip(s_ch[:i], t_ch[:i]))
+            rest = f"teacher layer{i + 1}..layer4 + " if i < len(s_ch) else "teacher "
+            lines.append(f"stone{i}: student layer1..layer{i} -> connectors ({conn}) -> {rest}FPN + ROI head, w={w:g}")
         return "\n".join(lines)
 
 

@@ -53,6 +53,10 @@ def _kind(cfg) -> str:
 def check_detection_config(cfg) -> None:
     """Fail fast, before data is read: distiller type, model names, the teacher file."""
     kind = _kind(cfg)
+    if int(cfg.DATASET.VAL_SPLIT):
+        raise ConfigError(f"DATASET.VAL_SPLIT is {cfg.DATASET.VAL_SPLIT}; a validation split held out of the training "
+                          "images is not supported for detection (DATASET.TYPE coco): leave it 0, the runs are "
+                          "scored on DETECTION.TEST_SET")
     detector_backbone_name(cfg.DISTILLER.STUDENT)
     if kind != "NONE":
         detector_backbone_name(cfg.DISTILLER.TEACHER)
