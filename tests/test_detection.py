@@ -371,3 +371,19 @@ def test_two_process_gloo_detection_run(coco_root, teacher_file, tmp_path):
     loader = torch.utils.data.DataLoader(val_set, batch_size=1, collate_fn=collate)
     m = evaluate_detector(model, loader, val_set, "cpu")
     assert m["AP"] == pytest.approx(row["test_AP"]) and m["AP50"] == pytest.approx(row["test_AP50"])
+
+
+def test_blockkd_stone_options_follow_classification_blockkd(coco_root, teacher_file, tmp_path):
+    cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
+                  "DISTILLER.TEACHER_CKPT", teacher_file, "BLOCKKD.STONES", "last:1")
+    train_set, _, n = build_detection_datasets(cfg)
+    d = build_detection_distiller(cfg, n)
+    assert d.stone_ids == [4] and d.stone_weights == [1.0] and "stone4" in d.describe() and "stone3" not in d.describe()
+    d.train()
+    _, losses = d(image=[train_set[0][0]], target=[train_set[0][1]], epoch=1)
+    sum(losses.values()).backward()
+    assert all(c.proj[0].weight.grad is not None for c in d.connectors)  # stone 4 uses every level's connector
+    bad = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
+                  "DISTILLER.TEACHER_CKPT", teacher_file, "BLOCKKD.PAIRS", "[[1, 1]]")
+    with pytest.raises(ConfigError, match="PAIRS is not used for detection"):
+        build_detection_distiller(bad, n)

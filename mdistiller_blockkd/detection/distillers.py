@@ -71,7 +71,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from ..distillers import losses
 from ..distillers.base import Distiller
-from ..distillers.blockkd import BlockKD, Connector, check_options, parse_stones
+from ..distillers.blockkd import BlockKD, Connector, check_options
 from ..errors import ConfigError
 from ..models.staged import StageInfo
 from .models import body_stages, stage_channels
@@ -215,10 +215,11 @@ class DetBlockKD(DetectionDistiller):
     """``BLOCKKD`` for Faster R-CNN: stones through the teacher's remaining stages, FPN and ROI head.
 
     The loss, the logit distance and the stone selection are Block-KD's own
-    (:meth:`BlockKD.blockkd_loss`, :meth:`BlockKD.distance`, :meth:`BlockKD._active_stones`,
-    shared here, not copied: they read the same attribute names).
+    (:meth:`BlockKD.setup_options`, :meth:`BlockKD.blockkd_loss`, :meth:`BlockKD.distance`,
+    :meth:`BlockKD._active_stones`, shared here, not copied: they set and read the same attributes).
     """
 
+    setup_options = BlockKD.setup_options
     blockkd_loss = BlockKD.blockkd_loss
     distance = BlockKD.distance
     _active_stones = BlockKD._active_stones
@@ -238,22 +239,9 @@ class DetBlockKD(DetectionDistiller):
         # one connector per FPN level (every stone feeds the teacher's FPN its connected levels 1..i)
         self.connectors = nn.ModuleList(
             Connector(StageInfo(a, r), StageInfo(b, r), c.CONNECTOR) for a, b, r in zip(s_ch, t_ch, _STRIDES))
-        n = len(_STRIDES)
-        # the stone options exactly as BlockKD reads them (same attribute names: its methods run on self)
-        self.mode, self.k = parse_stones(c.STONES, n)
-        uniform = str(c.STONE_WEIGHTS).lower() == "uniform"
-        weights = [1.0 if uniform else 1.0 / 2 ** (n - 1 - k) for k in range(n)]
-        keep = range(n - self.k, n) if self.mode == "last" else range(n)
-        self.stone_ids = [k + 1 for k in keep]  # 1-based stone numbers (stone i splices after layer_i)
-        self.stone_weights = [weights[k] for k in keep]
-        self.stone_scale = str(c.STONE_SCALE).lower()
-        self.has_unused_parameters = self.mode in ("sample", "every")
-        self._deck, self._pos, self._step = [], 0, 0
-        self.logit_loss, self.T = str(c.LOGIT_LOSS).lower(), float(c.T)
-        self.dkd_alpha, self.dkd_beta = float(c.DKD_ALPHA), float(c.DKD_BETA)
-        self.alpha, self.beta, self.gamma = float(c.ALPHA), float(c.BETA), float(c.GAMMA)
-        self.warmup = self.warmup_steps if self.warmup_steps > 0 else float(c.WARMUP)  # read by blockkd_loss
-        self.detach_ensemble, self.weight_cross = bool(c.DETACH_ENSEMBLE), bool(c.WEIGHT_CROSS)
+        self.setup_options(c, len(_STRIDES))  # Block-KD's own option reading: stones, weights, losses
+        if self.warmup_steps > 0:
+            self.warmup = self.warmup_steps  # blockkd_loss ramps over steps (forward_train passes the step count)
 
     @property
     def num_stones(self) -> int:

@@ -224,17 +224,25 @@ class BlockKD(Distiller):
         self.sview: StagedView = student.staged_view()
         self.tview: StagedView = teacher.staged_view()
         pairs = pair_blocks(self.sview, self.tview, c.PAIRS)
-        n = len(pairs)
+        keep = self.setup_options(c, len(pairs))
+        self.pairs = [pairs[k] for k in keep]
+        self.connectors = nn.ModuleList(
+            Connector(self.sview.block_info[i], self.tview.block_info[j], c.CONNECTOR) for i, j in self.pairs)
+        self.batch_stones = str(c.BATCH_STONES).lower()
+
+    def setup_options(self, c, n: int) -> range:
+        """Read the stone selection, stone weights and loss options of ``c`` for ``n`` stones.
+
+        Returns the indices of the stones that exist (``last:K``: the other stones do not).
+        Shared with the detection Block-KD, which has its own stones.
+        """
         self.mode, self.k = parse_stones(c.STONES, n)
         uniform = str(c.STONE_WEIGHTS).lower() == "uniform"
         weights = [1.0 if uniform else 1.0 / 2 ** (n - 1 - k) for k in range(n)]
         keep = range(n - self.k, n) if self.mode == "last" else range(n)  # last:K: the other stones do not exist
         #: 1-based numbers of the stones among all of the pair's (``stone<id>`` in logs)
         self.stone_ids = [k + 1 for k in keep]
-        self.pairs = [pairs[k] for k in keep]
         self.stone_weights = [weights[k] for k in keep]
-        self.connectors = nn.ModuleList(
-            Connector(self.sview.block_info[i], self.tview.block_info[j], c.CONNECTOR) for i, j in self.pairs)
         self.stone_scale = str(c.STONE_SCALE).lower()
         self.has_unused_parameters = self.mode in ("sample", "every")
         self._deck, self._pos = [], 0  # sample:K draw state (see _active_stones)
@@ -244,7 +252,7 @@ class BlockKD(Distiller):
         self.alpha, self.beta, self.gamma = float(c.ALPHA), float(c.BETA), float(c.GAMMA)
         self.warmup = float(c.WARMUP)
         self.detach_ensemble, self.weight_cross = bool(c.DETACH_ENSEMBLE), bool(c.WEIGHT_CROSS)
-        self.batch_stones = str(c.BATCH_STONES).lower()
+        return keep
 
     @classmethod
     def check_cfg(cls, cfg) -> None:
