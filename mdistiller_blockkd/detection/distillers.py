@@ -286,7 +286,9 @@ class DetBlockKD(DetectionDistiller):
         lines = []
         for i, w in zip(self.stone_ids, self.stone_weights):
             conn = ", ".join(f"{a}->{b}" for a, b in zip(s_ch[:i], t_ch[:i]))
-            rest = f"teacher layer{i + 1}..layer4 + " if i < len(s_ch) else "teacher "
+            n = len(s_ch)
+            rest = (f"teacher layer{i + 1}..layer{n} + " if i + 1 < n else f"teacher layer{n} + " if i < n
+                    else "teacher ")
             lines.append(f"stone{i}: student layer1..layer{i} -> connectors ({conn}) -> {rest}FPN + ROI head, w={w:g}")
         return "\n".join(lines)
 
