@@ -172,7 +172,7 @@ def test_cli_prints_one_error_line_for_a_missing_annotation_file(tmp_path):
 
 
 # -- models ---------------------------------------------------------------------------------
-def test_detector_keys_are_torchvisions():
+def test_detector_keys_are_torchvisions(tmp_path):
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
     cfg = load_cfg(None, ["DETECTION.REPRESENTATION_SIZE", "1024"])
@@ -182,6 +182,13 @@ def test_detector_keys_are_torchvisions():
     ref = {k: v for k, v in ref.items() if not k.endswith("num_batches_tracked")}
     assert list(ours) == list(ref)
     assert all(ours[k].shape == ref[k].shape for k in ref)
+    # a file laid out like torchvision's COCO weights (bare state dict, FrozenBN, old RPN-head names) loads offline
+    old = {k.replace("rpn.head.conv.0.0.", "rpn.head.conv."): v for k, v in ref.items()}
+    path = os.path.join(str(tmp_path), "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth")
+    torch.save(old, path)
+    teacher = build_detector("fasterrcnn_resnet50_fpn", 91, cfg.DETECTION, norm="frozen_bn")
+    load_detector_weights(teacher, path, "fasterrcnn_resnet50_fpn", 91)
+    assert torch.equal(teacher.rpn.head.conv[0][0].weight, ref["rpn.head.conv.0.0.weight"])
     with pytest.raises(ConfigError, match="unknown"):
         build_detector("fasterrcnn_vgg16_fpn", 3, cfg.DETECTION)
 
