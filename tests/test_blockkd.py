@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mdistiller_blockkd.distillers import distiller_dict
 from mdistiller_blockkd.distillers.blockkd import BlockKD, pair_blocks
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError
 from mdistiller_blockkd.models import build_model
 from mdistiller_blockkd.models.staged import StageInfo

@@ -22,7 +22,7 @@ from mdistiller_blockkd.data import (
 )
 from mdistiller_blockkd.data import cifar100 as cifar_mod
 from mdistiller_blockkd.data import fashion_mnist as fm_mod
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError, DatasetError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,11 +275,7 @@ def test_embedded_subset_loads_balanced():
 
 
 def test_make_fmnist_subset_tool(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import make_fmnist_subset as tool
-    finally:
-        sys.path.pop(0)
+    from mdistiller_blockkd.cli import make_fmnist_subset as tool
     with pytest.raises(SystemExit) as e:
         tool.main(["--help"])
     assert e.value.code == 0 and "--train" in capsys.readouterr().out

@@ -1,6 +1,5 @@
 """tools/demo.py: the --quick path end to end, --resume, the results table and the teacher check."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("_test_tool_demo", REPO / "tools" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
+    from mdistiller_blockkd.cli import demo as mod
+
     return mod
 
 

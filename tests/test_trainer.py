@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from mdistiller_blockkd.data import get_dataloaders
 from mdistiller_blockkd.distillers import Vanilla
 from mdistiller_blockkd.engine.build import build_distiller
-from mdistiller_blockkd.engine.cfg import load_cfg
-from mdistiller_blockkd.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from mdistiller_blockkd.config import load_cfg
+from mdistiller_blockkd.utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from mdistiller_blockkd.engine.trainer import Trainer, experiment_name, learning_rate
-from mdistiller_blockkd.engine.utils import get_rng_state, seed_everything, set_rng_state
+from mdistiller_blockkd.utils.misc import get_rng_state, seed_everything, set_rng_state
 from mdistiller_blockkd.errors import CheckpointError, ConfigError, TrainingError
 from mdistiller_blockkd.models import build_model
 
@@ -151,7 +151,7 @@ def test_outputs_metrics_format_and_student_files(tmp_path):
     out = run_dir(cfg)
     names = set(os.listdir(out))
     assert {"latest", "best", "student_latest", "student_best", "epoch_1", "epoch_2", "student_1", "student_2",
-            "ckpt_epoch_2.pth", "config.yaml", "metrics.jsonl", "worklog.txt", "train.events"} == names
+            "ckpt_epoch_2.pth", "config.yaml", "metrics.jsonl", "worklog.txt", "train.events", ".lock"} == names
     rows = read_metrics(cfg)
     assert [r["epoch"] for r in rows] == [1, 2]
     expected = {"epoch", "lr", "train_loss", "loss_ce", "train_acc", "test_acc", "test_acc_top5", "test_loss",

@@ -22,7 +22,7 @@ import zlib
 import numpy as np
 import torchvision.transforms as T
 
-from ..engine.fileio import atomic_write
+from ..utils.fileio import atomic_write
 from ..errors import DatasetError
 from .common import ArrayImageDataset, GrayToRGB
 
