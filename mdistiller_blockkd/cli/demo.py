@@ -471,7 +471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cli(argv: Optional[Sequence[str]] = None):
     """Console-script entry point: :func:`main` with one ``error:`` line for a user error."""
-    return run_cli(lambda: main(argv))
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def main(argv=None):
     from ..config import load_cfg, log_msg
     from ..data import dataset_description, get_dataloaders
     from ..engine.build import build_distiller, check_distiller_config
-    from ..engine.trainer import Trainer, experiment_name
+    from ..engine.trainer import Trainer, check_fresh_start, experiment_name, output_dir
     from ..registry import import_modules
     from ..utils import dist as du
     from ..utils.misc import seed_everything
@@ -71,6 +71,8 @@ def main(argv=None):
     if str(cfg.SOLVER.TRAINER).lower() != "base":
         raise ConfigError(f"SOLVER.TRAINER is '{cfg.SOLVER.TRAINER}'; this toolbox has one trainer: base")
     check_distiller_config(cfg)  # before any data is read or downloaded
+    if not args.resume:  # the trainer checks again under the folder's lock
+        check_fresh_start(output_dir(cfg), int(cfg.SOLVER.EPOCHS), args.overwrite)
     info = du.init_distributed()
     try:
         def say(msg):

@@ -100,7 +100,7 @@ from ..utils.misc import (
     set_rng_state,
 )
 
-__all__ = ["Trainer", "evaluate_model", "run_checkpoints", "experiment_name", "output_dir", "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
+__all__ = ["Trainer", "evaluate_model", "check_fresh_start", "run_checkpoints", "experiment_name", "output_dir", "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
 
 #: On CUDA, loss values are copied to the host (and checked) every this many steps.
 CUDA_CHECK_EVERY = 25
@@ -110,6 +110,31 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Checkpoint files a run writes (``epoch_<n>``, ``student_<n>``, ``ckpt_epoch_<n>.pth`` too).
 _CKPT_NAMES = ("latest", "best", "student_latest", "student_best")
 _CKPT_PATTERN = re.compile(r"^(epoch_\d+|student_\d+|ckpt_epoch_\d+\.pth)$")
+
+
+def check_fresh_start(folder: str, epochs: int, overwrite: bool = False) -> List[str]:
+    """Check that a fresh run may start in ``folder``; return the checkpoints ``overwrite`` would replace.
+
+    Raises :class:`ConfigError` (one line offering ``--resume``, a new
+    ``EXPERIMENT.NAME`` or ``--overwrite``) when the folder holds a run -- checkpoints or
+    epoch records -- and ``overwrite`` is false, and always when ``ckpt_epoch_<epochs>.pth``
+    is there without the ``latest`` of a run (a teacher file someone put there). Reads only.
+    """
+    final = os.path.join(folder, f"ckpt_epoch_{epochs}.pth")
+    if os.path.isfile(final) and not os.path.isfile(os.path.join(folder, "latest")):
+        raise ConfigError(
+            f"'{final}' already exists and was not written by a run in '{folder}' (no 'latest' there); "
+            "move it away, or set EXPERIMENT.NAME / LOG.PREFIX to another output folder"
+        )
+    ckpts = run_checkpoints(folder)
+    records = read_json_lines(os.path.join(folder, "metrics.jsonl"), warnings=[])
+    if (ckpts or records) and not overwrite:
+        raise ConfigError(
+            f"'{folder}' already holds a run ({len(records)} epoch(s) in metrics.jsonl, checkpoints: "
+            f"{', '.join(ckpts[:4]) or 'none'}{' ...' if len(ckpts) > 4 else ''}); continue it with --resume, "
+            "start another run with a new EXPERIMENT.NAME, or replace it with --overwrite"
+        )
+    return ckpts
 
 
 def run_checkpoints(folder: str) -> List[str]:
@@ -346,22 +371,9 @@ class Trainer:
             raise ConfigError(problem)
 
     def _check_fresh(self, overwrite: bool) -> None:
-        final = self.path(f"ckpt_epoch_{self.epochs}.pth")
-        if os.path.isfile(final) and not os.path.isfile(self.path("latest")):
-            raise ConfigError(
-                f"'{final}' already exists and was not written by a run in '{self.log_path}' (no 'latest' there); "
-                "move it away, or set EXPERIMENT.NAME / LOG.PREFIX to another output folder"
-            )
-        ckpts = run_checkpoints(self.log_path)
-        epochs = read_json_lines(self.path("metrics.jsonl"), warnings=[])
-        if not (ckpts or epochs):
+        ckpts = check_fresh_start(self.log_path, self.epochs, overwrite)
+        if not ckpts:
             return
-        if not overwrite:
-            raise ConfigError(
-                f"'{self.log_path}' already holds a run ({len(epochs)} epoch(s) in metrics.jsonl, checkpoints: "
-                f"{', '.join(ckpts[:4]) or 'none'}{' ...' if len(ckpts) > 4 else ''}); continue it with --resume, "
-                "start another run with a new EXPERIMENT.NAME, or replace it with --overwrite"
-            )
         for name in ckpts:  # the old run's files would mix with the new one's
             os.remove(self.path(name))
         self.log(f"--overwrite: replacing the run in {self.log_path} ({len(ckpts)} checkpoint(s) deleted)")
