@@ -114,3 +114,14 @@ def test_registry_refuses_a_silent_replacement():
     assert reg.lookup("a") is sum
     with pytest.raises(ConfigError, match="unknown thing 'b'; known things: a"):
         reg.lookup("b")
+
+
+def test_study_expands_patterns_of_short_names(tmp_path, monkeypatch):
+    from mdistiller_blockkd.cli.study import expand_configs
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the pattern is matched against the shipped configs
+    got = expand_configs(["fmnist/study/teachers/*", "configs/synthetic/*.yaml"])
+    assert [os.path.basename(p) for p in got[-1:]] == ["vanilla_resnet8.yaml"] and len(got) >= 3
+    assert all(os.path.isfile(p) for p in got)
+    with pytest.raises(ConfigError, match="'nope/\\*' matches no config"):
+        expand_configs(["nope/*"])

@@ -142,7 +142,7 @@ def run_cells(cells: Sequence[Cell], jobs: int, threads: int, dry_run: bool = Fa
 
 def expand_configs(names: Sequence[str]) -> List[str]:
     """Config files for ``--cfg``: files and short names as given (resolved), glob patterns expanded
-    (against the working directory, else against the shipped configs), each file once, in order."""
+    (against the working directory, else against the shipped configs), in order."""
     from ..config import config_dir, resolve_config
 
     out: List[str] = []
@@ -159,7 +159,7 @@ def expand_configs(names: Sequence[str]) -> List[str]:
             if not found:
                 raise ConfigError(f"--cfg pattern '{name}' matches no config file; give files or shipped configs' "
                                   "short names (list them with: python -m mdistiller_blockkd configs)")
-        out += [f for f in found if f not in out]
+        out += found
     return out
 
 
