@@ -67,8 +67,6 @@ import yaml  # noqa: E402
 from ..errors import ConfigError, UserError, run_cli  # noqa: E402
 from .common import atomic_write_text, read_metrics  # noqa: E402
 
-#: Folder of the demo's shipped configs (short names ``demo/<stage>``).
-CONFIG_DIR = "demo"
 DEFAULT_OUT = os.path.join("output", "demo")
 QUICK_OUT = os.path.join("output", "demo_quick")
 #: The teacher must beat the vanilla student by at least this many points (best top-1).
