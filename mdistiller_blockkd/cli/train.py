@@ -59,7 +59,7 @@ def main(argv=None):
     """Load the config, build data, distiller and trainer, train; return the trainer's summary."""
     args = parse_args(argv)
     from ..config import load_cfg, log_msg
-    from ..data import dataset_description, get_dataloaders
+    from ..data import dataset_description, get_loaders
     from ..engine.build import build_distiller, check_distiller_config
     from ..engine.trainer import Trainer, check_fresh_start, experiment_name, output_dir
     from ..registry import import_modules
@@ -80,7 +80,8 @@ def main(argv=None):
                 print(msg, flush=True)
 
         seed_everything(cfg.EXPERIMENT.SEED)
-        train_loader, val_loader, num_classes = get_dataloaders(cfg, info.rank, info.world_size)
+        loaders = get_loaders(cfg, info.rank, info.world_size)
+        num_classes = loaders.num_classes
         say(log_msg(f"data: {dataset_description(cfg)}", "INFO"))
         say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
         distiller = build_distiller(cfg, num_classes, info.device)
@@ -89,7 +90,8 @@ def main(argv=None):
                     + f"); device {info.device}, {info.world_size} process(es), "
                     f"batch {cfg.SOLVER.BATCH_SIZE} per process", "INFO"))
         say(log_msg(distiller.describe(), "INFO"))
-        trainer = Trainer(experiment_name(cfg), distiller, train_loader, val_loader, cfg, dist_info=info)
+        trainer = Trainer(experiment_name(cfg), distiller, loaders.train, loaders.test, cfg, dist_info=info,
+                          holdout_loader=loaders.val)
         return trainer.train(resume=args.resume, overwrite=args.overwrite)
     finally:
         du.cleanup()

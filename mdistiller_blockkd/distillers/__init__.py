@@ -13,9 +13,10 @@ from .base import Distiller, Vanilla
 from .blockkd import BlockKD
 from .dkd import DKD
 from .kd import KD
+from .lskd import LSKD
 from .reviewkd import ReviewKD
 
 #: mdistiller's name for the distiller registry.
 distiller_dict = DISTILLERS
 
-__all__ = ["Distiller", "Vanilla", "KD", "DKD", "ReviewKD", "BlockKD", "distiller_dict", "register_distiller"]
+__all__ = ["Distiller", "Vanilla", "KD", "LSKD", "DKD", "ReviewKD", "BlockKD", "distiller_dict", "register_distiller"]
