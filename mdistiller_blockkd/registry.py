@@ -17,8 +17,8 @@ itself without this package importing it back::
 * :data:`DISTILLERS` -- upper-case type name -> distiller class (``distillers.distiller_dict``).
 
 An outside package is found without any edit here in one of two ways: it is imported
-before the config is built (``--import my_package`` on the train, eval and benchmark
-commands), or it declares an entry point in the group :data:`PLUGIN_GROUP`
+before the config is built (``--import my_package`` on the train and eval commands),
+or it declares an entry point in the group :data:`PLUGIN_GROUP`
 (``[options.entry_points] mdistiller_blockkd.plugins = my = my_package``), which
 :func:`load_plugins` imports once.
 """

@@ -120,6 +120,8 @@ def test_two_process_gloo_run(tmp_path):
     assert set(row) == METRIC_KEYS
     ckpt = torch.load(folder / "latest", map_location="cpu", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    # each rank has its own augmentation generator (distinct draws), saved for an exact resume
+    assert not torch.equal(ckpt["rng"][0]["gen_augment"], ckpt["rng"][1]["gen_augment"])
     # the logged accuracy is over the whole test set (40 items split 20/20 over the ranks)
     from mdistiller_blockkd.data import get_dataloaders
     from mdistiller_blockkd.distillers import Vanilla

@@ -125,3 +125,39 @@ def test_study_expands_patterns_of_short_names(tmp_path, monkeypatch):
     assert all(os.path.isfile(p) for p in got)
     with pytest.raises(ConfigError, match="'nope/\\*' matches no config"):
         expand_configs(["nope/*"])
+
+
+def test_entry_point_plugins_are_loaded_without_any_flag(tmp_path):
+    """A package that declares the entry point group mdistiller_blockkd.plugins is imported on first need."""
+    site = tmp_path / "site"
+    (site / "ep_plugin_demo-0.1.dist-info").mkdir(parents=True)
+    (site / "ep_plugin_demo-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugin-demo\nVersion: 0.1\n")
+    (site / "ep_plugin_demo-0.1.dist-info" / "entry_points.txt").write_text(
+        "[mdistiller_blockkd.plugins]\ndemo = ep_plugin_demo\n")
+    (site / "ep_plugin_demo.py").write_text(textwrap.dedent('''
+        from mdistiller_blockkd.models import build_model
+        from mdistiller_blockkd.registry import register_model
+
+        @register_model("ep_resnet8", teacher_ckpt=False)
+        def ep_resnet8(num_classes=100, **kw):
+            return build_model("resnet8", num_classes=num_classes)
+        '''))
+    code = ("from mdistiller_blockkd.models import build_model, list_models\n"
+            "m = build_model('ep_resnet8', num_classes=7)\n"
+            "print('ep_resnet8' in list_models(), m.fc.out_features)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(site)]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "7"]
+
+
+def test_import_modules_names_a_missing_module(tmp_path, monkeypatch):
+    from mdistiller_blockkd.registry import import_modules
+
+    (tmp_path / "imp_demo_mod.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import_modules(["imp_demo_mod"])
+    assert sys.modules["imp_demo_mod"].X == 1
+    with pytest.raises(ConfigError, match="cannot import 'nope_nope_mod'"):
+        import_modules(["nope_nope_mod"])

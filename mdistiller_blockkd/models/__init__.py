@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from ..errors import ConfigError
-from ..registry import CIFAR_TEACHER_DIR, MODELS, register_model  # noqa: F401 - part of this API
+from ..registry import CIFAR_TEACHER_DIR, MODELS, load_plugins, register_model  # noqa: F401 - part of this API
 from .cifar import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401 - they register
 from .staged import StagedModel, StagedView, StageInfo, count_params  # noqa: F401
 
@@ -25,7 +25,8 @@ model_dict = MODELS
 
 
 def list_models() -> List[str]:
-    """Sorted names of the registered models (``timm:<name>`` models are not listed)."""
+    """Sorted names of the registered models, plugins' included (``timm:<name>`` models are not listed)."""
+    load_plugins()
     return sorted(MODELS)
 
 
@@ -40,6 +41,8 @@ def build_model(name: str, num_classes: int = 100, pretrained=False, **kwargs) -
         from .timm_backbone import build_timm_model
 
         return build_timm_model(name[len("timm:"):], num_classes=num_classes, pretrained=pretrained, **kwargs)
+    if name not in MODELS:
+        load_plugins()  # outside packages' models (entry points), imported on first need
     if name not in MODELS:
         raise ConfigError(
             f"unknown model '{name}'. Known CIFAR models: {', '.join(sorted(MODELS))}; "
