@@ -59,8 +59,8 @@ def main(argv=None):
     """Load the config, build data, distiller and trainer, train; return the trainer's summary."""
     args = parse_args(argv)
     from ..config import load_cfg, log_msg
-    from ..data import dataset_description, get_loaders
-    from ..engine.build import build_distiller, check_distiller_config
+    from ..data import dataset_description
+    from ..engine.build import assemble, check_distiller_config
     from ..engine.trainer import Trainer, check_fresh_start, experiment_name, output_dir
     from ..registry import import_modules
     from ..utils import dist as du
@@ -80,11 +80,9 @@ def main(argv=None):
                 print(msg, flush=True)
 
         seed_everything(cfg.EXPERIMENT.SEED)
-        loaders = get_loaders(cfg, info.rank, info.world_size)
-        num_classes = loaders.num_classes
+        loaders, distiller = assemble(cfg, info.rank, info.world_size, info.device)
         say(log_msg(f"data: {dataset_description(cfg)}", "INFO"))
         say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
-        distiller = build_distiller(cfg, num_classes, info.device)
         say(log_msg(f"{cfg.DISTILLER.TYPE} ({cfg.DISTILLER.STUDENT}"
                     + (f" from {cfg.DISTILLER.TEACHER}" if distiller.teacher is not None else "")
                     + f"); device {info.device}, {info.world_size} process(es), "

@@ -3,6 +3,7 @@
 It stands above the models, the data and the distillers (it is the only module that
 reads both ``DATASET.*`` and ``DISTILLER.*``) and below the trainer and the commands.
 
+* :func:`assemble` -- the data loaders and the distiller of a run (what the train command uses);
 * :func:`build_distiller` -- student, teacher and the ``DISTILLER.TYPE`` method;
 * :func:`make_distiller` -- the method around a given student and teacher;
 * :func:`input_size` -- the side of the dataset's images, which the distillers receive;
@@ -21,13 +22,14 @@ from typing import Optional
 import torch
 
 from ..config import shipped_config
+from ..data import get_loaders
 from ..distillers import distiller_dict
 from ..errors import CheckpointError, ConfigError
 from ..models import build_model, default_teacher_ckpt, list_models
 from ..registry import load_plugins
 from ..utils.checkpoint import load_model_weights
 
-__all__ = ["build_distiller", "make_distiller", "input_size", "check_distiller_config", "teacher_checkpoint_path",
+__all__ = ["assemble", "build_distiller", "make_distiller", "input_size", "check_distiller_config", "teacher_checkpoint_path",
            "distiller_type"]
 
 
@@ -162,3 +164,14 @@ def make_distiller(cfg, student, teacher, kind: Optional[str] = None):
     """``distiller_dict[kind](student, teacher, cfg, input_size=input_size(cfg))``; ``kind`` defaults to ``DISTILLER.TYPE``."""
     kind = distiller_type(cfg) if kind is None else str(kind).upper()
     return distiller_dict.lookup(kind, "DISTILLER.TYPE")(student, teacher, cfg, input_size=input_size(cfg))
+
+
+def assemble(cfg, rank: int = 0, world_size: int = 1, device="cpu"):
+    """The data and the distiller of a run: ``(loaders, distiller)``.
+
+    ``loaders`` is :func:`mdistiller_blockkd.data.get_loaders` for process ``rank`` of
+    ``world_size`` (train, validation split, test, number of classes); ``distiller`` is
+    :func:`build_distiller` for that number of classes, on ``device``.
+    """
+    loaders = get_loaders(cfg, rank, world_size)
+    return loaders, build_distiller(cfg, loaders.num_classes, device)

@@ -108,7 +108,8 @@ from ..utils.misc import (
     set_rng_state,
 )
 
-__all__ = ["Trainer", "evaluate_model", "check_fresh_start", "run_checkpoints", "experiment_name", "output_dir", "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
+__all__ = ["Trainer", "evaluate_model", "check_fresh_start", "run_checkpoints", "experiment_name", "output_dir",
+           "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
 
 #: On CUDA, loss values are copied to the host (and checked) every this many steps.
 CUDA_CHECK_EVERY = 25

@@ -14,7 +14,7 @@ mid-write, no temporary file behind.
 * :class:`FolderLock` -- an exclusive lock on a run folder that a killed process cannot leave stuck.
 
 This module imports neither torch nor numpy, so the light command-line tools
-(``tools/report.py``) can use it and still start fast.
+(the report command) can use it and still start fast.
 """
 
 from __future__ import annotations
