@@ -53,9 +53,13 @@ def _list_configs(argv) -> int:
         print("usage: python -m mdistiller_blockkd configs", file=sys.stderr)
         return 2
     names = list_configs()
-    print(f"{len(names)} shipped configs in {config_dir()} (give --cfg one of these short names, or a file):")
-    for n in names:
-        print(f"  {n}")
+    try:
+        print(f"{len(names)} shipped configs in {config_dir()} (give --cfg one of these short names, or a file):")
+        for n in names:
+            print(f"  {n}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... configs | head`
+        sys.stdout = None
     return 0
 
 
