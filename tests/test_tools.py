@@ -142,7 +142,7 @@ def test_benchmark_help():
 
 # -- report -------------------------------------------------------------------------
 def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", student="resnet20", extra=None,
-              stones=0, tail=""):
+              stones=0, tail="", val=None):
     """A run directory as the trainer writes it: config.yaml (cfg.dump()) and metrics.jsonl."""
     d = root / name
     d.mkdir(parents=True)
@@ -159,6 +159,8 @@ def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", stu
             rec[f"acc_stone{k + 1}"] = acc + k + 1
         if stones:
             rec["acc_teacher"] = 72.34
+        if val is not None:
+            rec["val_acc"] = val[e - 1]
         lines.append(json.dumps(rec))
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
     return d
@@ -273,3 +275,49 @@ def test_read_metrics_keeps_last_record_of_repeated_epoch(tmp_path):
     recs, warns = read_metrics(str(p))
     assert [(r["epoch"], r["test_acc"]) for r in recs] == [(1, 1), (2, 7)]
     assert len(warns) == 1 and "not a JSON object" in warns[0]
+
+
+def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, capsys):
+    """Runs with a validation split: tables to choose on, differences to several baselines; hyper-parameters
+    name a variant only where they differ from the other runs; --cost adds step costs and the cost plot."""
+    root = tmp_path / "study"
+    study = ["BLOCKKD.WARMUP", 2, "BLOCKKD.T", 4.0]  # shared by every Block-KD run: names nothing
+    for seed in range(3):
+        write_run(root, f"kd/s{seed}", "KD", seed, [60.0, 70.0 + seed], val=[61.0, 69.0 + seed])
+        write_run(root, f"bkd/s{seed}", "BLOCKKD", seed, [62.0, 74.0 + seed], val=[63.0, 80.0 - seed],
+                  extra=study)
+        write_run(root, f"bkd_g0/s{seed}", "BLOCKKD", seed, [62.0, 72.0 + seed], val=[64.0, 71.0 + seed],
+                  extra=study + ["BLOCKKD.GAMMA", 0.0])
+        write_run(root, f"bkd_e3/s{seed}", "BLOCKKD", seed, [61.0, 73.0], val=[62.0, 72.0 + 2 * seed],
+                  extra=study + ["BLOCKKD.STONES", "every:3", "BLOCKKD.STONE_SCALE", "none"])
+    bench = tmp_path / "bench.json"
+    rows = [{"teacher": "resnet56", "student": "resnet20", "distiller": d, "variant": v, "ratio_to_kd": r}
+            for d, v, r in (("KD", "", 1.0), ("BLOCKKD", "", 1.9), ("BLOCKKD", "every:3 STONE_SCALE=none", 1.3))]
+    bench.write_text(json.dumps({"results": rows}))
+    plots = tmp_path / "plots"
+    assert report.main(["--root", str(root), "--baseline", "BLOCKKD", "--baseline", "KD", "--cost", str(bench),
+                        "--plots", str(plots)]) == 0
+    out = capsys.readouterr().out
+    col = "resnet56->resnet20"
+    val = table_rows(out, "## Validation top-1, last epoch")
+    assert list(val) == ["KD", "BLOCKKD", "BLOCKKD GAMMA=0.0", "BLOCKKD every:3 STONE_SCALE=none"]
+    assert val["BLOCKKD"][col] == "79.00 ± 1.00 (3 seeds)"
+    at_best = table_rows(out, "## Test top-1 at the epoch of best validation top-1")
+    assert at_best["BLOCKKD"][col] == "75.00 ± 1.00 (3 seeds)"
+    # validation: GAMMA=0.0 (72 ± 1) minus Block-KD (79 ± 1): -7 ± sqrt(2/3)
+    d = table_rows(out, "## Validation top-1 (last epoch) minus BLOCKKD")
+    se = math.sqrt(2 / 3)
+    assert d["BLOCKKD GAMMA=0.0"][col] == f"-7.00 ± {se:.2f} ({-7 / se:+.1f})"
+    assert "## Test top-1 (last epoch) minus KD" in out and "## Validation top-1 (last epoch) minus KD" in out
+    assert "## Best top-1 minus" not in out  # with a validation split, differences are on val and last test
+    cost = table_rows(out, "## Training cost")
+    assert "benchmark 1.30× KD, 2.6 KD-epochs" in cost["BLOCKKD every:3 STONE_SCALE=none"][col]
+    # a hyper-parameter variant costs what its method costs (same stones): matched by the method options
+    assert "benchmark 1.90× KD" in cost["BLOCKKD"][col] and "benchmark 1.90× KD" in cost["BLOCKKD GAMMA=0.0"][col]
+    assert (plots / "cost_acc.png").stat().st_size > 1000
+    # a broken or missing cost file is one clear error
+    bench.write_text("{}")
+    with pytest.raises(UserError, match="not a benchmark --json file"):
+        report.main(["--root", str(root), "--cost", str(bench)])
+    with pytest.raises(UserError, match="not found"):
+        report.main(["--root", str(root), "--cost", str(tmp_path / "nope.json")])

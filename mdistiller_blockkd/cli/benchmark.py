@@ -88,7 +88,7 @@ from ..config import load_cfg
 from ..errors import ConfigError, run_cli
 from ..models import build_model, list_models
 from .common import (
-    DEFAULT_LABEL_KEYS,
+    BARE_LABEL_KEYS,
     atomic_write_text,
     split_overrides,
     split_top_level,
@@ -159,7 +159,7 @@ def parse_variant(spec: str) -> Tuple[str, List[str], str]:
     node = nodes.pop()
     labels = []
     for key, value in zip(flat[0::2], flat[1::2]):
-        labels.append(value if key in DEFAULT_LABEL_KEYS else f"{key.rsplit('.', 1)[-1]}={value}")
+        labels.append(value if key in BARE_LABEL_KEYS else f"{key.rsplit('.', 1)[-1]}={value}")
     return node, flat, " ".join(labels)
 
 

@@ -23,10 +23,13 @@ from ..utils.fileio import atomic_write_bytes_from, atomic_write_text, read_json
 
 #: Config keys whose non-default value names a variant of a method. A key under a
 #: distiller's node (``BLOCKKD.*``) only labels runs of that distiller.
-DEFAULT_LABEL_KEYS: Tuple[str, ...] = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "BLOCKKD.CONNECTOR")
+DEFAULT_LABEL_KEYS: Tuple[str, ...] = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "BLOCKKD.CONNECTOR",
+                                        "BLOCKKD.STONE_SCALE", "BLOCKKD.STONE_WEIGHTS")
+#: Keys whose value alone reads as the variant (``sample:1``); other keys show as ``NAME=value``.
+BARE_LABEL_KEYS: Tuple[str, ...] = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "BLOCKKD.CONNECTOR")
 
 #: Distiller node names of the config (a key under one of them only concerns that method).
-DISTILLER_NODES: Tuple[str, ...] = ("KD", "DKD", "REVIEWKD", "BLOCKKD")
+DISTILLER_NODES: Tuple[str, ...] = ("KD", "LSKD", "DKD", "REVIEWKD", "BLOCKKD")
 
 _MISSING = object()
 
@@ -109,26 +112,33 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def variant_label(cfg: Any, label_keys: Iterable[str] = DEFAULT_LABEL_KEYS) -> str:
+def key_concerns(key: str, kind: str) -> bool:
+    """Whether the dotted config ``key`` can matter to a run of distiller ``kind``."""
+    node = key.split(".", 1)[0].upper()
+    return node not in DISTILLER_NODES or node == kind.upper()
+
+
+def variant_label(cfg: Any, label_keys: Iterable[str] = DEFAULT_LABEL_KEYS, reference=None) -> str:
     """Space-separated non-default values of ``label_keys`` that concern this run's method.
 
     ``""`` for the method's default variant. A key under a distiller node (``BLOCKKD.*``)
-    only counts when ``DISTILLER.TYPE`` is that distiller; ``BLOCKKD.STONES`` (and the
-    other default label keys) show the bare value (``sample:1``), other keys
-    ``NAME=value`` with the last key component (``T=2.0``).
+    only counts when ``DISTILLER.TYPE`` is that distiller; the keys of
+    :data:`BARE_LABEL_KEYS` show the bare value (``sample:1``), other keys
+    ``NAME=value`` with the last key component (``T=2.0``). ``reference`` (a callable
+    ``(key, kind) -> value``) replaces the package default as what counts as default.
     """
     kind = str(cfg_get(cfg, "DISTILLER.TYPE", "NONE")).upper()
     parts = []
     for key in label_keys:
-        node = key.split(".", 1)[0].upper()
-        if node in DISTILLER_NODES and node != kind:
+        if not key_concerns(key, kind):
             continue
         value = cfg_get(cfg, key, _MISSING)
         if value is _MISSING:
             continue
-        if _norm(value) == _norm(default_value(key)):
+        ref = default_value(key) if reference is None else reference(key, kind)
+        if _norm(value) == _norm(ref):
             continue
-        parts.append(_show(value) if key in DEFAULT_LABEL_KEYS else f"{key.rsplit('.', 1)[-1]}={_show(value)}")
+        parts.append(_show(value) if key in BARE_LABEL_KEYS else f"{key.rsplit('.', 1)[-1]}={_show(value)}")
     return " ".join(parts)
 
 

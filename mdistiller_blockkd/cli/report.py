@@ -8,11 +8,20 @@ for Block-KD, ...). Runs are grouped by
 * pair: ``DISTILLER.TEACHER -> DISTILLER.STUDENT`` and ``DATASET.TYPE`` (shown in the
   column name only when the runs span several datasets); a ``NONE`` run, plain training
   of the student, appears in every pair column with its student;
-* method: ``DISTILLER.TYPE`` plus its variant, the non-default values of the label keys
-  (``--label-keys``, default ``BLOCKKD.STONES BLOCKKD.LOGIT_LOSS BLOCKKD.CONNECTOR``), e.g.
-  ``BLOCKKD sample:1``;
+* method: ``DISTILLER.TYPE`` plus its variant, named by the label keys (``--label-keys``):
+  method options (``BLOCKKD.STONES``, ``LOGIT_LOSS``, ``CONNECTOR``, ``STONE_SCALE``,
+  ``STONE_WEIGHTS``) that differ from the package default, e.g. ``BLOCKKD sample:1``, and
+  hyper-parameters (``BLOCKKD.GAMMA``, ``T``, ``WARMUP``..., ``SOLVER.EPOCHS``) that differ
+  from most runs of the report, e.g. ``BLOCKKD GAMMA=0.0`` (add ``SOLVER.EPOCHS`` to
+  ``--label-keys`` to tell ``KD EPOCHS=24`` from KD; by default a longer run of the same
+  method and seed is the same cell, the one with more epochs kept);
 * seed: ``EXPERIMENT.SEED`` (two runs with the same pair, method and seed: the one with
   more epochs is kept, with a warning).
+
+Runs that scored a validation split (``DATASET.VAL_SPLIT``: ``val_acc`` in their
+metrics) add, first, the last-epoch validation top-1 (the table to choose on), the test
+top-1 at the epoch of best validation top-1, and differences to each ``--baseline``
+(repeatable) on the validation and the last-epoch test top-1.
 
 Output (markdown, to stdout and ``--out FILE.md``): a table of the best top-1 test
 accuracy and one of the last-epoch top-1, rows methods, columns pairs, cells
@@ -29,6 +38,9 @@ over seeds with a ±std band) and, for every pair with Block-KD runs,
 ``stones_<teacher>_<student>.png`` (per Block-KD method: the student's ``test_acc``, every
 ``acc_stone<i>`` and ``acc_teacher`` per epoch, mean over seeds). Each epoch's mean is
 over the seeds that reached it, so a curve can step where a partial run ends.
+``--cost BENCH.json`` (a benchmark ``--json`` file) adds each method's step-cost ratio
+and training cost in KD-epochs (ratio x epochs) to the cost table and, with
+``--plots``, ``cost_acc.png``: last-epoch test top-1 against training cost.
 
 Examples::
 
@@ -55,6 +67,7 @@ from .common import (
     atomic_write_bytes_from,
     atomic_write_text,
     cfg_get,
+    default_value,
     mean_std,
     method_label,
     read_metrics,
@@ -70,7 +83,12 @@ UPSTREAM_PAIRS = [
     ("vgg13", "MobileNetV2"), ("wrn_40_2", "ShuffleV1"),
     ("ResNet34", "ResNet18"), ("ResNet50", "MobileNetV1"),
 ]
-METHOD_ORDER = ["NONE", "KD", "DKD", "REVIEWKD", "BLOCKKD"]
+METHOD_ORDER = ["NONE", "KD", "LSKD", "DKD", "REVIEWKD", "BLOCKKD"]
+#: Hyper-parameters that also name a variant, but only where a run differs from the others
+#: of the report (see :func:`relabel_against_majority`).
+HYPER_LABEL_KEYS = ("BLOCKKD.ALPHA", "BLOCKKD.BETA", "BLOCKKD.GAMMA", "BLOCKKD.T", "BLOCKKD.WARMUP",
+                    "BLOCKKD.DETACH_ENSEMBLE", "BLOCKKD.WEIGHT_CROSS", "BLOCKKD.DKD_BETA")
+REPORT_LABEL_KEYS = tuple(DEFAULT_LABEL_KEYS) + HYPER_LABEL_KEYS
 
 Pair = Tuple[str, Optional[str], str]  # (dataset, teacher or None for plain training, student)
 
@@ -92,6 +110,9 @@ class Run:
     seed: int
     planned_epochs: int
     records: List[dict] = field(default_factory=list)
+    cfg: dict = field(default_factory=dict, repr=False)
+    #: variant by :data:`DEFAULT_LABEL_KEYS` against the package defaults (what the benchmark names)
+    cost_variant: str = ""
 
     @property
     def method(self) -> str:
@@ -126,6 +147,25 @@ class Run:
     @property
     def last(self) -> float:
         return float(self.scored[-1]["test_acc"])
+
+    @property
+    def has_val(self) -> bool:
+        return any(_num(r.get("val_acc")) is not None for r in self.scored)
+
+    @property
+    def val_last(self) -> Optional[float]:
+        """Validation top-1 of the last epoch (``DATASET.VAL_SPLIT``), or None."""
+        v = [r for r in self.scored if _num(r.get("val_acc")) is not None]
+        return float(v[-1]["val_acc"]) if v else None
+
+    @property
+    def test_at_val_best(self) -> Optional[float]:
+        """Test top-1 at the epoch of the best validation top-1 (ties: the later epoch), or None."""
+        v = [r for r in self.scored if _num(r.get("val_acc")) is not None]
+        if not v:
+            return None
+        best = max(range(len(v)), key=lambda i: (float(v[i]["val_acc"]), i))
+        return float(v[best]["test_acc"])
 
 
 def _num(v) -> Optional[float]:
@@ -192,6 +232,8 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
         student=str(cfg_get(cfg, "DISTILLER.STUDENT", "?")),
         kind=kind,
         variant=variant_label(cfg, label_keys),
+        cost_variant=variant_label(cfg, DEFAULT_LABEL_KEYS),
+        cfg=cfg,
         seed=int(seed) if isinstance(seed, (int, float)) else 0,
         planned_epochs=int(cfg_get(cfg, "SOLVER.EPOCHS", 240) or 240),
         records=records,
@@ -202,6 +244,48 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
     if not run.complete:
         warn(f"{path}: in progress or stopped ({run.last_epoch:g} of {run.planned_epochs} epochs); included as partial")
     return run
+
+
+def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> None:
+    """Name each run's variant by its label keys: method options against the package defaults,
+    hyper-parameters (:data:`HYPER_LABEL_KEYS`) against the majority of the report's runs.
+
+    The keys of :data:`DEFAULT_LABEL_KEYS` (``STONES``, ``LOGIT_LOSS``...) always count
+    against the package default, so a report of ``sample:1`` runs alone still says so.
+    For the other keys the reference value is the most common value among the runs it
+    concerns: runs of the same dataset and student (so pairs with other recipes do not
+    label each other), of that distiller for ``BLOCKKD.*``-style keys; a tie
+    goes to the package default when it is among the tied values. So settings every run
+    of a study shares (a short warm-up, say) name nothing, and an ablation reads
+    as what it changes (``BLOCKKD GAMMA=0.0``).
+    """
+    from collections import Counter
+
+    refs: Dict[tuple, object] = {}
+
+    def reference_for(run: Run):
+        def reference(key: str, kind: str):
+            if key in DEFAULT_LABEL_KEYS:
+                return default_value(key)
+            node = key.split(".", 1)[0].upper()
+            scope = (run.dataset, run.student, kind if node == kind else "*")
+            if (key, scope) not in refs:
+                peers = [r for r in runs if (r.dataset, r.student) == scope[:2] and scope[2] in ("*", r.kind)]
+                values = [cfg_get(r.cfg, key, None) for r in peers]
+                counts = Counter(repr(v) for v in values if v is not None)
+                default = default_value(key)
+                if not counts:
+                    refs[(key, scope)] = default
+                else:
+                    top = max(counts.values())
+                    tied = [c for c, n in counts.items() if n == top]
+                    pick = repr(default) if repr(default) in tied else tied[0]
+                    refs[(key, scope)] = next(v for v in values if repr(v) == pick)
+            return refs[(key, scope)]
+        return reference
+
+    for r in runs:
+        r.variant = variant_label(r.cfg, label_keys, reference=reference_for(r))
 
 
 def group_runs(runs: Sequence[Run]) -> Dict[Tuple[Pair, str], Dict[int, Run]]:
@@ -269,8 +353,13 @@ def format_cell(values: Sequence[float], partial: int) -> str:
     return f"{text} ({note})"
 
 
+def _values(runs: Sequence[Run], what: str) -> List[float]:
+    return [v for v in (getattr(r, what) for r in runs) if v is not None]
+
+
 def markdown_table(groups, what: str) -> str:
-    """Markdown table of ``what`` (``best`` or ``last``) top-1, rows methods, columns pairs."""
+    """Markdown table of ``what`` (a :class:`Run` property: ``best``, ``last``, ``val_last``,
+    ``test_at_val_best``) top-1, rows methods, columns pairs."""
     cols = column_pairs(groups)
     ds = several_datasets(groups)
     lines = ["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |",
@@ -279,13 +368,13 @@ def markdown_table(groups, what: str) -> str:
         cells = []
         for pair in cols:
             runs = cell_runs(groups, pair, method)
-            cells.append(format_cell([getattr(r, what) for r in runs], sum(not r.complete for r in runs)))
+            cells.append(format_cell(_values(runs, what), sum(not r.complete for r in runs)))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def difference_table(groups, baseline: str) -> Optional[str]:
-    """Best top-1 of each method minus ``baseline``'s, per pair: ``d ± se (d/se)``.
+def difference_table(groups, baseline: str, what: str = "best") -> Optional[str]:
+    """``what`` top-1 (a :class:`Run` property) of each method minus ``baseline``'s, per pair: ``d ± se (d/se)``.
 
     ``se`` is Welch's standard error of the difference of two means, sqrt(s_a^2/n_a + s_b^2/n_b);
     it needs two or more seeds on both sides. ``None`` when no column has the baseline.
@@ -300,9 +389,9 @@ def difference_table(groups, baseline: str) -> Optional[str]:
             continue
         cells = []
         for pair in cols:
-            a = [r.best for r in cell_runs(groups, pair, method)]
-            b = [r.best for r in cell_runs(groups, pair, baseline)]
-            if not a:
+            a = _values(cell_runs(groups, pair, method), what)
+            b = _values(cell_runs(groups, pair, baseline), what)
+            if not a or not b:
                 cells.append("–")
                 continue
             (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
@@ -325,17 +414,57 @@ def mean_of_records(runs: Sequence[Run], key: str, last_only: bool = False) -> O
     return sum(vals) / len(vals) if vals else None
 
 
-def cost_table(groups) -> str:
-    """Mean training ms/step (``ms_per_step`` of every epoch and seed), and its ratio to KD in the same column."""
+def load_costs(path: str) -> Dict[Tuple[str, str, str, str], float]:
+    """``{(teacher, student, distiller, variant): ratio_to_kd}`` from a benchmark ``--json`` file."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        rows = doc["results"]
+        out = {(str(r["teacher"]), str(r["student"]), str(r["distiller"]).upper(), str(r["variant"] or "")):
+               float(r["ratio_to_kd"]) for r in rows if r.get("ratio_to_kd") is not None}
+    except FileNotFoundError:
+        raise UserError(f"--cost '{path}' not found; write it with mdistiller-blockkd-benchmark ... --json {path}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--cost '{path}' is not a benchmark --json file ({type(e).__name__}: {e}); write it with "
+                        "mdistiller-blockkd-benchmark ... --json FILE") from None
+    if not out:
+        raise UserError(f"--cost '{path}' holds no ratio to KD (run the benchmark with KD among the entries)")
+    return out
+
+
+def run_cost(run: Run, costs) -> Optional[float]:
+    """Training cost of ``run`` in KD-step units per step (the benchmark's ratio), or None."""
+    if not costs:
+        return None
+    kind = run.kind
+    if kind == "NONE":  # a plain run appears in every pair with its student; any teacher's NONE entry will do
+        vals = [v for (t, st, k, var), v in costs.items() if st == run.student and k == "NONE"]
+        return vals[0] if vals else None
+    return costs.get((run.teacher, run.student, kind, run.cost_variant))
+
+
+def cost_table(groups, costs=None) -> str:
+    """Mean training ms/step (``ms_per_step`` of every epoch and seed), and its ratio to KD in the same column.
+
+    With ``costs`` (a benchmark's ratios, :func:`load_costs`) each cell also gives the
+    benchmark's step-cost ratio and the run's training cost in KD-epochs (ratio x epochs).
+    """
     cols = column_pairs(groups)
     ds = several_datasets(groups)
     lines = ["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |", "|---|" + "---|" * len(cols)]
     for method in method_rows(groups):
         cells = []
         for pair in cols:
-            ms = mean_of_records(cell_runs(groups, pair, method), "ms_per_step")
+            runs = cell_runs(groups, pair, method)
+            ms = mean_of_records(runs, "ms_per_step")
             kd = mean_of_records(cell_runs(groups, pair, "KD"), "ms_per_step")
-            cells.append("–" if ms is None else f"{ms:.0f}" + (f" ({ms / kd:.2f}× KD)" if kd else ""))
+            cell = "–" if ms is None else f"{ms:.0f}" + (f" ({ms / kd:.2f}× KD)" if kd else "")
+            ratio = run_cost(runs[0], costs) if runs else None
+            if ratio is not None:
+                cell += f"; benchmark {ratio:.2f}× KD, {ratio * runs[0].planned_epochs:.1f} KD-epochs"
+            cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -361,8 +490,32 @@ def stones_table(groups) -> Optional[str]:
     return "\n".join(["| pair | method | seeds | last scored epoch: top-1 (%) |", "|---|---|---|---|"] + rows)
 
 
-def build_markdown(runs: Sequence[Run], groups, baseline: str = "KD") -> str:
-    """The whole report as markdown."""
+_SE_NOTE = ("Cells: difference of the means ± Welch's standard error (difference / standard error). With "
+            "3 seeds a side, |difference / se| below about 2.8 is within seed noise (Welch t, about 4 "
+            "degrees of freedom, 5% two-sided).")
+
+
+def validation_sections(groups, baselines: Sequence[str]) -> List[str]:
+    """Tables of runs that scored a validation split: validation and test top-1, and differences on both."""
+    out = [
+        "## Validation top-1, last epoch (%)", "",
+        "The validation split is held out of the training images (`DATASET.VAL_SPLIT`): choose methods, "
+        "variants and defaults on this table.", "",
+        markdown_table(groups, "val_last"), "",
+        "## Test top-1 at the epoch of best validation top-1 (%)", "",
+        markdown_table(groups, "test_at_val_best"), "",
+    ]
+    for base in baselines:
+        for what, title in (("val_last", "Validation top-1 (last epoch)"), ("last", "Test top-1 (last epoch)")):
+            diff = difference_table(groups, base, what)
+            if diff:
+                out += [f"## {title} minus {base} (points)", "", _SE_NOTE, "", diff, ""]
+    return out
+
+
+def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None) -> str:
+    """The whole report as markdown; ``baseline`` is one method or a list of them."""
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline)
     partial = sum(not r.complete for r in runs)
     out = [
         "# Results",
@@ -371,7 +524,14 @@ def build_markdown(runs: Sequence[Run], groups, baseline: str = "KD") -> str:
         "(EXPERIMENT.SEED) of the top-1 test accuracy (%); `partial`: runs still in progress or stopped early, "
         "counted with their epochs so far.",
         "",
+    ]
+    if any(r.has_val for r in runs):
+        out += validation_sections(groups, baselines)
+    out += [
         "## Best top-1 (%)",
+        "",
+        "The best test top-1 over epochs" + (" (a choice made on the test set: for choosing, use the validation "
+                                             "tables above)" if any(r.has_val for r in runs) else "") + ".",
         "",
         markdown_table(groups, "best"),
         "",
@@ -380,12 +540,11 @@ def build_markdown(runs: Sequence[Run], groups, baseline: str = "KD") -> str:
         markdown_table(groups, "last"),
         "",
     ]
-    diff = difference_table(groups, baseline)
-    if diff:
-        out += [f"## Best top-1 minus {baseline} (points)", "",
-                "Cells: difference of the means ± Welch's standard error (difference / standard error). With "
-                "3 seeds a side, |difference / se| below about 2.8 is within seed noise (Welch t, about 4 "
-                "degrees of freedom, 5% two-sided).", "", diff, ""]
+    if not any(r.has_val for r in runs):
+        for base in baselines:
+            diff = difference_table(groups, base)
+            if diff:
+                out += [f"## Best top-1 minus {base} (points)", "", _SE_NOTE, "", diff, ""]
     stones = stones_table(groups)
     if stones:
         out += ["## Block-KD stepping stones", "", stones, ""]
@@ -395,7 +554,7 @@ def build_markdown(runs: Sequence[Run], groups, baseline: str = "KD") -> str:
         "Mean of the runs' own `ms_per_step` over epochs and seeds; runs that shared the machine with "
         "others time slower, so compare within a column. For clean ratios use the benchmark command.",
         "",
-        cost_table(groups),
+        cost_table(groups, costs),
         "",
         "## Runs",
         "",
@@ -490,6 +649,47 @@ def plot_test_acc(groups, out_dir: str, plt) -> str:
     return path
 
 
+def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
+    """``cost_acc.png``: per pair, last-epoch test top-1 (mean ± std over seeds) against training cost.
+
+    Cost = the benchmark's step cost in KD steps x epochs (KD-epochs), so KD trained twice
+    as long and Block-KD at twice KD's step cost stand at the same x. None without costs.
+    """
+    if not costs:
+        return None
+    cols = column_pairs(groups)
+    n = len(cols)
+    ncols = min(3, n)
+    fig, axes = plt.subplots(math.ceil(n / ncols), ncols, figsize=(5.6 * ncols, 4.2 * math.ceil(n / ncols)),
+                             squeeze=False)
+    drawn = False
+    for ax, pair in zip(axes.flat, cols):
+        for method in method_rows(groups):
+            runs = cell_runs(groups, pair, method)
+            ratio = run_cost(runs[0], costs) if runs else None
+            if ratio is None:
+                continue
+            m, sd = mean_std([r.last for r in runs])
+            x = ratio * runs[0].planned_epochs
+            ax.errorbar([x], [m], yerr=[sd] if len(runs) > 1 else None, fmt="o", capsize=3,
+                        label=f"{method} ({len(runs)})")
+            drawn = True
+        ax.set_title(pair_name(pair, several_datasets(groups)))
+        ax.set_xlabel("training cost (KD-epochs: benchmark step cost x epochs)")
+        ax.set_ylabel("test top-1, last epoch (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if not drawn:
+        plt.close(fig)
+        warn("--cost: no run matched a benchmark entry (teacher, student, distiller, variant); no cost plot")
+        return None
+    path = os.path.join(out_dir, "cost_acc.png")
+    _save(fig, path, plt)
+    return path
+
+
 def _stone_keys(runs: Sequence[Run]) -> List[str]:
     keys = set()
     for r in runs:
@@ -538,11 +738,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="find every run directory under DIR (repeatable)")
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown report to this file")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (needs matplotlib)")
-    p.add_argument("--baseline", default="KD", metavar="METHOD",
-                   help="method the difference table compares against (default KD; e.g. 'NONE')")
-    p.add_argument("--label-keys", nargs="+", metavar="KEY", default=list(DEFAULT_LABEL_KEYS),
-                   help="config keys whose non-default values name a method variant "
-                        f"(default: {' '.join(DEFAULT_LABEL_KEYS)})")
+    p.add_argument("--baseline", action="append", metavar="METHOD",
+                   help="method the difference tables compare against (repeatable; default KD; e.g. 'NONE', "
+                        "'BLOCKKD')")
+    p.add_argument("--label-keys", nargs="+", metavar="KEY", default=list(REPORT_LABEL_KEYS),
+                   help="config keys whose values name a method variant: method options when they differ from "
+                        "the package default, hyper-parameters when they differ from most runs of the report "
+                        f"(default: {' '.join(REPORT_LABEL_KEYS)})")
+    p.add_argument("--cost", metavar="BENCH.json",
+                   help="a benchmark --json file: adds step-cost ratios and KD-epochs to the cost table and, with "
+                        "--plots, cost_acc.png (accuracy against training cost)")
     return p
 
 
@@ -570,8 +775,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not runs:
         raise UserError("no usable run found (each needs config.yaml and a metrics.jsonl with at least one "
                         "evaluated epoch); see the warnings above")
+    relabel_against_majority(runs, args.label_keys)
+    costs = load_costs(args.cost) if args.cost else None
     groups = group_runs(runs)
-    text = build_markdown(runs, groups, args.baseline)
+    text = build_markdown(runs, groups, args.baseline or ["KD"], costs)
     print(text, end="")
     if args.out:
         atomic_write_text(args.out, text)
@@ -579,6 +786,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if plt is not None:
         os.makedirs(args.plots, exist_ok=True)
         paths = [plot_test_acc(groups, args.plots, plt)] + plot_stones(groups, args.plots, plt)
+        cost_png = plot_cost(groups, costs, args.plots, plt)
+        if cost_png:
+            paths.append(cost_png)
         for p in paths:
             print(f"wrote {p}", file=sys.stderr)
     return 0
