@@ -242,11 +242,30 @@ class BlockKD(Distiller):
         if n % self.k:
             idx = torch.randperm(n)[: self.k].tolist()
         else:  # stratified: walk a random permutation K stones at a time, every stone once per n/K steps
-            if self._pos == 0:
-                self._deck = torch.randperm(n).tolist()
-            idx = self._deck[self._pos: self._pos + self.k]
-            self._pos = (self._pos + self.k) % n
+            with self._shared.lock:  # DataParallel replicas draw one after the other from the shared walk
+                if self._pos == 0:
+                    self._deck = torch.randperm(n).tolist()
+                idx = self._deck[self._pos: self._pos + self.k]
+                self._pos = (self._pos + self.k) % n
         return sorted(idx), n / self.k
+
+    # the sample:K walk lives in the distiller's SharedState, so DataParallel replicas
+    # (shallow copies made at every forward) advance the one walk the module keeps
+    @property
+    def _deck(self) -> List[int]:
+        return self._shared.values.setdefault("deck", [])
+
+    @_deck.setter
+    def _deck(self, value):
+        self._shared.values["deck"] = list(value)
+
+    @property
+    def _pos(self) -> int:
+        return self._shared.values.setdefault("pos", 0)
+
+    @_pos.setter
+    def _pos(self, value):
+        self._shared.values["pos"] = int(value)
 
     def get_extra_state(self):
         """The ``sample:K`` deck position, saved with the distiller so a resumed run draws the same stones."""
