@@ -237,29 +237,23 @@ def _one_step(cls, CFG, up_teacher, up_student, size, num_classes):
     return d
 
 
-@pytest.mark.parametrize("teacher,student", CIFAR_PAIRS, ids=[f"{t}-{s}" for t, s in CIFAR_PAIRS])
-def test_every_cifar_pair_trains_under_register(fake_mdistiller, teacher, student):
-    """mdistiller's 11 CIFAR-100 pairs: register(), upstream-built models, one Block-KD step."""
+ALL_PAIRS = [("cifar", t, s) for t, s in CIFAR_PAIRS] + [("imagenet", t, s) for t, s in IMAGENET_PAIRS]
+
+
+@pytest.mark.parametrize("zoo,teacher,student", ALL_PAIRS, ids=[f"{t}-{s}" for _, t, s in ALL_PAIRS])
+def test_every_upstream_pair_trains_under_register(fake_mdistiller, zoo, teacher, student):
+    """mdistiller's 11 CIFAR-100 pairs and its ImageNet ResNet pair: register(), models built by
+    the stand-in's own classes, one Block-KD step."""
     cls = plugin.register()
     from mdistiller.engine.cfg import CFG
 
-    cifar, _ = _standin_models()
+    cifar, imagenet = _standin_models()
+    ctors, num_classes, size = (cifar, 100, 32) if zoo == "cifar" else (imagenet, 1000, 64)
     torch.manual_seed(0)
-    up_t, up_s = cifar[teacher](num_classes=100), cifar[student](num_classes=100)
-    d = _one_step(cls, CFG, up_t, up_s, 32, 100)
-    # upstream saves distiller.student.state_dict() as student_best: it loads into its own class
-    cifar[student](num_classes=100).load_state_dict(d.student.state_dict(), strict=True)
+    up_t, up_s = ctors[teacher](num_classes=num_classes), ctors[student](num_classes=num_classes)
+    d = _one_step(cls, CFG, up_t, up_s, size, num_classes)
     assert d.num_stones >= 2
-
-
-@pytest.mark.parametrize("teacher,student", IMAGENET_PAIRS, ids=[f"{t}-{s}" for t, s in IMAGENET_PAIRS])
-def test_imagenet_resnet_pair_trains_under_register(fake_mdistiller, teacher, student):
-    cls = plugin.register()
-    from mdistiller.engine.cfg import CFG
-
-    _, imagenet = _standin_models()
-    torch.manual_seed(0)
-    up_t, up_s = imagenet[teacher](num_classes=1000), imagenet[student](num_classes=1000)
-    d = _one_step(cls, CFG, up_t, up_s, 64, 1000)
-    assert d.student.timm_name == "resnet18" and d.teacher.timm_name == "resnet34"
-    imagenet[student](num_classes=1000).load_state_dict(d.student.state_dict(), strict=True)
+    if zoo == "imagenet":
+        assert (d.teacher.timm_name, d.student.timm_name) == (f"resnet{teacher[6:]}", f"resnet{student[6:]}")
+    # upstream saves distiller.student.state_dict() as student_best: it loads into its own class
+    ctors[student](num_classes=num_classes).load_state_dict(d.student.state_dict(), strict=True)
