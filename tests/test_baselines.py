@@ -211,7 +211,35 @@ def test_dkd_matches_losses_and_warms_up(small_pair):
         d.forward_train(x, y)
 
 
-@pytest.mark.parametrize("typ", ["KD", "DKD", "REVIEWKD"])
+def test_lskd_is_kd_on_standardised_logits(small_pair):
+    teacher, student = small_pair
+    cfg = load_cfg(opts=["DISTILLER.TYPE", "LSKD", "LSKD.T", "3.0", "LSKD.CE_WEIGHT", "0.2", "LSKD.KD_WEIGHT", "5.0"])
+    d = distiller_dict["LSKD"](student, teacher, cfg).train()
+    x, y = batch(6, seed=3)
+    calls, (logits, ld) = _teacher_calls_per_step(d, x, y)
+    assert calls == 1
+    with torch.no_grad():
+        zt = d.teacher_forward(x)[0].double()
+        zs = logits.detach().double()
+        z = lambda v: (v - v.mean(1, keepdim=True)) / v.std(1, keepdim=True)  # noqa: E731
+        pt = torch.softmax(z(zt) / 3, 1)
+        kl = (pt * (torch.log(pt) - torch.log_softmax(z(zs) / 3, 1))).sum(1).mean() * 9
+    assert ld["loss_kd"].item() == pytest.approx(5 * kl.item(), rel=1e-4)
+    assert ld["loss_ce"].item() == pytest.approx(0.2 * F.cross_entropy(logits.detach(), y).item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="LSKD.T is 0.0"):
+        distiller_dict["LSKD"](student, teacher, load_cfg(opts=["LSKD.T", "0.0"]))
+
+
+def test_reviewkd_batch_of_one_is_a_clear_error(small_pair):
+    teacher, student = small_pair
+    with pytest.raises(ConfigError, match="SOLVER.BATCH_SIZE is 1"):
+        distiller_dict["REVIEWKD"].check_cfg(load_cfg(opts=["SOLVER.BATCH_SIZE", "1"]))
+    d = distiller_dict["REVIEWKD"](student, teacher, load_cfg(opts=["DATASET.TYPE", "synthetic"])).train()
+    with pytest.raises(ConfigError, match="batch of 1 image"):
+        d.forward_train(*batch(1), epoch=1)
+
+
+@pytest.mark.parametrize("typ", ["KD", "LSKD", "DKD", "REVIEWKD"])
 def test_teacher_is_required(typ, small_pair):
     with pytest.raises(ConfigError, match="teacher"):
         distiller_dict[typ](small_pair[1], None, load_cfg())

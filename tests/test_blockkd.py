@@ -70,6 +70,26 @@ def test_pairing_rules():
             pair_blocks(view([1, 2, 4]), view([1, 2, 4]), bad)
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("T", 0.0, "BLOCKKD.T is 0.0"), ("T", -1.0, "BLOCKKD.T is -1.0"), ("WARMUP", -5, "BLOCKKD.WARMUP is -5"),
+    ("PAIRS", [1, 2], "BLOCKKD.PAIRS entry 1"), ("PAIRS", [["a", "b"]], "BLOCKKD.PAIRS entry"),
+    ("PAIRS", [[1, 2, 3]], "BLOCKKD.PAIRS entry"), ("STONES", "every:0", "BLOCKKD.STONES"),
+    ("STONE_SCALE", "half", "BLOCKKD.STONE_SCALE"), ("STONE_WEIGHTS", "linear", "BLOCKKD.STONE_WEIGHTS"),
+    ("GAMMA", -1.0, "BLOCKKD.GAMMA"),
+])
+def test_invalid_values_are_config_errors_before_building(key, value, match):
+    """Checked by BlockKD itself and by the fail-fast config check (no model built)."""
+    from mdistiller_blockkd.distillers.blockkd import check_options
+
+    cfg = load_cfg(None, ["DISTILLER.TYPE", "BLOCKKD"])
+    cfg.defrost()
+    cfg.BLOCKKD[key] = value
+    with pytest.raises(ConfigError, match=match):
+        check_options(cfg.BLOCKKD)
+    with pytest.raises(ConfigError, match=match):
+        make(**{key: value})
+
+
 def test_bad_options_are_config_errors():
     with pytest.raises(ConfigError, match="STONES"):
         make(STONES="sample:9")
@@ -189,21 +209,33 @@ def test_distill_and_cross_terms_equal_hand_computation(weight_cross):
     torch.testing.assert_close(loss["loss_cross"], 0.7 * 0.4 * cross, rtol=1e-4, atol=1e-5)
 
 
-def test_detached_ensemble_gets_no_gradient_through_target():
-    for detach in (True, False):
-        d = make(ALPHA=0.0, BETA=0.0, GAMMA=1.0, DETACH_ENSEMBLE=detach).eval()
-        x, y = batch()
-        _, loss = d.forward_train(image=x, target=y, epoch=1)
-        # with a detached target, stone 3's cross term only pulls stone 3 itself; compare gradients on the head
-        g = torch.autograd.grad(loss["loss_cross"], d.connectors[0].proj[0].weight)[0]
-        assert torch.isfinite(g).all()
-    # detached vs not give different gradients (the ensemble is a target in one case only)
-    grads = []
-    for detach in (True, False):
-        d = make(ALPHA=0.0, BETA=0.0, GAMMA=1.0, DETACH_ENSEMBLE=detach).eval()
-        _, loss = d.forward_train(image=x, target=y, epoch=1)
-        grads.append(torch.autograd.grad(loss["loss_cross"], d.connectors[2].proj[0].weight)[0])
-    assert not torch.allclose(grads[0], grads[1])
+def _cross_by_hand(d, x, y, detach):
+    """Block-KD's cross term rebuilt from forward_stones with the ensemble detached or not."""
+    s, stones, _ = d.forward_stones(x)
+    ens = torch.stack(stones).mean(0)
+    if detach:
+        ens = ens.detach()
+    T = d.T
+    return kl_by_hand(s, ens, T) + sum(w * kl_by_hand(z, ens, T) for w, z in zip(d.stone_weights, stones))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detached_ensemble_gradients_match_the_formula(detach):
+    """Gradients of the cross term equal the hand-built ones with exactly Y^E detached (or not).
+
+    Detaching anything else (a stone, the student) or nothing changes them, so this fails
+    for the wrong tensor detached.
+    """
+    x, y = batch()
+    d = make(ALPHA=0.0, BETA=0.0, GAMMA=1.0, DETACH_ENSEMBLE=detach).eval()
+    params = [d.connectors[0].proj[0].weight, d.connectors[2].proj[0].weight, d.student.conv1.weight]
+    _, loss = d.forward_train(image=x, target=y, epoch=1)
+    got = torch.autograd.grad(loss["loss_cross"], params)
+    want = torch.autograd.grad(_cross_by_hand(d, x, y, detach), params)
+    other = torch.autograd.grad(_cross_by_hand(d, x, y, not detach), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(w, o, rtol=1e-3, atol=1e-6) for w, o in zip(want, other))
 
 
 @pytest.mark.parametrize("distance", ["dkd", "lskd"])
@@ -219,10 +251,66 @@ def test_other_distances(distance):
     assert all(torch.isfinite(v) for v in loss.values())
 
 
-def test_last_k_uses_deepest_stones():
-    d = make(STONES="last:2")
-    assert d._active_stones() == ([1, 2], 1.0)
+def test_last_k_builds_and_scores_only_its_stones():
+    full, d = make(), make(STONES="last:2")
+    assert len(d.connectors) == 2 and d.stone_ids == [2, 3]
+    assert d.pairs == full.pairs[1:] and d.stone_weights == full.stone_weights[1:]
+    assert d._active_stones() == ([0, 1], 1.0)
+    assert not d.has_unused_parameters  # every connector it has trains every step
+    x, y = batch()
+    assert sorted(d.eval_logits(x)) == ["stone2", "stone3", "teacher"]
+    assert "stone1" not in d.describe() and "stone2" in d.describe()
+    _, loss = d.train().forward_train(image=x, target=y, epoch=1)
+    sum(loss.values()).backward()
+    assert all(p.grad is not None for p in d.connectors.parameters())
+
+
+def test_describe_names_the_teacher_part_of_each_stone():
+    lines = make().describe().splitlines()
+    assert "teacher blocks 2..3 + head" in lines[0]
+    assert "teacher block 3 + head" in lines[1]
+    assert "teacher head only" in lines[2] and "4..3" not in lines[2]
+
+
+def test_every_k_runs_all_stones_one_step_in_k():
+    d = make(STONES="every:3")
     assert d.has_unused_parameters
+    draws = [d._active_stones() for _ in range(7)]
+    assert draws == [([0, 1, 2], 3.0), ([], 1.0), ([], 1.0)] * 2 + [([0, 1, 2], 3.0)]
+    # the step count travels with the state_dict (exact resume)
+    e = make(STONES="every:3")
+    e.load_state_dict(d.state_dict())
+    assert e._active_stones() == d._active_stones() == ([], 1.0)
+    # STONE_SCALE none: the stones weigh what they weigh under all
+    n = make(STONES="every:2", STONE_SCALE="none")
+    assert n._active_stones() == ([0, 1, 2], 1.0)
+
+
+def test_every_k_losses():
+    """A stone step equals all's loss (scale none) or K times its stone and cross terms; other steps are KD-like."""
+    x, y = batch()
+    full = make(STONES="all").eval()
+    with torch.no_grad():
+        _, ref = full.forward_train(image=x, target=y, epoch=30)
+        s, stones, t = full.forward_stones(x)
+        for scale, k in (("none", 1.0), ("unbiased", 2.0)):
+            d = make(STONES="every:2", STONE_SCALE=scale).eval()
+            d.load_state_dict(full.state_dict())
+            _, on = d.forward_train(image=x, target=y, epoch=30)
+            _, off = d.forward_train(image=x, target=y, epoch=30)
+            task_s = F.cross_entropy(s, y)
+            torch.testing.assert_close(on["loss_ce"], task_s + k * (ref["loss_ce"] - task_s), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(on["loss_cross"], k * ref["loss_cross"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(off["loss_ce"], task_s, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(off["loss_kd"], kl_by_hand(s, t, 4.0), rtol=1e-4, atol=1e-5)
+            assert float(off["loss_cross"]) == 0.0
+
+
+def test_stone_scale_none_and_uniform_weights():
+    d = make(STONES="sample:1", STONE_SCALE="none")
+    assert d._active_stones()[1] == 1.0
+    assert make(STONE_WEIGHTS="uniform").stone_weights == [1.0, 1.0, 1.0]
+    assert make().stone_weights == [0.25, 0.5, 1.0]
 
 
 def test_sample_k_is_unbiased_for_task_and_distill_terms():

@@ -83,6 +83,12 @@ def test_bad_inputs_give_one_error_line(tmp_path):
                             "download_ckpts/cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth"),
         "missing dataset": ([TRAIN, "--cfg", SMOKE, "DATASET.TYPE", "cifar100", "DATASET.ROOT", str(empty),
                              "DATASET.DOWNLOAD", "False"], ROOT, str(empty)),
+        "malformed Block-KD pairs": ([TRAIN, "--cfg", SMOKE, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER",
+                                      "resnet8", "BLOCKKD.PAIRS", "[1,2]"], str(teacher_free), "BLOCKKD.PAIRS entry 1"),
+        "zero Block-KD temperature": ([TRAIN, "--cfg", SMOKE, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER",
+                                       "resnet8", "BLOCKKD.T", "0.0"], str(teacher_free), "BLOCKKD.T is 0.0"),
+        "ReviewKD batch of one": ([TRAIN, "--cfg", SMOKE, "DISTILLER.TYPE", "REVIEWKD", "DISTILLER.TEACHER",
+                                   "resnet8", "SOLVER.BATCH_SIZE", "1"], str(teacher_free), "SOLVER.BATCH_SIZE is 1"),
         "missing checkpoint (eval)": ([EVAL, "-m", "resnet8", "-c", str(tmp_path / "nope.pth"), "-d", "synthetic"],
                                       ROOT, "nope.pth"),
     }

@@ -419,3 +419,52 @@ def test_description_names_type_root_sizes(tmp_path):
     line = dataset_description(cfg)  # builds when nothing was built yet
     assert line.startswith("fashion_mnist from ") and str(tmp_path / "fm") in line
     assert "train 60" in line and "test 10 of 30" in line and "10 classes" in line and "\n" not in line
+
+
+# ---------------------------------------------------------------- validation split (DATASET.VAL_SPLIT)
+
+
+def test_val_split_is_held_out_balanced_fixed_and_unaugmented(tmp_path):
+    from mdistiller_blockkd.data import build_splits, get_loaders
+
+    root = tmp_path / "fm"
+    make_fmnist(root, n_train=60, n_test=20)
+    base = ("DATASET.TYPE", "fashion_mnist", "DATASET.ROOT", str(root))
+    plain = build_splits(cfg_of(*base))
+    assert plain.val is None and len(plain.train) == 60
+    s = build_splits(cfg_of(*base, "DATASET.VAL_SPLIT", 20, "DATASET.TRAIN_SUBSET", 30))
+    assert len(s.val) == 20 and len(s.train) == 30 and len(s.test) == 20
+    # class-balanced, disjoint from the training items, identical whatever the experiment seed
+    assert np.bincount(s.val.targets, minlength=10).tolist() == [2] * 10
+    val_imgs = {bytes(im.tobytes()) for im in s.val.images}
+    assert not val_imgs & {bytes(im.tobytes()) for im in s.train.images}
+    again = build_splits(cfg_of(*base, "DATASET.VAL_SPLIT", 20, "EXPERIMENT.SEED", 7))
+    assert np.array_equal(again.val.images, s.val.images)
+    # test transform (deterministic), not the training augmentation
+    assert s.val.transform is s.test.transform and s.train.transform is not s.test.transform
+    x1, _ = s.val[3]
+    x2, _ = s.val[3]
+    assert torch.equal(x1, x2)
+    loaders = get_loaders(cfg_of(*base, "DATASET.VAL_SPLIT", 20))
+    assert loaders.val is not None and sum(len(b[1]) for b in loaders.val) == 20
+    assert get_loaders(cfg_of(*base)).val is None
+    assert "val 20 (held out of train)" in dataset_description(cfg_of(*base, "DATASET.VAL_SPLIT", 20))
+
+
+def test_val_split_on_folder_and_synthetic_data(tmp_path):
+    from mdistiller_blockkd.data import build_splits
+
+    s = build_splits(cfg_of("DATASET.TYPE", "synthetic", "DATASET.VAL_SPLIT", 40))
+    assert len(s.val) == 40 and len(s.train) == 512 - 40
+    make_image_folder(tmp_path / "inet" / "train", ["n01", "n02"], 4)
+    make_image_folder(tmp_path / "inet" / "val", ["n01", "n02"], 1)
+    s = build_splits(cfg_of("DATASET.TYPE", "imagenet", "DATASET.ROOT", str(tmp_path / "inet"),
+                            "DATASET.IMAGE_SIZE", 16, "DATASET.VAL_SPLIT", 2))
+    assert len(s.val) == 2 and len(s.train) == 6 and sorted(s.val.targets) == [0, 1]
+    assert s.val.dataset.transform is s.test.transform
+
+
+@pytest.mark.parametrize("n,match", [(-1, "DATASET.VAL_SPLIT is -1"), (400, "DATASET.VAL_SPLIT is 400")])
+def test_val_split_errors(n, match):
+    with pytest.raises(ConfigError, match=match):
+        build_datasets(cfg_of("DATASET.TYPE", "synthetic", "DATASET.VAL_SPLIT", n))

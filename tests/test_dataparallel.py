@@ -144,3 +144,12 @@ def test_timm_replica_runs_its_own_head(cpu_replicate):
         logits, _ = r(torch.randn(2, 3, 64, 64))
     torch.testing.assert_close(logits, m.fc.bias.detach().expand(2, 5))
     assert r.get_classifier() is r.fc and m.get_classifier() is m.fc
+
+
+def test_every_k_step_count_advances_through_replicas(cpu_replicate):
+    d = make("every:2")
+    d.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        dp_step(cpu_replicate, d, x, y)
+    assert d.get_extra_state()["step"] == 4  # 2 replica forwards per step, counted on the module

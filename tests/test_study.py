@@ -109,3 +109,35 @@ def test_study_configs_put_every_method_on_equal_footing():
         assert cfgs["vanilla"].DISTILLER.TYPE == "NONE" and cfgs["blockkd_sample1"].BLOCKKD.STONES == "sample:1"
         assert len({c.EXPERIMENT.NAME for c in cfgs.values()}) == len(methods)
     assert recipes[0] == recipes[1]
+
+
+def test_study600_configs_share_split_recipe_and_teacher():
+    """The 600-step study: every method and variant of a pair shares the validation split, data, recipe
+    (the equal-cost *_2x files differ only in epochs and decay stages) and teacher; names are unique."""
+    from mdistiller_blockkd.engine.cfg import load_cfg
+
+    root = REPO / "configs" / "fmnist" / "study600"
+    names, recipes = set(), []
+    for pair in ("res56_res20", "vgg13_vgg8"):
+        cfgs = {p.stem: load_cfg(str(p)) for p in (root / pair).glob("*.yaml")}
+        assert {"vanilla", "kd", "dkd", "lskd", "reviewkd", "blockkd", "kd_2x", "dkd_2x"} <= set(cfgs)
+        assert all(c.DATASET.VAL_SPLIT == 5000 and c.EXPERIMENT.PROJECT == "fmnist_study600" for c in cfgs.values())
+        same = {(c.DATASET.dump(), c.DISTILLER.STUDENT) for c in cfgs.values()}
+        assert len(same) == 1, pair
+        solver = {c.SOLVER.dump() for k, c in cfgs.items() if not k.endswith("_2x")}
+        assert len(solver) == 1, pair
+        for k in ("kd_2x", "dkd_2x"):
+            c = cfgs[k]
+            assert (c.SOLVER.EPOCHS, list(c.SOLVER.LR_DECAY_STAGES)) == (24, [16, 22])
+            assert c.SOLVER.LR == cfgs["kd"].SOLVER.LR and c.DISTILLER.TYPE == cfgs[k[:-3]].DISTILLER.TYPE
+        assert len({(c.DISTILLER.TEACHER, c.DISTILLER.TEACHER_CKPT) for k, c in cfgs.items() if k != "vanilla"}) == 1
+        # Block-KD variants differ from blockkd.yaml in BLOCKKD only
+        base = cfgs["blockkd"]
+        for k, c in cfgs.items():
+            if k.startswith("blockkd"):
+                assert c.DISTILLER.dump() == base.DISTILLER.dump() and c.LOG.dump() == base.LOG.dump(), k
+        names |= {c.EXPERIMENT.NAME for c in cfgs.values()}
+        recipes.append(solver.pop())
+        assert sum(1 for _ in (root / pair).glob("*.yaml")) == len(cfgs)
+    assert recipes[0] == recipes[1]
+    assert len(names) == sum(1 for _ in root.rglob("*.yaml"))

@@ -100,11 +100,12 @@ BLOCKKD_CASES = {
     "sample1-dkd": ({"stones": "sample:1"}, {"logit_loss": "dkd", "dkd_beta": 2.0, "temperature": 2.0}, 0),
     "last2-lskd-unweighted-cross": ({"stones": "last:2"}, {"logit_loss": "lskd", "weight_cross": False,
                                                             "detach_ensemble": False, "gamma": 0.5}, 2),
+    "every2-uniform": ({"stones": "every:2", "stone_weights": "uniform"}, {"warmup": 0}, 0),
 }
 _KEYS = {"stones": "BLOCKKD.STONES", "alpha": "BLOCKKD.ALPHA", "beta": "BLOCKKD.BETA", "gamma": "BLOCKKD.GAMMA",
          "temperature": "BLOCKKD.T", "warmup": "BLOCKKD.WARMUP", "logit_loss": "BLOCKKD.LOGIT_LOSS",
          "dkd_beta": "BLOCKKD.DKD_BETA", "weight_cross": "BLOCKKD.WEIGHT_CROSS",
-         "detach_ensemble": "BLOCKKD.DETACH_ENSEMBLE"}
+         "detach_ensemble": "BLOCKKD.DETACH_ENSEMBLE", "stone_weights": "BLOCKKD.STONE_WEIGHTS"}
 
 
 @pytest.mark.parametrize("case", sorted(BLOCKKD_CASES))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdistiller_blockkd.data import get_dataloaders
+from mdistiller_blockkd.data import get_dataloaders, get_loaders
 from mdistiller_blockkd.distillers import Vanilla
 from mdistiller_blockkd.engine.build import build_distiller
 from mdistiller_blockkd.engine.cfg import load_cfg
@@ -47,12 +47,14 @@ def make_cfg(tmp_path, *opts):
 def make_trainer(cfg, distiller_fn=None):
     """What tools/train.py does, in-process: seed, data, distiller, trainer."""
     seed_everything(cfg.EXPERIMENT.SEED)
-    train_loader, val_loader, num_classes = get_dataloaders(cfg)
+    loaders = get_loaders(cfg)
+    num_classes = loaders.num_classes
     if distiller_fn is None:
         distiller = build_distiller(cfg, num_classes, "cpu")
     else:
         distiller = distiller_fn(build_model(cfg.DISTILLER.STUDENT, num_classes=num_classes), cfg)
-    return Trainer(experiment_name(cfg), distiller, train_loader, val_loader, cfg, log=lambda *a: None)
+    return Trainer(experiment_name(cfg), distiller, loaders.train, loaders.test, cfg, log=lambda *a: None,
+                   holdout_loader=loaders.val)
 
 
 def run_dir(cfg):
@@ -348,3 +350,20 @@ def test_fresh_run_refuses_to_overwrite_a_foreign_teacher_file(tmp_path):
     save_checkpoint({"model": {}}, os.path.join(run_dir(cfg), "ckpt_epoch_1.pth"))
     with pytest.raises(ConfigError, match=r"ckpt_epoch_1\.pth' already exists"):
         make_trainer(cfg).train()
+
+
+def test_validation_split_is_scored_and_chooses_the_best_epoch(tmp_path):
+    cfg = make_cfg(tmp_path, "DATASET.SYNTHETIC.TRAIN_SIZE", "96", "DATASET.VAL_SPLIT", "48", "SOLVER.EPOCHS", "3")
+    summary = make_trainer(cfg).train()
+    rows = read_metrics(cfg)
+    assert all({"val_acc", "val_acc_top5", "val_loss", "best_val_acc"} <= set(r) for r in rows)
+    pick = max(range(3), key=lambda i: (rows[i]["val_acc"], i))  # ties: the later epoch, as the trainer
+    assert rows[-1]["best_val_acc"] == rows[pick]["val_acc"]
+    assert summary["best_acc"] == rows[-1]["best_acc"] == rows[pick]["test_acc"]  # test at the best *val* epoch
+    best = load_checkpoint(os.path.join(run_dir(cfg), "best"))
+    assert best["epoch"] == pick + 1 and best["best_val_acc"] == rows[pick]["val_acc"]
+    # without a split, best follows the test set as in mdistiller
+    cfg2 = make_cfg(tmp_path, "EXPERIMENT.NAME", "plain", "SOLVER.EPOCHS", "2")
+    make_trainer(cfg2).train()
+    rows2 = read_metrics(cfg2)
+    assert "val_acc" not in rows2[0] and rows2[-1]["best_acc"] == max(r["test_acc"] for r in rows2)

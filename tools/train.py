@@ -47,7 +47,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Load the config, build data, distiller and trainer, train; return the trainer's summary."""
     args = parse_args(argv)
-    from mdistiller_blockkd.data import dataset_description, get_dataloaders
+    from mdistiller_blockkd.data import dataset_description, get_loaders
     from mdistiller_blockkd.engine import dist as du
     from mdistiller_blockkd.engine.build import build_distiller, check_distiller_config
     from mdistiller_blockkd.engine.cfg import load_cfg, log_msg
@@ -65,7 +65,8 @@ def main(argv=None):
                 print(msg, flush=True)
 
         seed_everything(cfg.EXPERIMENT.SEED)
-        train_loader, val_loader, num_classes = get_dataloaders(cfg, info.rank, info.world_size)
+        loaders = get_loaders(cfg, info.rank, info.world_size)
+        num_classes = loaders.num_classes
         say(log_msg(f"data: {dataset_description(cfg)}", "INFO"))
         say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
         distiller = build_distiller(cfg, num_classes, info.device)
@@ -76,7 +77,8 @@ def main(argv=None):
                     f"batch {cfg.SOLVER.BATCH_SIZE} per process", "INFO"))
         if hasattr(distiller, "describe"):
             say(log_msg(distiller.describe(), "INFO"))
-        trainer = Trainer(experiment_name(cfg), distiller, train_loader, val_loader, cfg, dist_info=info)
+        trainer = Trainer(experiment_name(cfg), distiller, loaders.train, loaders.test, cfg, dist_info=info,
+                          holdout_loader=loaders.val)
         return trainer.train(resume=args.resume)
     finally:
         du.cleanup()

@@ -15,12 +15,22 @@
 ``DATASET.TRAIN_SUBSET`` / ``DATASET.TEST_SUBSET`` > 0 keep that many items, a fixed
 class-balanced choice (seed 0, independent of ``EXPERIMENT.SEED``).
 
-Public API: :func:`get_dataloaders`, :func:`build_datasets`, :func:`dataset_description`.
+``DATASET.VAL_SPLIT`` > 0 holds that many *training* items out as a validation split:
+a fixed class-balanced choice (seed :data:`VAL_SEED`, independent of
+``EXPERIMENT.SEED``, so every method and seed sees the same split), read with the test
+transform (no augmentation). It is taken out first; ``TRAIN_SUBSET`` then chooses from
+the rest, so no validation item is ever trained on. Choose options and defaults on the
+validation split; keep the test set for final numbers.
+
+Public API: :func:`get_dataloaders`, :func:`get_loaders`, :func:`build_splits`,
+:func:`build_datasets`, :func:`dataset_description`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -33,10 +43,18 @@ __all__ = [
     "DATASET_TYPES",
     "ShardSampler",
     "balanced_subset_indices",
+    "Splits",
+    "VAL_SEED",
     "build_datasets",
+    "build_splits",
     "dataset_description",
     "get_dataloaders",
+    "get_loaders",
+    "Loaders",
 ]
+
+#: Seed of the validation split's class-balanced choice (``DATASET.VAL_SPLIT``).
+VAL_SEED = 1
 
 _BUILDERS = {
     "cifar100": cifar100.build,
@@ -67,6 +85,28 @@ def _subset(dataset, n: int):
     return LabelledSubset(dataset, idx)
 
 
+def _with_transform(dataset, transform):
+    """A shallow copy of ``dataset`` (or of the dataset under a subset view) using ``transform``."""
+    if isinstance(dataset, LabelledSubset):
+        return LabelledSubset(_with_transform(dataset.dataset, transform), dataset.indices)
+    if not hasattr(dataset, "transform"):
+        return dataset  # tensors without augmentation (synthetic)
+    out = copy.copy(dataset)
+    out.transform = transform
+    return out
+
+
+def _hold_out(train, test, n: int):
+    """Split ``train`` into ``(rest, val)``: ``val`` holds ``n`` class-balanced items with ``test``'s transform."""
+    val_idx = balanced_subset_indices(train.targets, n, seed=VAL_SEED)
+    taken = set(val_idx)
+    rest_idx = [i for i in range(len(train)) if i not in taken]
+    eval_view = _with_transform(train, getattr(test, "transform", None))
+    if isinstance(train, ArrayImageDataset):
+        return train.select(rest_idx), eval_view.select(val_idx)
+    return LabelledSubset(train, rest_idx), LabelledSubset(eval_view, val_idx)
+
+
 def _size_note(name: str, full: int, kept: int, requested: int) -> str:
     if requested <= 0:
         return f"{name} {full}"
@@ -75,27 +115,55 @@ def _size_note(name: str, full: int, kept: int, requested: int) -> str:
     return f"{name} {kept} of {full} (class-balanced subset)"
 
 
-def build_datasets(cfg):
-    """Return ``(train_set, val_set, num_classes)`` for ``cfg.DATASET``.
+class Splits(NamedTuple):
+    """The datasets of a config: ``val`` is ``None`` unless ``DATASET.VAL_SPLIT`` > 0."""
 
-    Items are ``(image tensor, int label)``; both sets have a ``targets`` list.
+    train: object
+    val: Optional[object]
+    test: object
+    num_classes: int
+
+
+def build_splits(cfg) -> Splits:
+    """Return the :class:`Splits` (train, validation, test, number of classes) of ``cfg.DATASET``.
+
+    Items are ``(image tensor, int label)``; every set has a ``targets`` list.
     Missing or malformed data raises :class:`~mdistiller_blockkd.errors.DatasetError`,
     a bad ``DATASET.*`` value :class:`~mdistiller_blockkd.errors.ConfigError`.
     """
     kind = _dataset_type(cfg)
     n_train, n_test = int(cfg.DATASET.TRAIN_SUBSET), int(cfg.DATASET.TEST_SUBSET)
+    n_val = int(cfg.DATASET.VAL_SPLIT)
     if n_train < 0 or n_test < 0:
         raise ConfigError(
             f"DATASET.TRAIN_SUBSET is {n_train} and DATASET.TEST_SUBSET is {n_test}; use 0 (whole set) or a positive count"
         )
-    train, val, num_classes, root = _BUILDERS[kind](cfg)
-    full_train, full_val = len(train), len(val)
-    train, val = _subset(train, n_train), _subset(val, n_test)
+    if n_val < 0:
+        raise ConfigError(f"DATASET.VAL_SPLIT is {n_val}; use 0 (no validation split) or a positive count")
+    train, test, num_classes, root = _BUILDERS[kind](cfg)
+    full_train, full_test = len(train), len(test)
+    val, val_note = None, ""
+    if n_val:
+        if n_val > full_train // 2:
+            raise ConfigError(
+                f"DATASET.VAL_SPLIT is {n_val} but the training set has {full_train} items; hold out at most half "
+                f"({full_train // 2})"
+            )
+        train, val = _hold_out(train, test, n_val)
+        val_note = f"val {len(val)} (held out of train), "
+    rest = len(train)
+    train, test = _subset(train, n_train), _subset(test, n_test)
     _DESCRIPTIONS[cfg.DATASET.dump()] = (
-        f"{kind} from {root}: {_size_note('train', full_train, len(train), n_train)}, "
-        f"{_size_note('test', full_val, len(val), n_test)}, {num_classes} classes"
+        f"{kind} from {root}: {_size_note('train', rest, len(train), n_train)}, {val_note}"
+        f"{_size_note('test', full_test, len(test), n_test)}, {num_classes} classes"
     )
-    return train, val, num_classes
+    return Splits(train, val, test, num_classes)
+
+
+def build_datasets(cfg):
+    """Return ``(train_set, test_set, num_classes)`` for ``cfg.DATASET`` (see :func:`build_splits`)."""
+    s = build_splits(cfg)
+    return s.train, s.test, s.num_classes
 
 
 def dataset_description(cfg) -> str:
@@ -110,17 +178,34 @@ def dataset_description(cfg) -> str:
     return _DESCRIPTIONS[key]
 
 
+class Loaders(NamedTuple):
+    """The loaders of a config: ``val`` is ``None`` unless ``DATASET.VAL_SPLIT`` > 0."""
+
+    train: DataLoader
+    val: Optional[DataLoader]
+    test: DataLoader
+    num_classes: int
+
+
 def get_dataloaders(cfg, rank: int = 0, world_size: int = 1):
-    """Return ``(train_loader, val_loader, num_classes)`` for process ``rank`` of ``world_size``.
+    """Return ``(train_loader, test_loader, num_classes)``; see :func:`get_loaders`."""
+    loaders = get_loaders(cfg, rank, world_size)
+    return loaders.train, loaders.test, loaders.num_classes
+
+
+def get_loaders(cfg, rank: int = 0, world_size: int = 1) -> Loaders:
+    """Return the :class:`Loaders` (train, validation, test) for process ``rank`` of ``world_size``.
 
     Train: batches of ``SOLVER.BATCH_SIZE`` (per process) drawn by a
     ``DistributedSampler(shuffle=True, seed=EXPERIMENT.SEED)`` -- also for one process,
     so the order depends only on the seed and the epoch; call
     ``train_loader.sampler.set_epoch(epoch)`` each epoch. ``drop_last=True``.
-    Val: batches of ``DATASET.TEST.BATCH_SIZE`` in order; rank ``r`` takes items
+    Test: batches of ``DATASET.TEST.BATCH_SIZE`` in order; rank ``r`` takes items
     ``r, r + W, ...`` (no padding, no duplicates), so summed metrics are exact.
-    Worker processes (``DATASET.NUM_WORKERS``) persist across epochs; memory is pinned
-    only when CUDA is available.
+    Worker processes (``DATASET.NUM_WORKERS``) are recreated every epoch (not
+    persistent), so their RNG derives from the saved loader generator and resume is
+    exact; memory is pinned only when CUDA is available. The validation split
+    (``DATASET.VAL_SPLIT``), if any, is loaded like the test set.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -130,7 +215,7 @@ def get_dataloaders(cfg, rank: int = 0, world_size: int = 1):
     batch, test_batch = int(cfg.SOLVER.BATCH_SIZE), int(cfg.DATASET.TEST.BATCH_SIZE)
     if test_batch < 1:
         raise ConfigError(f"DATASET.TEST.BATCH_SIZE is {test_batch}; use 1 or more")
-    train_set, val_set, num_classes = build_datasets(cfg)
+    train_set, val_set, test_set, num_classes = build_splits(cfg)
     per_rank = math.ceil(len(train_set) / world_size)
     if per_rank < batch:
         raise ConfigError(
@@ -151,12 +236,10 @@ def get_dataloaders(cfg, rank: int = 0, world_size: int = 1):
         persistent_workers=False,
         **common,
     )
-    val_loader = DataLoader(
-        val_set,
-        batch_size=test_batch,
-        sampler=ShardSampler(len(val_set), rank, world_size),
-        shuffle=False,
-        drop_last=False,
-        **common,
-    )
-    return train_loader, val_loader, num_classes
+    val_loader = None if val_set is None else _eval_loader(val_set, test_batch, rank, world_size, common)
+    return Loaders(train_loader, val_loader, _eval_loader(test_set, test_batch, rank, world_size, common), num_classes)
+
+
+def _eval_loader(dataset, batch: int, rank: int, world_size: int, common: dict) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), rank, world_size),
+                      shuffle=False, drop_last=False, **common)

@@ -8,8 +8,9 @@ from .base import Distiller, Vanilla
 from .blockkd import BlockKD
 from .dkd import DKD
 from .kd import KD
+from .lskd import LSKD
 from .reviewkd import ReviewKD
 
-distiller_dict = {"NONE": Vanilla, "KD": KD, "DKD": DKD, "REVIEWKD": ReviewKD, "BLOCKKD": BlockKD}
+distiller_dict = {"NONE": Vanilla, "KD": KD, "LSKD": LSKD, "DKD": DKD, "REVIEWKD": ReviewKD, "BLOCKKD": BlockKD}
 
-__all__ = ["Distiller", "Vanilla", "KD", "DKD", "ReviewKD", "BlockKD", "distiller_dict"]
+__all__ = ["Distiller", "Vanilla", "KD", "LSKD", "DKD", "ReviewKD", "BlockKD", "distiller_dict"]

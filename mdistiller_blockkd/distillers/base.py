@@ -80,6 +80,13 @@ class Distiller(nn.Module):
             teacher.requires_grad_(False)
 
     # -- contract -------------------------------------------------------------------
+    @classmethod
+    def check_cfg(cls, cfg) -> None:
+        """Validate this method's options in ``cfg`` before anything is built or read.
+
+        Raises :class:`~mdistiller_blockkd.errors.ConfigError`; the default checks nothing.
+        """
+
     def train(self, mode: bool = True):
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")

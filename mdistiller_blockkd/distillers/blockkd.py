@@ -28,12 +28,18 @@ Loss (``n`` stones, ordered shallow -> deep, ``w_i = 1 / 2^(n-i)``)
     ``loss_cross`` = GAMMA*warm*cross.
 
 Stones (``STONES``)
-    ``all``: every stone. ``last:K``: only the K deepest (weights unchanged, ensemble of
-    those K). ``sample:K``: K stones drawn uniformly per step, their terms multiplied by
-    ``n/K``, so the task and distill terms are unbiased estimates of ``all``; the cross
-    terms use the ensemble of the drawn stones (the exact ``Y^E`` needs every stone).
-    When K divides n the draws walk a random permutation (every stone once per n/K
-    steps: each step's draw is still uniform, with less variance across steps).
+    ``all``: every stone. ``last:K``: only the K deepest exist (connectors are built for
+    those alone; weights unchanged, ensemble of those K). ``sample:K``: K stones drawn
+    uniformly per step; ``every:K``: every stone, on one step in K (the other steps
+    train the student's own task and distill terms only). ``STONE_SCALE`` sets the
+    factor on the stones' terms (and, under ``every:K``, on the student's cross term):
+    ``unbiased`` (``n/K`` for ``sample:K``, ``K`` for ``every:K``: the expected loss
+    equals ``all``'s for the task and distill terms) or ``none`` (1). Under
+    ``sample:K`` the cross terms use the ensemble of the drawn stones (the exact ``Y^E``
+    needs every stone). When K divides n the draws walk a random permutation (every
+    stone once per n/K steps: each step's draw is still uniform, with less variance
+    across steps). ``STONE_WEIGHTS``: ``halving`` (``w_i = 1/2^(n-i)``, the paper's) or
+    ``uniform`` (``w_i = 1``).
 
 Block pairing (``PAIRS``)
     Empty: pair student and teacher blocks of equal output stride (within a stride,
@@ -76,6 +82,49 @@ from .base import Distiller
 
 CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
 LOGIT_LOSSES = ("kd", "dkd", "lskd")
+STONE_MODES = ("all", "last", "sample", "every")
+STONE_SCALES = ("unbiased", "none")
+STONE_WEIGHTS = ("halving", "uniform")
+
+
+def _choice(c, key: str, valid) -> str:
+    value = str(c[key]).strip().lower()
+    if value not in valid:
+        raise ConfigError(f"BLOCKKD.{key} is '{c[key]}'; use one of {', '.join(valid)}")
+    return value
+
+
+def check_options(c) -> None:
+    """Validate the ``CFG.BLOCKKD`` node ``c`` without building anything (raises :class:`ConfigError`)."""
+    _choice(c, "CONNECTOR", CONNECTORS)
+    _choice(c, "LOGIT_LOSS", LOGIT_LOSSES)
+    _choice(c, "BATCH_STONES", ("auto", "on", "off"))
+    _choice(c, "STONE_SCALE", STONE_SCALES)
+    _choice(c, "STONE_WEIGHTS", STONE_WEIGHTS)
+    if not float(c.T) > 0:
+        raise ConfigError(f"BLOCKKD.T is {c.T}; the temperature must be > 0 (4 on CIFAR-style data, 1 on ImageNet)")
+    if not float(c.WARMUP) >= 0:
+        raise ConfigError(f"BLOCKKD.WARMUP is {c.WARMUP}; use 0 (no warm-up) or a positive number of epochs")
+    for key in ("ALPHA", "BETA", "GAMMA"):
+        if not float(c[key]) >= 0:
+            raise ConfigError(f"BLOCKKD.{key} is {c[key]}; loss weights must be >= 0")
+    parse_stones(c.STONES, None)
+    _pair_list(c.PAIRS)
+
+
+def _pair_list(explicit) -> List[Tuple[int, int]]:
+    """``BLOCKKD.PAIRS`` as 1-based ``(student_block, teacher_block)`` tuples, or a ConfigError."""
+    hint = "use [] (automatic) or a list of [student_block, teacher_block] pairs of 1-based integers, e.g. [[1, 1], [2, 2]]"
+    if not isinstance(explicit, (list, tuple)):
+        raise ConfigError(f"BLOCKKD.PAIRS is {explicit!r}; {hint}")
+    out = []
+    for p in explicit:
+        ok = isinstance(p, (list, tuple)) and len(p) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in p)
+        if not ok:
+            raise ConfigError(f"BLOCKKD.PAIRS entry {p!r} (in {list(explicit)!r}) is not a pair of integers; {hint}")
+        out.append((int(p[0]), int(p[1])))
+    return out
 
 
 class Connector(nn.Module):
@@ -116,10 +165,11 @@ class Connector(nn.Module):
 def pair_blocks(student: StagedView, teacher: StagedView, explicit: Sequence = ()) -> List[Tuple[int, int]]:
     """Return stone pairs ``(student_block, teacher_block)`` (0-based), shallow to deep."""
     ns, nt = student.num_blocks, teacher.num_blocks
+    explicit = _pair_list(explicit)
     if explicit:
         pairs = []
         for p in explicit:
-            if len(p) != 2 or not (1 <= p[0] <= ns and 1 <= p[1] <= nt):
+            if not (1 <= p[0] <= ns and 1 <= p[1] <= nt):
                 raise ConfigError(
                     f"BLOCKKD.PAIRS entry {list(p)} is invalid: expected [student_block, teacher_block] with "
                     f"1 <= student_block <= {ns} and 1 <= teacher_block <= {nt}")
@@ -144,15 +194,22 @@ def pair_blocks(student: StagedView, teacher: StagedView, explicit: Sequence = (
     return [(ns - k + i, nt - k + i) for i in range(k)]
 
 
-def parse_stones(spec: str, n: int) -> Tuple[str, int]:
-    """``all`` | ``last:K`` | ``sample:K`` -> (mode, K)."""
+def parse_stones(spec: str, n) -> Tuple[str, int]:
+    """``all`` | ``last:K`` | ``sample:K`` | ``every:K`` -> (mode, K).
+
+    ``n`` is the number of stones of the pair (``K <= n`` for ``last`` and ``sample``);
+    ``None`` checks the form only. ``every:K`` takes any ``K >= 1``.
+    """
     spec = str(spec).strip().lower()
     if spec == "all":
-        return "all", n
+        return "all", n or 0
     mode, _, k = spec.partition(":")
-    if mode in ("last", "sample") and k.isdigit() and 1 <= int(k) <= n:
+    limit = n if mode in ("last", "sample") and n is not None else None
+    if mode in STONE_MODES[1:] and k.isdigit() and int(k) >= 1 and (limit is None or int(k) <= limit):
         return mode, int(k)
-    raise ConfigError(f"BLOCKKD.STONES is '{spec}'; use all, last:K or sample:K with 1 <= K <= {n} (stones of this pair)")
+    bound = f"1 <= K <= {n} (stones of this pair)" if n is not None else "K >= 1"
+    raise ConfigError(f"BLOCKKD.STONES is '{spec}'; use all, last:K, sample:K (K stones a step) or every:K "
+                      f"(all stones every K-th step) with {bound}")
 
 
 class BlockKD(Distiller):
@@ -163,26 +220,35 @@ class BlockKD(Distiller):
         if teacher is None:
             raise ConfigError("BLOCKKD needs a teacher (DISTILLER.TEACHER)")
         c = cfg.BLOCKKD
+        check_options(c)
         self.sview: StagedView = student.staged_view()
         self.tview: StagedView = teacher.staged_view()
-        self.pairs = pair_blocks(self.sview, self.tview, c.PAIRS)
+        pairs = pair_blocks(self.sview, self.tview, c.PAIRS)
+        n = len(pairs)
+        self.mode, self.k = parse_stones(c.STONES, n)
+        uniform = str(c.STONE_WEIGHTS).lower() == "uniform"
+        weights = [1.0 if uniform else 1.0 / 2 ** (n - 1 - k) for k in range(n)]
+        keep = range(n - self.k, n) if self.mode == "last" else range(n)  # last:K: the other stones do not exist
+        #: 1-based numbers of the stones among all of the pair's (``stone<id>`` in logs)
+        self.stone_ids = [k + 1 for k in keep]
+        self.pairs = [pairs[k] for k in keep]
+        self.stone_weights = [weights[k] for k in keep]
         self.connectors = nn.ModuleList(
             Connector(self.sview.block_info[i], self.tview.block_info[j], c.CONNECTOR) for i, j in self.pairs)
-        n = len(self.pairs)
-        self.stone_weights = [1.0 / 2 ** (n - 1 - k) for k in range(n)]
-        self.mode, self.k = parse_stones(c.STONES, n)
-        self.has_unused_parameters = self.mode != "all"
+        self.stone_scale = str(c.STONE_SCALE).lower()
+        self.has_unused_parameters = self.mode in ("sample", "every")
         self._deck, self._pos = [], 0  # sample:K draw state (see _active_stones)
-        if c.LOGIT_LOSS not in LOGIT_LOSSES:
-            raise ConfigError(f"BLOCKKD.LOGIT_LOSS is '{c.LOGIT_LOSS}'; use one of {', '.join(LOGIT_LOSSES)}")
-        self.logit_loss, self.T = c.LOGIT_LOSS, float(c.T)
+        self._step = 0  # every:K: training steps taken (see _active_stones)
+        self.logit_loss, self.T = str(c.LOGIT_LOSS).lower(), float(c.T)
         self.dkd_alpha, self.dkd_beta = float(c.DKD_ALPHA), float(c.DKD_BETA)
         self.alpha, self.beta, self.gamma = float(c.ALPHA), float(c.BETA), float(c.GAMMA)
-        self.warmup = c.WARMUP
+        self.warmup = float(c.WARMUP)
         self.detach_ensemble, self.weight_cross = bool(c.DETACH_ENSEMBLE), bool(c.WEIGHT_CROSS)
         self.batch_stones = str(c.BATCH_STONES).lower()
-        if self.batch_stones not in ("auto", "on", "off"):
-            raise ConfigError(f"BLOCKKD.BATCH_STONES is '{c.BATCH_STONES}'; use auto, on or off")
+
+    @classmethod
+    def check_cfg(cls, cfg) -> None:
+        check_options(cfg.BLOCKKD)
 
     @property
     def num_stones(self) -> int:
@@ -202,6 +268,8 @@ class BlockKD(Distiller):
 
         ``tview`` is the staged view of the module computing the teacher (see ``teacher_model``).
         """
+        if not active:
+            return []
         entry = {k: self.pairs[k][1] + 1 for k in active}  # first teacher block each stone runs
         inputs = {k: self.connectors[k](outs[self.pairs[k][0]]) for k in active}
         batch = self.batch_stones == "on" or (self.batch_stones == "auto" and outs[0].is_cuda)
@@ -233,12 +301,17 @@ class BlockKD(Distiller):
         return self._forward(image, range(self.num_stones))
 
     def _active_stones(self) -> Tuple[List[int], float]:
-        """Indices of this step's stones and the factor applied to their terms."""
+        """Indices of this step's stones and the factor applied to their terms (advances the draw state)."""
         n = self.num_stones
-        if self.mode == "all":
+        unbiased = self.stone_scale == "unbiased"
+        if self.mode in ("all", "last"):
             return list(range(n)), 1.0
-        if self.mode == "last":
-            return list(range(n - self.k, n)), 1.0
+        if self.mode == "every":
+            with self._shared.lock:
+                step, self._step = self._step, self._step + 1
+            if step % self.k:
+                return [], 1.0
+            return list(range(n)), float(self.k) if unbiased else 1.0
         if n % self.k:
             idx = torch.randperm(n)[: self.k].tolist()
         else:  # stratified: walk a random permutation K stones at a time, every stone once per n/K steps
@@ -247,10 +320,10 @@ class BlockKD(Distiller):
                     self._deck = torch.randperm(n).tolist()
                 idx = self._deck[self._pos: self._pos + self.k]
                 self._pos = (self._pos + self.k) % n
-        return sorted(idx), n / self.k
+        return sorted(idx), n / self.k if unbiased else 1.0
 
-    # the sample:K walk lives in the distiller's SharedState, so DataParallel replicas
-    # (shallow copies made at every forward) advance the one walk the module keeps
+    # the draw state (sample:K walk, every:K step count) lives in the distiller's SharedState,
+    # so DataParallel replicas (shallow copies made at every forward) advance the module's own
     @property
     def _deck(self) -> List[int]:
         return self._shared.values.setdefault("deck", [])
@@ -267,12 +340,21 @@ class BlockKD(Distiller):
     def _pos(self, value):
         self._shared.values["pos"] = int(value)
 
+    @property
+    def _step(self) -> int:
+        return self._shared.values.setdefault("step", 0)
+
+    @_step.setter
+    def _step(self, value):
+        self._shared.values["step"] = int(value)
+
     def get_extra_state(self):
-        """The ``sample:K`` deck position, saved with the distiller so a resumed run draws the same stones."""
-        return {"deck": list(self._deck), "pos": self._pos}
+        """The draw state (``sample:K`` deck and position, ``every:K`` step count), saved so resume is exact."""
+        return {"deck": list(self._deck), "pos": self._pos, "step": self._step}
 
     def set_extra_state(self, state):
         self._deck, self._pos = list(state["deck"]), int(state["pos"])
+        self._step = int(state.get("step", 0))
 
     # -- loss -----------------------------------------------------------------------
     def distance(self, logits: Tensor, target_logits: Tensor, target: Tensor) -> Tensor:
@@ -283,22 +365,26 @@ class BlockKD(Distiller):
             return losses.lskd_loss(logits, target_logits, self.T)
         return losses.dkd_loss(logits, target_logits, target, self.dkd_alpha, self.dkd_beta, self.T)
 
-    def blockkd_loss(self, s_logits, stones, t_logits, target, weights, cross_weights, epoch):
+    def blockkd_loss(self, s_logits, stones, t_logits, target, weights, cross_weights, epoch, student_cross=1.0):
         """The three loss terms from student, stone and teacher logits.
 
-        ``weights[i]`` scales stone ``i``'s task and distill terms, ``cross_weights[i]`` its cross term.
+        ``weights[i]`` scales stone ``i``'s task and distill terms, ``cross_weights[i]`` its cross term;
+        ``student_cross`` scales the student's own cross term. Without stones the cross term is 0.
         """
         task = F.cross_entropy(s_logits, target)
         distill = self.distance(s_logits, t_logits, target)
         for w, z in zip(weights, stones):
             task = task + w * F.cross_entropy(z, target)
             distill = distill + w * self.distance(z, t_logits, target)
-        ens = torch.stack(stones).mean(0)
-        if self.detach_ensemble:
-            ens = ens.detach()
-        cross = self.distance(s_logits, ens, target)
-        for w, z in zip(cross_weights, stones):
-            cross = cross + w * self.distance(z, ens, target)
+        if stones:
+            ens = torch.stack(stones).mean(0)
+            if self.detach_ensemble:
+                ens = ens.detach()
+            cross = student_cross * self.distance(s_logits, ens, target)
+            for w, z in zip(cross_weights, stones):
+                cross = cross + w * self.distance(z, ens, target)
+        else:
+            cross = torch.zeros((), device=task.device)
         warm = losses.warmup_factor(epoch, self.warmup)
         return {
             "loss_ce": self.alpha * task,
@@ -311,22 +397,27 @@ class BlockKD(Distiller):
         s_logits, stones, t_logits = self._forward(image, active)
         weights = [self.stone_weights[k] * factor for k in active]
         cross_weights = weights if self.weight_cross else [factor] * len(active)
-        loss = self.blockkd_loss(s_logits, stones, t_logits, target, weights, cross_weights, kwargs.get("epoch", math.inf))
+        student_cross = factor if self.mode == "every" else 1.0
+        loss = self.blockkd_loss(s_logits, stones, t_logits, target, weights, cross_weights,
+                                 kwargs.get("epoch", math.inf), student_cross)
         return s_logits, loss
 
     @torch.no_grad()
     def eval_logits(self, image):
         """Every stone's logits and the teacher's, scored by the trainer at evaluation."""
         _, stones, t_logits = self.forward_stones(image)
-        out = {f"stone{k + 1}": z for k, z in enumerate(stones)}
+        out = {f"stone{sid}": z for sid, z in zip(self.stone_ids, stones)}
         out["teacher"] = t_logits
         return out
 
     def describe(self) -> str:
         """One line per stone: which student block feeds which teacher block."""
         lines = []
-        for k, ((i, j), w) in enumerate(zip(self.pairs, self.stone_weights)):
+        nt = self.tview.num_blocks
+        for sid, (i, j), w in zip(self.stone_ids, self.pairs, self.stone_weights):
             si, ti = self.sview.block_info[i], self.tview.block_info[j]
-            lines.append(f"stone{k + 1}: student block {i + 1} ({si.num_chs}ch, /{si.reduction}) -> connector -> "
-                         f"teacher blocks {j + 2}..{self.tview.num_blocks} + head (input {ti.num_chs}ch, /{ti.reduction}), w={w:g}")
+            rest = "teacher head only" if j + 1 == nt else (
+                f"teacher block {nt} + head" if j + 2 == nt else f"teacher blocks {j + 2}..{nt} + head")
+            lines.append(f"stone{sid}: student block {i + 1} ({si.num_chs}ch, /{si.reduction}) -> connector -> "
+                         f"{rest} (input {ti.num_chs}ch, /{ti.reduction}), w={w:g}")
         return "\n".join(lines)

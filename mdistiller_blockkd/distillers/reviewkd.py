@@ -133,10 +133,20 @@ class ReviewKD(Distiller):
     ``forward_train`` needs ``epoch`` for the warm-up.
     """
 
+    @classmethod
+    def check_cfg(cls, cfg) -> None:
+        """ReviewKD's ABFs hold BatchNorms on a 1x1 map (the pooled vector): a batch of 1 cannot train them."""
+        if int(cfg.SOLVER.BATCH_SIZE) < 2:
+            raise ConfigError(
+                f"SOLVER.BATCH_SIZE is {cfg.SOLVER.BATCH_SIZE}; REVIEWKD needs at least 2 images per process (its "
+                "fusion modules batch-normalise 1x1 maps, which one image cannot); use a batch of 2 or more")
+
     def __init__(self, student, teacher, cfg=None):
         super().__init__(student, teacher, cfg)
         if teacher is None:
             raise ConfigError("DISTILLER.TYPE REVIEWKD needs a teacher; set DISTILLER.TEACHER")
+        if cfg is not None:
+            self.check_cfg(cfg)
         cfg = cfg if cfg is not None else CFG
         c = cfg.REVIEWKD
         self.ce_loss_weight = float(c.CE_WEIGHT)
@@ -226,6 +236,10 @@ class ReviewKD(Distiller):
 
     def forward_train(self, image, target, **kwargs):
         """Return ``(student_logits, {"loss_ce", "loss_kd"})``; needs ``epoch=``."""
+        if image.shape[0] < 2:
+            raise ConfigError(
+                f"REVIEWKD got a training batch of {image.shape[0]} image; it needs at least 2 per process (its fusion "
+                "modules batch-normalise 1x1 maps); raise SOLVER.BATCH_SIZE")
         warm = losses.warmup_factor(require_epoch(kwargs, "ReviewKD"), self.warmup_epochs)
         logits_student, feats_student = self.student(image)
         _, feats_teacher = self.teacher_forward(image)

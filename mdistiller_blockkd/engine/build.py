@@ -88,6 +88,7 @@ def check_distiller_config(cfg) -> None:
     Raises what :func:`build_distiller` would raise for these inputs.
     """
     kind = distiller_type(cfg)
+    distiller_dict[kind].check_cfg(cfg)
     names = [cfg.DISTILLER.STUDENT] + ([cfg.DISTILLER.TEACHER] if kind != "NONE" else [])
     known = list_models()
     for name in names:

@@ -37,6 +37,9 @@ CFG.DATASET.ROOT = ""  # added: "" = the type's default location (see data/)
 CFG.DATASET.DOWNLOAD = True  # added: try to download CIFAR-100 when missing
 CFG.DATASET.TRAIN_SUBSET = 0  # added: >0 keeps that many training images (fixed, seeded choice)
 CFG.DATASET.TEST_SUBSET = 0  # added: >0 keeps that many test images
+# added: >0 holds out that many training images (fixed, class-balanced, seeded choice, test
+# transform) as a validation split, scored every epoch beside the test set; choose options on it
+CFG.DATASET.VAL_SPLIT = 0
 CFG.DATASET.IMAGE_SIZE = 224  # added: ImageNet crop size
 CFG.DATASET.SYNTHETIC = CN()  # added: the generated set for tests and smoke runs
 CFG.DATASET.SYNTHETIC.NUM_CLASSES = 10
@@ -106,6 +109,12 @@ CFG.REVIEWKD.OUT_CHANNELS = [64, 128, 256, 256]
 CFG.REVIEWKD.MAX_MID_CHANNEL = 512
 CFG.REVIEWKD.STU_PREACT = False
 
+# LSKD (logit-standardised KD, Sun et al., CVPR 2024): KD on z-scored logits
+CFG.LSKD = CN()
+CFG.LSKD.T = 2.0
+CFG.LSKD.CE_WEIGHT = 0.1
+CFG.LSKD.KD_WEIGHT = 9.0
+
 # Block-KD (block-wise logit distillation); see docs/blockkd.md
 CFG.BLOCKKD = CN()
 CFG.BLOCKKD.ALPHA = 1.0  # task (CE) terms
@@ -120,7 +129,11 @@ CFG.BLOCKKD.PAIRS = []  # [] = pair by output stride; else [[student_block, teac
 CFG.BLOCKKD.LOGIT_LOSS = "kd"  # kd | dkd | lskd (logit-standardised KD)
 CFG.BLOCKKD.DKD_ALPHA = 1.0  # used when LOGIT_LOSS = dkd
 CFG.BLOCKKD.DKD_BETA = 8.0
-CFG.BLOCKKD.STONES = "all"  # all | last:K | sample:K
+CFG.BLOCKKD.STONES = "all"  # all | last:K | sample:K | every:K
+# added: factor on the stones' terms under sample:K / every:K: unbiased (n/K resp. K, the
+# expected loss equals all's) | none (1: the stones weigh what they weigh under all, when they run)
+CFG.BLOCKKD.STONE_SCALE = "unbiased"
+CFG.BLOCKKD.STONE_WEIGHTS = "halving"  # halving: w_i = 1/2^(n-i) (the paper) | uniform: w_i = 1
 CFG.BLOCKKD.BATCH_STONES = "auto"  # on | off | auto (on for CUDA inputs): stones share teacher blocks as one concatenated batch
 
 

@@ -16,6 +16,14 @@ Per epoch
     in ``worklog.txt``; tensorboardX scalars (``train.events``; also every
     ``LOG.TENSORBOARD_FREQ`` steps; the x axis is the global step).
 
+Validation split (``holdout_loader``, from ``DATASET.VAL_SPLIT``)
+    when given, the student is also scored every epoch on training images held out of
+    training: ``val_acc``, ``val_acc_top5``, ``val_loss`` in ``metrics.jsonl``. The
+    ``best`` checkpoints are then chosen by validation top-1, and ``best_acc`` is the
+    test top-1 *at that epoch* (model selection never looks at the test set);
+    ``best_val_acc`` is recorded too. Without it, ``best`` is the epoch of the best test
+    top-1, as in mdistiller.
+
 Output folder ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<EXPERIMENT.NAME or EXPERIMENT.TAG>/``
     ``config.yaml`` (the merged config), ``metrics.jsonl``, ``worklog.txt``,
     ``train.events/``, and checkpoints written atomically at the end of every epoch:
@@ -211,7 +219,7 @@ class Trainer:
     """
 
     def __init__(self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg,
-                 dist_info: Optional[du.DistInfo] = None, log=None):
+                 dist_info: Optional[du.DistInfo] = None, log=None, holdout_loader=None):
         self.cfg = cfg
         if dist_info is None:
             param = next(distiller.parameters(), None)
@@ -224,6 +232,7 @@ class Trainer:
         self.experiment_name = experiment_name
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
         self.train_loader, self.val_loader = train_loader, val_loader
+        self.holdout_loader = holdout_loader
         self.epochs = int(cfg.SOLVER.EPOCHS)
         self.progress = bool(cfg.LOG.PROGRESS) and self.is_main
         self.tb_freq = max(int(cfg.LOG.TENSORBOARD_FREQ), 0)
@@ -269,6 +278,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.best_acc = -1.0
+        self.best_val_acc = -1.0
         self.start_epoch = 1
         self.tb_writer = None
         self.history: List[dict] = []
@@ -355,6 +365,7 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.best_acc = float(ckpt["best_acc"])
+        self.best_val_acc = float(ckpt.get("best_val_acc", -1.0))
         self.start_epoch = int(ckpt["epoch"]) + 1
         states = ckpt["rng"]
         if len(states) != self.info.world_size:
@@ -414,9 +425,20 @@ class Trainer:
         steps = max(len(self.train_loader), 1)
         du.broadcast_buffers(self.distiller)
         test = self.evaluate(epoch)
-        is_best = test["test_acc"] >= self.best_acc
-        self.best_acc = max(self.best_acc, test["test_acc"])
-        record = {"epoch": epoch, "lr": lr, **train, **test, "best_acc": self.best_acc,
+        val = {}
+        if self.holdout_loader is not None:
+            scores = evaluate_model(self.distiller, self.holdout_loader, self.device, amp_dtype=self.amp_dtype,
+                                    channels_last=self.channels_last, heads=False, progress=self.progress,
+                                    desc=f"val {epoch}")
+            val = {k.replace("test_", "val_", 1): v for k, v in scores.items()}
+            is_best = val["val_acc"] >= self.best_val_acc
+            if is_best:
+                self.best_val_acc, self.best_acc = val["val_acc"], test["test_acc"]
+            val["best_val_acc"] = self.best_val_acc
+        else:
+            is_best = test["test_acc"] >= self.best_acc
+            self.best_acc = max(self.best_acc, test["test_acc"])
+        record = {"epoch": epoch, "lr": lr, **train, **test, **val, "best_acc": self.best_acc,
                   "epoch_time_s": time.perf_counter() - t_start, "ms_per_step": 1000.0 * t_train / steps}
         self.history.append(record)
         if self.is_main:
@@ -489,6 +511,8 @@ class Trainer:
                     self.tb_writer.add_scalar(f"epoch/{k}", v, step)
             self.tb_writer.flush()
         heads = " ".join(f"{k}={v:.2f}" for k, v in record.items() if k.startswith("acc_"))
+        if "val_acc" in record:
+            heads = f"val top-1 {record['val_acc']:.2f}" + (" | " + heads if heads else "")
         self.log(
             f"epoch {epoch}/{self.epochs} lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
             f"acc {record['train_acc']:.2f} | test loss {record['test_loss']:.4f} top-1 {record['test_acc']:.2f} "
@@ -506,6 +530,7 @@ class Trainer:
             "model": self.distiller_state(),
             "optimizer": self.optimizer.state_dict(),
             "best_acc": self.best_acc,
+            "best_val_acc": self.best_val_acc,
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "world_size": self.info.world_size,

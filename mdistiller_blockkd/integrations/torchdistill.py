@@ -11,7 +11,8 @@ Importing this module registers into torchdistill (tested with 1.1.5):
     forward returns a :class:`BlockKDOutput` (student logits, the stones' logits and
     their weights); in eval mode the student's logits. Its kwargs are the structural
     ``BLOCKKD`` options in lower case: ``stones``, ``connector``, ``pairs``,
-    ``batch_stones``, plus ``fold_teacher_bn`` and ``channels_last``. The two meet
+    ``batch_stones``, ``stone_scale``, ``stone_weights``, plus ``fold_teacher_bn`` and
+    ``channels_last``. The two meet
     through ``link`` (default ``"blockkd"``): torchdistill builds the teacher's wrapper
     first, then the student's.
 ``BlockKDLoss`` (mid-level loss)
@@ -74,13 +75,16 @@ class BlockKDOutput(NamedTuple):
     """What :class:`BlockKDStudent` returns in training mode.
 
     ``weights[i]`` scales stone ``i``'s task and distill terms (stone weight times
-    ``factor``, the ``n/K`` of ``sample:K``, else 1).
+    ``factor``: ``n/K`` for ``sample:K``, ``K`` for ``every:K`` with ``STONE_SCALE``
+    unbiased, else 1); ``student_cross`` scales the student's own cross term. A step of
+    ``every:K`` without stones has none.
     """
 
     logits: Tensor
     stones: List[Tensor]
     weights: List[float]
     factor: float
+    student_cross: float = 1.0
 
 
 def _kwargs_error(owner: str, unknown, known) -> ConfigError:
@@ -146,7 +150,8 @@ class BlockKDTeacher(AuxiliaryModelWrapper):
         return model(x)[0]
 
 
-_STRUCTURAL = {"stones": "STONES", "connector": "CONNECTOR", "pairs": "PAIRS", "batch_stones": "BATCH_STONES"}
+_STRUCTURAL = {"stones": "STONES", "connector": "CONNECTOR", "pairs": "PAIRS", "batch_stones": "BATCH_STONES",
+               "stone_scale": "STONE_SCALE", "stone_weights": "STONE_WEIGHTS"}
 
 
 @register_auxiliary_model_wrapper
@@ -194,7 +199,8 @@ class BlockKDStudent(BlockKD, AuxiliaryModelWrapper):
         active, factor = self._active_stones()
         s_logits, outs = self._student_forward(x)
         stones = self._stone_logits(outs, active, self.teacher_model(x).staged_view())
-        return BlockKDOutput(s_logits, stones, [self.stone_weights[k] * factor for k in active], factor)
+        weights = [self.stone_weights[k] * factor for k in active]
+        return BlockKDOutput(s_logits, stones, weights, factor, factor if self.mode == "every" else 1.0)
 
 
 class _EpochAware(nn.Module):
@@ -275,7 +281,8 @@ class BlockKDLoss(_EpochAware):
                 f"{type(out).__name__}; set train.student.auxiliary_model_wrapper.key: BlockKDStudent")
         t_logits = _logits(self.io(teacher_io_dict, tp, tio))
         cross = out.weights if self.weight_cross else [out.factor] * len(out.stones)
-        return self.blockkd_loss(out.logits, out.stones, t_logits, targets, out.weights, cross, self.current_epoch())
+        return self.blockkd_loss(out.logits, out.stones, t_logits, targets, out.weights, cross, self.current_epoch(),
+                                 out.student_cross)
 
     def forward(self, student_io_dict, teacher_io_dict, targets, *args, **kwargs) -> Tensor:
         return sum(self.terms(student_io_dict, teacher_io_dict, targets).values())
