@@ -78,7 +78,8 @@ def test_every_shipped_config_loads_and_names_known_models():
     from mdistiller_blockkd.errors import CheckpointError
     from mdistiller_blockkd.engine.cfg import load_cfg
 
-    paths = sorted(str(p) for p in (REPO / "configs").rglob("*.yaml"))
+    # configs/torchdistill/ holds torchdistill's own YAML format (tests/test_torchdistill.py loads them)
+    paths = sorted(str(p) for p in (REPO / "configs").rglob("*.yaml") if "torchdistill" not in p.parts)
     assert len(paths) > 60
     for path in paths:
         cfg = load_cfg(path)

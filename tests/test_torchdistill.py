@@ -176,9 +176,12 @@ def test_misconfigurations_are_one_line_config_errors():
         td.BlockKDStudent(student, DEVICE, None, False, link="nowhere")
     with pytest.raises(ConfigError, match=r"unknown kwargs \['stone'\]"):
         td.BlockKDStudent(student, DEVICE, None, False, stone="all")
+    teacher_side = td.BlockKDTeacher(teacher, DEVICE, link="x")  # torchdistill's box keeps it alive
     with pytest.raises(ConfigError, match="BLOCKKD.STONES is 'some'"):
-        td.BlockKDTeacher(teacher, DEVICE, link="x")
         td.BlockKDStudent(student, DEVICE, None, False, link="x", stones="some")
+    del teacher_side
+    with pytest.raises(ConfigError, match="found no BlockKDTeacher with that link"):  # links are weak
+        td.BlockKDStudent(student, DEVICE, None, False, link="x")
     loss = td.BlockKDLoss(warmup=5)
     out = td.BlockKDOutput(torch.zeros(2, 10), [torch.zeros(2, 10)], [1.0], 1.0)
     with pytest.raises(ConfigError, match="never given the epoch; set train.pre_epoch_process"):
@@ -217,8 +220,9 @@ def test_imagenet_yaml_names_torchvision_resnets_and_the_integration(tmp_path):
 
     tv_t = get_image_classification_model({"key": "resnet34", "kwargs": {"num_classes": 10}})
     tv_s = get_image_classification_model({"key": "resnet18", "kwargs": {"num_classes": 10}})
-    td.BlockKDTeacher(tv_t, DEVICE, link="tv")
+    teacher_side = td.BlockKDTeacher(tv_t, DEVICE, link="tv")
     w = td.BlockKDStudent(tv_s, DEVICE, None, False, link="tv")
+    assert w.teacher is teacher_side.teacher and "teacher" not in dict(w.named_children())
     assert w.num_stones == 4 and w.student.timm_name == "resnet18"
     w.train()
     out = w(torch.randn(2, 3, 64, 64))

@@ -39,6 +39,7 @@ see ``configs/torchdistill/`` and the README.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Dict, List, NamedTuple
 
 import torch.nn.functional as F
@@ -67,8 +68,9 @@ from ..plugin import as_staged
 __all__ = ["BlockKDOutput", "BlockKDTeacher", "BlockKDStudent", "BlockKDLoss", "DKDLoss",
            "blockkd_pre_epoch_process", "mdistiller_blockkd_model"]
 
-#: Teacher wrappers by ``link`` name (the student wrapper built next looks its teacher up here).
-_TEACHERS: Dict[str, "BlockKDTeacher"] = {}
+#: Teacher wrappers by ``link`` name (the student wrapper built next looks its teacher up here);
+#: weak, so a finished run's teacher is not kept alive.
+_TEACHERS: "weakref.WeakValueDictionary[str, BlockKDTeacher]" = weakref.WeakValueDictionary()
 
 
 class BlockKDOutput(NamedTuple):
