@@ -217,7 +217,7 @@ def with_our_defaults(cfg):
     """
     from yacs.config import CfgNode
 
-    from .engine.cfg import CFG
+    from .config import CFG
 
     out = CFG.clone()
     if cfg is None:
@@ -298,7 +298,7 @@ def register():
     cls = _distiller_class()
     table["BLOCKKD"] = cls
     if "BLOCKKD" not in up_root:
-        from .engine.cfg import CFG
+        from .config import CFG
 
         frozen = up_root.is_frozen()
         if frozen:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mdistiller_blockkd.distillers import base, distiller_dict
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.models import build_model
 
 from helpers import randomize_bn

@@ -64,7 +64,7 @@ def test_register_adds_distiller_and_cfg_node(fake_mdistiller):
     from mdistiller.engine.cfg import CFG
 
     from mdistiller_blockkd.distillers import distiller_dict
-    from mdistiller_blockkd.engine.cfg import CFG as OURS
+    from mdistiller_blockkd.config import CFG as OURS
 
     assert up.distiller_dict["BLOCKKD"] is cls and up.distiller_dict["NONE"].__module__ == "mdistiller.distillers"
     assert issubclass(cls, distiller_dict["BLOCKKD"])

@@ -8,11 +8,12 @@ import pytest
 import timm
 import torch
 
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import CheckpointError, ConfigError
 from mdistiller_blockkd.models import build_model
 from mdistiller_blockkd.models.staged import StagedModel
-from mdistiller_blockkd.models.timm_backbone import TimmStagedModel, load_timm_checkpoint, read_state_dict
+from mdistiller_blockkd.models.timm_backbone import TimmStagedModel, load_timm_checkpoint
+from mdistiller_blockkd.utils.checkpoint import read_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_CFGS = os.path.join(ROOT, "configs", "imagenet")
@@ -225,7 +226,7 @@ def test_imagenet_configs_load_with_the_recipe():
 
 
 def test_reviewkd_imagenet_levels_match_mdistiller():
-    from mdistiller_blockkd.distillers import distiller_dict
+    from mdistiller_blockkd.engine.build import make_distiller
 
     upstream = {
         "r34_r18": ([64, 128, 256, 512, 512], [64, 128, 256, 512, 512]),
@@ -233,7 +234,7 @@ def test_reviewkd_imagenet_levels_match_mdistiller():
     }
     for pair, (t, s) in EXPECTED.items():
         cfg = load_cfg(os.path.join(IMAGENET_CFGS, "reviewkd", f"{pair}.yaml"))
-        d = distiller_dict["REVIEWKD"](build_model(s, num_classes=10), build_model(t, num_classes=10), cfg)
+        d = make_distiller(cfg, build_model(s, num_classes=10), build_model(t, num_classes=10))  # input size 224
         assert (d.in_channels, d.out_channels) == upstream[pair]
         assert d.shapes == d.out_shapes == [1, 7, 14, 28, 56]
 

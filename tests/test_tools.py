@@ -1,6 +1,5 @@
 """The benchmark and report tools: command lines, JSON schema, cost model, tables and plots."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mdistiller_blockkd.distillers import distiller_dict
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError, UserError
-from mdistiller_blockkd.tools_common import mean_std, read_metrics, split_overrides, split_top_level, variant_label
+from mdistiller_blockkd.cli.common import mean_std, read_metrics, split_overrides, split_top_level, variant_label
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"teacher", "student", "distiller", "variant", "batch_size", "ms_per_step", "images_per_s",
@@ -21,12 +20,15 @@ RESULT_KEYS = {"teacher", "student", "distiller", "variant", "batch_size", "ms_p
 TOP_KEYS = {"results", "device", "torch", "threads", "command"}
 
 
+def checkout_env():
+    """Environment of a subprocess that imports this checkout's package (the tools/ wrappers need it on the path)."""
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
-    return mod
+    import importlib
+
+    return importlib.import_module(f"mdistiller_blockkd.cli.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +79,15 @@ def test_benchmark_parsing(bench_tool):
 def test_benchmark_cli_json_and_cost_model(tmp_path):
     out = tmp_path / "bench.json"
     names = ["NONE", "BLOCKKD"] + (["KD"] if "KD" in distiller_dict else [])
-    cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--pairs", "resnet20:resnet8", "--distillers", *names,
+    cmd = [sys.executable, "-m", "mdistiller_blockkd", "benchmark", "--pairs", "resnet20:resnet8", "--distillers", *names,
            "--variants", "BLOCKKD.STONES=sample:1", "--batch-size", "4", "--warmup", "1", "--steps", "2",
            "--threads", "1", "--cost-model", "--json", str(out), "BLOCKKD.WARMUP=0"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=checkout_env())
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "ms/step" in proc.stdout and "cost model" in proc.stdout
     doc = json.loads(out.read_text())
     assert set(doc) == TOP_KEYS | {"cost_model"}
-    assert doc["threads"] == 1 and doc["device"].startswith("cpu") and doc["command"].startswith("python tools/benchmark.py")
+    assert doc["threads"] == 1 and doc["device"].startswith("cpu") and doc["command"].startswith("mdistiller-blockkd-benchmark")
     rows = {(r["distiller"], r["variant"]): r for r in doc["results"]}
     assert set(rows) == {(n, "") for n in names} | {("BLOCKKD", "sample:1")}
     for r in doc["results"]:
@@ -134,7 +136,7 @@ def test_benchmark_main_in_process(bench_tool, tmp_path, capsys):
 
 def test_benchmark_help():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--help"], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=checkout_env())
     assert proc.returncode == 0 and "--cost-model" in proc.stdout and "round-robin" in proc.stdout
 
 
@@ -198,8 +200,7 @@ def table_rows(text, heading):
 def test_report_table_and_plots(report, runs, tmp_path, capsys):
     out_md = tmp_path / "results.md"
     plots = tmp_path / "plots"
-    has_mpl = importlib.util.find_spec("matplotlib") is not None  # optional dependency (extra "report")
-    assert report.main(["--root", str(runs), "--out", str(out_md)] + (["--plots", str(plots)] if has_mpl else [])) == 0
+    assert report.main(["--root", str(runs), "--out", str(out_md), "--plots", str(plots)]) == 0  # matplotlib: a dependency
     captured = capsys.readouterr()
     text = out_md.read_text(encoding="utf-8")
     assert text == captured.out
@@ -231,8 +232,6 @@ def test_report_table_and_plots(report, runs, tmp_path, capsys):
     assert "empty" in warnings and "no epoch with a test_acc" in warnings
     assert "noconfig" in warnings and "no config.yaml" in warnings
     assert "not valid JSON" in warnings and "included as partial" in warnings
-    if not has_mpl:
-        return
     for name in ("test_acc.png", "stones_resnet56_resnet20.png"):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -260,11 +259,11 @@ def test_report_without_matplotlib(report, runs, monkeypatch):
 
 def test_report_cli_subprocess(runs, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), "--root", str(runs)],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=checkout_env())
     assert proc.returncode == 0, proc.stderr
     assert "| KD | 72.00 ± 2.00 (3 seeds) |" in proc.stdout
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(tmp_path / "nothing")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=checkout_env())
     assert proc.returncode == UserError.exit_code and proc.stderr.strip().splitlines()[-1].startswith("error:")
 
 

@@ -16,14 +16,15 @@ from torchdistill.models.official import get_image_classification_model  # noqa:
 from torchdistill.models.registry import get_model  # noqa: E402
 
 from mdistiller_blockkd.distillers import distiller_dict  # noqa: E402
-from mdistiller_blockkd.engine.cfg import load_cfg  # noqa: E402
+from mdistiller_blockkd.config import load_cfg  # noqa: E402
 from mdistiller_blockkd.errors import ConfigError  # noqa: E402
 
 from helpers import randomize_bn  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_YAML = os.path.join(ROOT, "configs", "torchdistill", "blockkd_synthetic_cpu.yaml")
-IMAGENET_YAML = os.path.join(ROOT, "configs", "torchdistill", "ilsvrc2012_resnet34_resnet18_blockkd.yaml")
+CONFIGS = os.path.join(ROOT, "mdistiller_blockkd", "integrations", "configs")
+CPU_YAML = os.path.join(CONFIGS, "torchdistill_blockkd_synthetic_cpu.yaml")
+IMAGENET_YAML = os.path.join(CONFIGS, "torchdistill_ilsvrc2012_resnet34_resnet18_blockkd.yaml")
 DEVICE = torch.device("cpu")
 
 

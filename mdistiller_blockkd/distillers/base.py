@@ -1,6 +1,12 @@
 """The distiller contract (mdistiller's API), shared by every method.
 
-A distiller is an ``nn.Module`` built as ``Distiller(student, teacher, cfg)``:
+A distiller is an ``nn.Module`` built as ``Distiller(student, teacher, cfg, input_size=S)``
+(the assembler, :func:`mdistiller_blockkd.engine.build.build_distiller`, passes
+``input_size``, the side of the square input images; a distiller never reads
+``DATASET.*``). ``cfg`` is required: a distiller reads its own node (``cfg.KD``...) and
+``DISTILLER`` / ``SOLVER`` keys from it, never from the global ``CFG``. A class enters
+``DISTILLER.TYPE`` with ``@register_distiller("NAME")`` (:mod:`mdistiller_blockkd.registry`),
+here or in an outside package.
 
 * ``forward_train(image, target, **kw) -> (student_logits, {name: loss})``; the trainer
   sums the loss values; ``kw`` carries ``epoch`` (1-based, float allowed).
@@ -11,6 +17,7 @@ A distiller is an ``nn.Module`` built as ``Distiller(student, teacher, cfg)``:
 * ``train(mode)`` keeps the teacher in eval mode whatever ``mode`` is.
 * ``eval_logits(image) -> {name: logits}``: extra heads scored during evaluation
   (Block-KD's stepping stones); empty by default.
+* ``describe() -> str``: what was built, for the run's log (subclasses add lines).
 
 The teacher is frozen at construction: ``eval()`` and ``requires_grad_(False)``.
 Teacher outputs are computed by :meth:`Distiller.teacher_model`: a copy of the frozen
@@ -36,6 +43,7 @@ from torch import Tensor, nn
 
 from ..models.fold import fold_frozen_bn
 from ..models.staged import StagedModel
+from ..registry import register_distiller
 
 
 class SharedState:
@@ -65,16 +73,29 @@ class SharedState:
 
 
 class Distiller(nn.Module):
+    """Base class of every distiller (see the module docstring for the contract).
+
+    Args:
+        student: the model trained.
+        teacher: the frozen teacher (``None`` for vanilla training).
+        cfg: the run's config (required).
+        input_size: side of the (square) input images, given by the assembler; ``None``
+            when the method does not need it.
+    """
+
     #: True when some learnable parameters may get no gradient in a step (for DDP).
     has_unused_parameters = False
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg, input_size: int | None = None):
         super().__init__()
+        if cfg is None:
+            raise TypeError(f"{type(self).__name__} needs the run's cfg (e.g. mdistiller_blockkd.config.load_cfg())")
         self._shared = SharedState()
         self.student = student
         self.teacher = teacher
-        self.fold_teacher_bn = bool(cfg.DISTILLER.FOLD_TEACHER_BN) if cfg is not None else True
-        self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST) if cfg is not None else False
+        self.input_size = None if input_size is None else int(input_size)
+        self.fold_teacher_bn = bool(cfg.DISTILLER.FOLD_TEACHER_BN)
+        self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST)
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -115,6 +136,14 @@ class Distiller(nn.Module):
 
     def eval_logits(self, image: Tensor) -> Dict[str, Tensor]:
         return {}
+
+    def describe(self) -> str:
+        """One line naming the method, the student, the teacher and the extra learnable parameters."""
+        parts = [f"{type(self).__name__}: student {type(self.student).__name__}"]
+        if self.teacher is not None:
+            parts.append(f"teacher {type(self.teacher).__name__}")
+        parts.append(f"extra parameters {self.get_extra_parameters() / 1e6:.3f}M")
+        return ", ".join(parts)
 
     # -- helpers for subclasses -----------------------------------------------------
     def teacher_model(self, x: Tensor) -> nn.Module:
@@ -167,11 +196,12 @@ class Distiller(nn.Module):
         return self.teacher_model(image)(image)
 
 
+@register_distiller("NONE")
 class Vanilla(Distiller):
     """``NONE``: plain training of the student with cross-entropy."""
 
-    def __init__(self, student, teacher=None, cfg=None):
-        super().__init__(student, None, cfg)
+    def __init__(self, student, teacher, cfg, **kwargs):
+        super().__init__(student, None, cfg, **kwargs)
 
     def forward_train(self, image, target, **kwargs):
         logits, _ = self.student(image)

@@ -78,6 +78,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..models.staged import StageInfo, StagedView
 from . import losses
+from ..registry import register_distiller
 from .base import Distiller
 
 CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
@@ -212,11 +213,12 @@ def parse_stones(spec: str, n) -> Tuple[str, int]:
                       f"(all stones every K-th step) with {bound}")
 
 
+@register_distiller("BLOCKKD")
 class BlockKD(Distiller):
     """Block-wise logit distillation (``DISTILLER.TYPE: BLOCKKD``); see the module docstring."""
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
+    def __init__(self, student, teacher, cfg, **kwargs):
+        super().__init__(student, teacher, cfg, **kwargs)
         if teacher is None:
             raise ConfigError("BLOCKKD needs a teacher (DISTILLER.TEACHER)")
         c = cfg.BLOCKKD
@@ -411,8 +413,8 @@ class BlockKD(Distiller):
         return out
 
     def describe(self) -> str:
-        """One line per stone: which student block feeds which teacher block."""
-        lines = []
+        """The base line, then one line per stone: which student block feeds which teacher block."""
+        lines = [super().describe()]
         nt = self.tview.num_blocks
         for sid, (i, j), w in zip(self.stone_ids, self.pairs, self.stone_weights):
             si, ti = self.sview.block_info[i], self.tview.block_info[j]

@@ -33,7 +33,7 @@ Importing this module registers into torchdistill (tested with 1.1.5):
     with a :class:`ConfigError` at its first step.
 
 A YAML enables all of it with ``dependencies: [{name: mdistiller_blockkd.integrations.torchdistill}]``;
-see ``configs/torchdistill/`` and the README.
+see the YAMLs in ``mdistiller_blockkd/integrations/configs/`` (shipped in the wheel) and the README.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from ..distillers import losses
 from ..distillers.blockkd import BlockKD
-from ..engine.cfg import CFG
+from ..config import CFG
 from ..errors import ConfigError
 from ..models import build_model
 from ..models.staged import StagedModel
