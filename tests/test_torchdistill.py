@@ -2,6 +2,7 @@
 DistillationBox and epoch hooks), on generated data; losses equal this toolbox's own."""
 
 import copy
+import importlib
 import os
 
 import pytest
@@ -23,6 +24,7 @@ from helpers import randomize_bn  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "mdistiller_blockkd", "integrations", "configs")
+assert os.path.samefile(CONFIGS, importlib.import_module("mdistiller_blockkd.integrations.torchdistill").CONFIG_DIR)
 CPU_YAML = os.path.join(CONFIGS, "torchdistill_blockkd_synthetic_cpu.yaml")
 IMAGENET_YAML = os.path.join(CONFIGS, "torchdistill_ilsvrc2012_resnet34_resnet18_blockkd.yaml")
 DEVICE = torch.device("cpu")

@@ -39,6 +39,7 @@ see the YAMLs in ``mdistiller_blockkd/integrations/configs/`` (shipped in the wh
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from typing import Dict, List, NamedTuple
 
@@ -65,8 +66,12 @@ from ..models import build_model
 from ..models.staged import StagedModel
 from ..plugin import as_staged
 
-__all__ = ["BlockKDOutput", "BlockKDTeacher", "BlockKDStudent", "BlockKDLoss", "DKDLoss",
+__all__ = ["CONFIG_DIR", "BlockKDOutput", "BlockKDTeacher", "BlockKDStudent", "BlockKDLoss", "DKDLoss",
            "blockkd_pre_epoch_process", "mdistiller_blockkd_model"]
+
+#: Folder of the shipped torchdistill YAMLs (installed with the package):
+#: ``torchdistill_ilsvrc2012_resnet34_resnet18_blockkd.yaml`` and ``torchdistill_blockkd_synthetic_cpu.yaml``.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 #: Teacher wrappers by ``link`` name (the student wrapper built next looks its teacher up here);
 #: weak, so a finished run's teacher is not kept alive.
