@@ -72,6 +72,19 @@ class SharedState:
         return SharedState(copy.deepcopy(self.values, memo))
 
 
+def shared_attribute(key: str, factory, cast):
+    """A distiller attribute stored in ``self._shared.values[key]`` (``factory()`` until set;
+    assignments go through ``cast``), so DataParallel replicas read and advance the module's own."""
+
+    def get(self):
+        return self._shared.values.setdefault(key, factory())
+
+    def set(self, value):
+        self._shared.values[key] = cast(value)
+
+    return property(get, set, doc=f"Shared across DataParallel replicas (``_shared.values[{key!r}]``).")
+
+
 class Distiller(nn.Module):
     """Base class of every distiller (see the module docstring for the contract).
 

@@ -79,7 +79,7 @@ from ..errors import ConfigError
 from ..models.staged import StageInfo, StagedView
 from . import losses
 from ..registry import register_distiller
-from .base import Distiller
+from .base import Distiller, shared_attribute
 
 CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
 LOGIT_LOSSES = ("kd", "dkd", "lskd")
@@ -326,29 +326,9 @@ class BlockKD(Distiller):
 
     # the draw state (sample:K walk, every:K step count) lives in the distiller's SharedState,
     # so DataParallel replicas (shallow copies made at every forward) advance the module's own
-    @property
-    def _deck(self) -> List[int]:
-        return self._shared.values.setdefault("deck", [])
-
-    @_deck.setter
-    def _deck(self, value):
-        self._shared.values["deck"] = list(value)
-
-    @property
-    def _pos(self) -> int:
-        return self._shared.values.setdefault("pos", 0)
-
-    @_pos.setter
-    def _pos(self, value):
-        self._shared.values["pos"] = int(value)
-
-    @property
-    def _step(self) -> int:
-        return self._shared.values.setdefault("step", 0)
-
-    @_step.setter
-    def _step(self, value):
-        self._shared.values["step"] = int(value)
+    _deck = shared_attribute("deck", list, list)
+    _pos = shared_attribute("pos", int, int)
+    _step = shared_attribute("step", int, int)
 
     def get_extra_state(self):
         """The draw state (``sample:K`` deck and position, ``every:K`` step count), saved so resume is exact."""
