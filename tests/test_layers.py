@@ -5,7 +5,7 @@
     2  distillers     (stand on models)
     3  assembler      engine.build
     4  trainer        engine.trainer
-    5  commands       cli.*, __main__, plugin
+    5  commands       cli.*, __main__, plugin, integrations.*
 
 Imports are read with ``ast`` (module level and inside functions alike). A new module must
 be given a layer in LAYERS below; the test names any module that has none.
@@ -35,6 +35,7 @@ LAYERS = [
     (f"{PKG}.cli", 5, "commands"),
     (f"{PKG}.__main__", 5, "commands"),
     (f"{PKG}.plugin", 5, "commands"),
+    (f"{PKG}.integrations", 5, "commands"),  # bridges to other toolboxes, like plugin
 ]
 
 

@@ -181,9 +181,22 @@ def test_mobilenetv1_exists_in_timm():
 
 # -- ImageNet configs --------------------------------------------------------------------
 EXPECTED = {
-    "r34_r18": ("timm:resnet34", "timm:resnet18"),
-    "r50_mv1": ("timm:resnet50", "timm:mobilenetv1_100"),
+    "r34_r18": ("timm:resnet34.tv_in1k", "timm:resnet18"),
+    "r50_mv1": ("timm:resnet50.tv_in1k", "timm:mobilenetv1_100"),
 }
+
+
+def test_imagenet_teachers_are_torchvisions_weights():
+    """mdistiller's ImageNet numbers use torchvision's teachers: timm's ``tv_in1k`` tags (224 px),
+    not timm's default tags (``a1_in1k``, another recipe, evaluated at 288 px)."""
+    paths = sorted(glob.glob(os.path.join(IMAGENET_CFGS, "*", "*.yaml")))
+    assert paths
+    for p in paths:
+        name = load_cfg(p).DISTILLER.TEACHER
+        assert name.endswith(".tv_in1k"), (p, name)
+        cfg = build_model(name, num_classes=10).pretrained_cfg  # no download: only timm's metadata
+        assert cfg["tag"] == "tv_in1k" and tuple(cfg["input_size"]) == (3, 224, 224)
+        assert cfg.get("test_input_size") in (None, (3, 224, 224))
 
 
 def test_imagenet_configs_load_with_the_recipe():

@@ -79,7 +79,7 @@ from ..errors import ConfigError
 from ..models.staged import StageInfo, StagedView
 from . import losses
 from ..registry import register_distiller
-from .base import Distiller
+from .base import Distiller, shared_attribute
 
 CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
 LOGIT_LOSSES = ("kd", "dkd", "lskd")
@@ -309,18 +309,26 @@ class BlockKD(Distiller):
         if self.mode in ("all", "last"):
             return list(range(n)), 1.0
         if self.mode == "every":
-            step, self._step = self._step, self._step + 1
+            with self._shared.lock:
+                step, self._step = self._step, self._step + 1
             if step % self.k:
                 return [], 1.0
             return list(range(n)), float(self.k) if unbiased else 1.0
         if n % self.k:
             idx = torch.randperm(n)[: self.k].tolist()
         else:  # stratified: walk a random permutation K stones at a time, every stone once per n/K steps
-            if self._pos == 0:
-                self._deck = torch.randperm(n).tolist()
-            idx = self._deck[self._pos: self._pos + self.k]
-            self._pos = (self._pos + self.k) % n
+            with self._shared.lock:  # DataParallel replicas draw one after the other from the shared walk
+                if self._pos == 0:
+                    self._deck = torch.randperm(n).tolist()
+                idx = self._deck[self._pos: self._pos + self.k]
+                self._pos = (self._pos + self.k) % n
         return sorted(idx), n / self.k if unbiased else 1.0
+
+    # the draw state (sample:K walk, every:K step count) lives in the distiller's SharedState,
+    # so DataParallel replicas (shallow copies made at every forward) advance the module's own
+    _deck = shared_attribute("deck", list, list)
+    _pos = shared_attribute("pos", int, int)
+    _step = shared_attribute("step", int, int)
 
     def get_extra_state(self):
         """The draw state (``sample:K`` deck and position, ``every:K`` step count), saved so resume is exact."""

@@ -254,6 +254,20 @@ class TimmStagedModel(StagedModel):
     def get_classifier(self) -> nn.Module:
         return self._timm.get_classifier()
 
+    def _replicate_for_data_parallel(self):
+        """DataParallel replica whose timm model runs the replica's modules (not the original's).
+
+        The replica gets a new children table (filled with replicated children by
+        ``torch.nn.parallel.replicate``); a shallow copy of the timm model shares that
+        table, so ``forward_head`` / ``get_classifier`` use the replica's weights on the
+        replica's device.
+        """
+        replica = super()._replicate_for_data_parallel()
+        timm_replica = self._timm._replicate_for_data_parallel()
+        object.__setattr__(timm_replica, "_modules", replica._modules)
+        object.__setattr__(replica, "_timm", timm_replica)
+        return replica
+
     def train(self, mode: bool = True):
         super().train(mode)
         self._timm.training = mode  # timm's forward_head reads the root flag (head dropout)
