@@ -31,15 +31,22 @@ class TrainingError(UserError):
     exit_code = 3
 
 
-def run_cli(main):
-    """Run ``main()`` and turn a :class:`UserError` into one line on stderr + exit code."""
+def run_cli(main, argv=None) -> int:
+    """Run ``main(argv)`` as a command: return its exit status, or exit with one line for a user error.
+
+    The status is ``main``'s result when it is an ``int``, else 0. A
+    :class:`UserError` prints ``error: <message>`` on stderr and exits with its
+    ``exit_code``; Ctrl-C prints ``interrupted`` and exits with 130. Every command of the
+    package (``mdistiller_blockkd.cli.*``) runs through this function.
+    """
     import sys
 
     try:
-        return main()
+        result = main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

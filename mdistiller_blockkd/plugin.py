@@ -74,10 +74,21 @@ _SIGNATURES: List[_Signature] = []
 
 
 def _classifier_name(model: nn.Module) -> str:
+    """Module path of the layer holding the classifier's 2-D weight.
+
+    ``get_classifier()`` may be a container (mdistiller's MobileNetV2 uses
+    ``nn.Sequential(nn.Linear)``, keys ``classifier.0.*``): its last submodule with a
+    2-D ``weight`` is the one whose rows are the classes.
+    """
     clf = model.get_classifier()
     for n, m in model.named_modules():
         if m is clf:
-            return n
+            linears = [(sub, mod) for sub, mod in clf.named_modules()
+                       if isinstance(getattr(mod, "weight", None), Tensor) and mod.weight.dim() == 2]
+            if not linears:
+                raise RuntimeError(f"{type(model).__name__}.get_classifier() has no 2-D weight")  # pragma: no cover
+            sub = linears[-1][0]
+            return f"{n}.{sub}" if sub else n
     raise RuntimeError(f"{type(model).__name__}.get_classifier() is not one of its modules")  # pragma: no cover
 
 
@@ -206,7 +217,7 @@ def with_our_defaults(cfg):
     """
     from yacs.config import CfgNode
 
-    from .engine.cfg import CFG
+    from .config import CFG
 
     out = CFG.clone()
     if cfg is None:
@@ -287,7 +298,7 @@ def register():
     cls = _distiller_class()
     table["BLOCKKD"] = cls
     if "BLOCKKD" not in up_root:
-        from .engine.cfg import CFG
+        from .config import CFG
 
         frozen = up_root.is_frozen()
         if frozen:

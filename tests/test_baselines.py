@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from mdistiller_blockkd.distillers import distiller_dict, losses
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.engine.build import make_distiller
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ def test_every_pair_and_method_takes_one_sgd_step(pair):
     for method in sorted(METHODS):
         student = model(student_name)
         cfg = load_cfg(cfg_path(method, pair))
-        distiller = distiller_dict[cfg.DISTILLER.TYPE](student, teacher, cfg)
+        distiller = make_distiller(cfg, student, teacher)  # the assembler: input size from the config
         distiller.train()
         params = distiller.get_learnable_parameters()
         teacher_ids = {id(p) for p in teacher.parameters()}
@@ -234,7 +235,7 @@ def test_reviewkd_batch_of_one_is_a_clear_error(small_pair):
     teacher, student = small_pair
     with pytest.raises(ConfigError, match="SOLVER.BATCH_SIZE is 1"):
         distiller_dict["REVIEWKD"].check_cfg(load_cfg(opts=["SOLVER.BATCH_SIZE", "1"]))
-    d = distiller_dict["REVIEWKD"](student, teacher, load_cfg(opts=["DATASET.TYPE", "synthetic"])).train()
+    d = make_distiller(load_cfg(opts=["DATASET.TYPE", "synthetic"]), student, teacher, "REVIEWKD").train()
     with pytest.raises(ConfigError, match="batch of 1 image"):
         d.forward_train(*batch(1), epoch=1)
 
@@ -248,7 +249,7 @@ def test_teacher_is_required(typ, small_pair):
 # --------------------------------------------------------------------------- ReviewKD
 def test_reviewkd_res32x4_res8x4_extra_parameters():
     cfg = load_cfg(cfg_path("reviewkd", "res32x4_res8x4"))
-    d = distiller_dict["REVIEWKD"](model("resnet8x4"), frozen("resnet32x4"), cfg)
+    d = distiller_dict["REVIEWKD"](model("resnet8x4"), frozen("resnet32x4"), cfg, input_size=32)
     assert d.get_extra_parameters() == 1_808_774  # "1.81 M"
     assert d.in_channels == d.out_channels == [64, 128, 256, 256]
     assert d.shapes == d.out_shapes == [1, 8, 16, 32]
@@ -260,17 +261,17 @@ def test_reviewkd_res32x4_res8x4_extra_parameters():
 
 
 def test_reviewkd_derives_geometry_for_other_pairs():
-    d = distiller_dict["REVIEWKD"](model("ShuffleV1"), frozen("resnet32x4"), load_cfg())
+    d = distiller_dict["REVIEWKD"](model("ShuffleV1"), frozen("resnet32x4"), load_cfg(), input_size=32)
     assert d.in_channels == [240, 480, 960, 960] and d.out_channels == [64, 128, 256, 256]
     assert d.shapes == [1, 4, 8, 16] and d.out_shapes == [1, 8, 16, 32]
-    d = distiller_dict["REVIEWKD"](model("resnet20"), frozen("wrn_40_2"), load_cfg())
+    d = distiller_dict["REVIEWKD"](model("resnet20"), frozen("wrn_40_2"), load_cfg(), input_size=32)
     assert d.in_channels == [16, 32, 64, 64] and d.out_channels == [32, 64, 128, 128]
     assert d.abfs[0].conv1[0].out_channels == 64  # mid = min(MAX_MID_CHANNEL, deepest width)
 
 
 def test_reviewkd_mid_channel_capped_and_stu_preact():
     cfg = load_cfg(opts=["REVIEWKD.MAX_MID_CHANNEL", "32", "REVIEWKD.STU_PREACT", "True"])
-    d = distiller_dict["REVIEWKD"](model("resnet8"), frozen("resnet20"), cfg).train()
+    d = distiller_dict["REVIEWKD"](model("resnet8"), frozen("resnet20"), cfg, input_size=32).train()
     assert all(abf.conv1[0].out_channels == 32 for abf in d.abfs)
     x, y = batch(2, seed=3)
     _, ld = d.forward_train(x, y, epoch=10)
@@ -281,11 +282,11 @@ def test_reviewkd_explicit_values():
     student, teacher = model("resnet8"), frozen("resnet20")
     # mdistiller-style explicit lists that agree with the models are accepted
     ok = load_cfg(opts=["REVIEWKD.IN_CHANNELS", "[16, 32, 64, 64]", "REVIEWKD.OUT_CHANNELS", "[16, 32, 64, 64]"])
-    d = distiller_dict["REVIEWKD"](student, teacher, ok)
+    d = distiller_dict["REVIEWKD"](student, teacher, ok, input_size=32)
     assert d.in_channels == [16, 32, 64, 64] and d.shapes == [1, 8, 16, 32]
     # fewer levels: the deepest ones are used
     three = load_cfg(opts=["REVIEWKD.IN_CHANNELS", "[32, 64, 64]", "REVIEWKD.OUT_CHANNELS", "[32, 64, 64]"])
-    d = distiller_dict["REVIEWKD"](student, teacher, three).train()
+    d = distiller_dict["REVIEWKD"](student, teacher, three, input_size=32).train()
     assert d.shapes == [1, 8, 16] and len(d.abfs) == 3
     _, ld = d.forward_train(*batch(2), epoch=1)
     assert torch.isfinite(ld["loss_kd"])
@@ -296,9 +297,9 @@ def test_reviewkd_explicit_values():
     ]
     for opts in bad:
         with pytest.raises(ConfigError, match="REVIEWKD"):
-            distiller_dict["REVIEWKD"](student, teacher, load_cfg(opts=opts))
+            distiller_dict["REVIEWKD"](student, teacher, load_cfg(opts=opts), input_size=32)
     wrong_shape = load_cfg(opts=["REVIEWKD.SHAPES", "[1, 8, 16, 16]"])
-    d = distiller_dict["REVIEWKD"](student, teacher, wrong_shape).train()
+    d = distiller_dict["REVIEWKD"](student, teacher, wrong_shape, input_size=32).train()
     assert d.shapes == [1, 8, 16, 16]  # explicit values win...
     with pytest.raises(ConfigError, match="SHAPES"):  # ...and a wrong one is named
         d.forward_train(*batch(2), epoch=1)
@@ -307,7 +308,7 @@ def test_reviewkd_explicit_values():
 def test_reviewkd_warmup_and_teacher_once():
     cfg = load_cfg(opts=["REVIEWKD.REVIEWKD_WEIGHT", "5.0", "REVIEWKD.CE_WEIGHT", "0.5"])
     student, teacher = model("resnet8"), frozen("resnet20")
-    d = distiller_dict["REVIEWKD"](student, teacher, cfg).train()
+    d = distiller_dict["REVIEWKD"](student, teacher, cfg, input_size=32).train()
     x, y = batch(4, seed=4)
     calls, (logits, full) = _teacher_calls_per_step(d, x, y, epoch=25)
     assert calls == 1

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mdistiller_blockkd.distillers import distiller_dict
 from mdistiller_blockkd.distillers.blockkd import BlockKD, pair_blocks
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError
 from mdistiller_blockkd.models import build_model
 from mdistiller_blockkd.models.staged import StageInfo
@@ -266,7 +266,8 @@ def test_last_k_builds_and_scores_only_its_stones():
 
 
 def test_describe_names_the_teacher_part_of_each_stone():
-    lines = make().describe().splitlines()
+    head, *lines = make().describe().splitlines()
+    assert head.startswith("BlockKD: student") and "extra parameters" in head  # the base class's line
     assert "teacher blocks 2..3 + head" in lines[0]
     assert "teacher block 3 + head" in lines[1]
     assert "teacher head only" in lines[2] and "4..3" not in lines[2]

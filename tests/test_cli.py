@@ -14,7 +14,7 @@ EVAL = os.path.join(ROOT, "tools", "eval.py")
 SMOKE = os.path.join(ROOT, "configs", "synthetic", "vanilla_resnet8.yaml")
 TINY = ["DATASET.SYNTHETIC.TRAIN_SIZE", "64", "DATASET.SYNTHETIC.TEST_SIZE", "40", "SOLVER.BATCH_SIZE", "16",
         "DATASET.TEST.BATCH_SIZE", "16", "LOG.PROGRESS", "False"]
-RUN_FILES = {"latest", "best", "student_latest", "student_best", "config.yaml", "metrics.jsonl", "worklog.txt",
+RUN_FILES = {".lock", "latest", "best", "student_latest", "student_best", "config.yaml", "metrics.jsonl", "worklog.txt",
              "train.events"}
 METRIC_KEYS = {"epoch", "lr", "train_loss", "loss_ce", "train_acc", "test_acc", "test_acc_top5", "test_loss",
                "best_acc", "epoch_time_s", "ms_per_step"}
@@ -23,7 +23,7 @@ METRIC_KEYS = {"epoch", "lr", "train_loss", "loss_ce", "train_acc", "test_acc", 
 def env():
     e = dict(os.environ)
     e["OMP_NUM_THREADS"] = "1"  # tiny models; the CPU is shared
-    e.pop("PYTHONPATH", None)  # the scripts find the package themselves (no installation needed)
+    e["PYTHONPATH"] = ROOT  # this checkout's package (the tools/ wrappers import the installed one)
     return e
 
 
@@ -120,11 +120,13 @@ def test_two_process_gloo_run(tmp_path):
     assert set(row) == METRIC_KEYS
     ckpt = torch.load(folder / "latest", map_location="cpu", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    # each rank has its own augmentation generator (distinct draws), saved for an exact resume
+    assert not torch.equal(ckpt["rng"][0]["gen_augment"], ckpt["rng"][1]["gen_augment"])
     # the logged accuracy is over the whole test set (40 items split 20/20 over the ranks)
     from mdistiller_blockkd.data import get_dataloaders
     from mdistiller_blockkd.distillers import Vanilla
-    from mdistiller_blockkd.engine.cfg import load_cfg
-    from mdistiller_blockkd.engine.checkpoint import load_model_weights
+    from mdistiller_blockkd.config import load_cfg
+    from mdistiller_blockkd.utils.checkpoint import load_model_weights
     from mdistiller_blockkd.engine.trainer import evaluate_model
     from mdistiller_blockkd.models import build_model
 

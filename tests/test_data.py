@@ -22,7 +22,7 @@ from mdistiller_blockkd.data import (
 )
 from mdistiller_blockkd.data import cifar100 as cifar_mod
 from mdistiller_blockkd.data import fashion_mnist as fm_mod
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError, DatasetError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,11 +275,7 @@ def test_embedded_subset_loads_balanced():
 
 
 def test_make_fmnist_subset_tool(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import make_fmnist_subset as tool
-    finally:
-        sys.path.pop(0)
+    from mdistiller_blockkd.cli import make_fmnist_subset as tool
     with pytest.raises(SystemExit) as e:
         tool.main(["--help"])
     assert e.value.code == 0 and "--train" in capsys.readouterr().out
@@ -419,6 +415,41 @@ def test_description_names_type_root_sizes(tmp_path):
     line = dataset_description(cfg)  # builds when nothing was built yet
     assert line.startswith("fashion_mnist from ") and str(tmp_path / "fm") in line
     assert "train 60" in line and "test 10 of 30" in line and "10 classes" in line and "\n" not in line
+
+
+def test_ranks_draw_distinct_augmentation_in_the_main_process():
+    """NUM_WORKERS 0: each rank's crops and flips come from its own generator, not the shared global RNG."""
+    from mdistiller_blockkd.data.common import PrivateRNGDataset
+    from mdistiller_blockkd.utils.misc import get_rng_state, seed_everything, set_rng_state
+
+    cfg = cfg_of("DATASET.TYPE", "fashion_mnist", "DATASET.ROOT", "embedded", "DATASET.TRAIN_SUBSET", 64,
+                 "DATASET.TEST_SUBSET", 20)
+    items = list(range(8))
+
+    def draws(rank):
+        seed_everything(0)  # every rank seeds the global RNG alike (same model initialisation)
+        loader, _, _ = get_dataloaders(cfg, rank=rank, world_size=2)
+        assert isinstance(loader.dataset, PrivateRNGDataset)
+        before = torch.get_rng_state()
+        x = torch.stack([loader.dataset[i][0] for i in items])
+        assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left as it was
+        return x, loader
+
+    x0, loader0 = draws(0)
+    x1, _ = draws(1)
+    assert not torch.equal(x0, x1)  # the same images, augmented differently on the two ranks
+    x0_again, _ = draws(0)
+    assert torch.equal(x0, x0_again)  # reproducible per rank
+    # resume: the generator's state, saved with the rank's RNG snapshot, replays the same draws
+    gens = {"augment": loader0.dataset.augment_generator}
+    state = get_rng_state(generators=gens)
+    a = torch.stack([loader0.dataset[i][0] for i in items])
+    set_rng_state(state, generators=gens)
+    assert torch.equal(a, torch.stack([loader0.dataset[i][0] for i in items]))
+    # worker processes get their own seeds from the loader; the wrapper is for the main process only
+    workers, _, _ = get_dataloaders(cfg_of("DATASET.TYPE", "fashion_mnist", "DATASET.ROOT", "embedded",
+                                           "DATASET.NUM_WORKERS", 1), rank=1, world_size=2)
+    assert not isinstance(workers.dataset, PrivateRNGDataset)
 
 
 # ---------------------------------------------------------------- validation split (DATASET.VAL_SPLIT)

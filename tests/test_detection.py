@@ -1,6 +1,5 @@
 """Detection: COCO-format data, the canvas builder, torchvision Faster R-CNN distillers, COCO mAP, trainer runs."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,8 +15,8 @@ from mdistiller_blockkd.detection.evaluate import METRICS, coco_metrics
 from mdistiller_blockkd.detection.make_canvas import make_detection_set
 from mdistiller_blockkd.detection.models import build_detector, load_detector_weights, stage_channels
 from mdistiller_blockkd.detection.task import build_detection_distiller, build_detection_run
-from mdistiller_blockkd.engine.cfg import load_cfg
-from mdistiller_blockkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from mdistiller_blockkd.config import load_cfg
+from mdistiller_blockkd.utils.checkpoint import load_checkpoint, save_checkpoint
 from mdistiller_blockkd.engine.trainer import Trainer, experiment_name
 from mdistiller_blockkd.errors import CheckpointError, ConfigError, DatasetError
 
@@ -165,7 +164,8 @@ def test_cli_prints_one_error_line_for_a_missing_annotation_file(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "--cfg",
                         os.path.join(ROOT, "configs", "detection", "fmnist_det", "vanilla.yaml"),
                         "DATASET.ROOT", str(tmp_path / "d"), "LOG.PREFIX", str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+                       capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})  # this checkout's package
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: annotation file") and "instances_train2017.json" in lines[0]
@@ -301,14 +301,6 @@ def test_blockkd_last_stone_with_identity_connectors_equals_teacher(coco_root, t
 
 
 # -- the trainer ----------------------------------------------------------------------------
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_training_run_metrics_resume_and_export(coco_root, teacher_file, tmp_path, capsys):
     def run(epochs, resume=False):
         cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
@@ -334,8 +326,8 @@ def test_training_run_metrics_resume_and_export(coco_root, teacher_file, tmp_pat
     fresh.load_state_dict(sd)
     state = load_checkpoint(os.path.join(out, "latest"))["model"]  # training state: connectors yes, teacher no
     assert any(k.startswith("connectors.") for k in state) and not any(k.startswith("teacher.") for k in state)
-    # tools/report.py ranks detection runs by AP and tables the six metrics; plots test_AP per epoch
-    report = load_tool("report")
+    # the report command ranks detection runs by AP and tables the six metrics; plots test_AP per epoch
+    from mdistiller_blockkd.cli import report
     assert report.main([out, "--plots", str(tmp_path / "plots")]) == 0
     text = capsys.readouterr().out
     assert "COCO box mAP" in text and "| AP | AP50 | AP75 | APs | APm | APl |" in text
@@ -344,7 +336,7 @@ def test_training_run_metrics_resume_and_export(coco_root, teacher_file, tmp_pat
 
 
 def test_benchmark_times_detection_configs(capsys):
-    bench = load_tool("benchmark")
+    from mdistiller_blockkd.cli import benchmark as bench
     cfgs = [os.path.join(ROOT, "configs", "detection", "fmnist_det", f"{m}.yaml") for m in ("kd", "blockkd")]
     assert bench.main(["--cfg", *cfgs, "--batch-size", "2", "--image-size", "64", "--num-classes", "11",
                        "--warmup", "1", "--steps", "1", *[f"{k}={v}" for k, v in zip(TINY[::2], TINY[1::2])]]) == 0
@@ -365,7 +357,7 @@ def test_two_process_gloo_detection_run(coco_root, teacher_file, tmp_path):
                         os.path.join(ROOT, "tools", "train.py"), "--cfg",
                         os.path.join(ROOT, "configs", "detection", "fmnist_det", "vanilla.yaml"), *opts],
                        capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-3000:]
     folder = os.path.join(str(tmp_path), "fmnist_det", "ddp")
     (row,) = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]

@@ -1,5 +1,7 @@
 """The mdistiller plugin, against a fake minimal ``mdistiller`` package."""
 
+import json
+import os
 import sys
 import textwrap
 
@@ -33,26 +35,26 @@ def _drop_fake_modules():
         del sys.modules[name]
 
 
+STANDIN = os.path.join(os.path.dirname(__file__), "mdistiller_standin")
+MANIFEST = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "cifar_models_mdistiller.json")))
+
+#: mdistiller's CIFAR-100 pairs (teacher, student) and its ImageNet ResNet pair.
+CIFAR_PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
+               ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV1"),
+               ("resnet32x4", "ShuffleV2"), ("ResNet50", "MobileNetV2"), ("vgg13", "MobileNetV2"),
+               ("wrn_40_2", "ShuffleV1")]
+IMAGENET_PAIRS = [("ResNet34", "ResNet18")]
+
+
 @pytest.fixture
-def fake_mdistiller(tmp_path, monkeypatch):
-    """A minimal importable ``mdistiller``: a distiller_dict and a yacs CFG, like upstream's."""
-    pkg = tmp_path / "mdistiller"
-    (pkg / "distillers").mkdir(parents=True)
-    (pkg / "engine").mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "distillers" / "__init__.py").write_text("distiller_dict = {'NONE': object, 'KD': object}\n")
-    (pkg / "engine" / "__init__.py").write_text("")
-    (pkg / "engine" / "cfg.py").write_text(textwrap.dedent("""
-        from yacs.config import CfgNode as CN
-        CFG = CN()
-        CFG.DISTILLER = CN()
-        CFG.DISTILLER.TYPE = "NONE"
-        CFG.KD = CN()
-        CFG.KD.TEMPERATURE = 4
-    """))
+def fake_mdistiller(monkeypatch):
+    """The stand-in upstream ``mdistiller`` (tests/mdistiller_standin), freshly imported."""
     _drop_fake_modules()
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield pkg
+    monkeypatch.syspath_prepend(STANDIN)
+    import mdistiller
+
+    assert os.path.dirname(mdistiller.__file__) == os.path.join(STANDIN, "mdistiller")
+    yield mdistiller
     _drop_fake_modules()
 
 
@@ -62,9 +64,9 @@ def test_register_adds_distiller_and_cfg_node(fake_mdistiller):
     from mdistiller.engine.cfg import CFG
 
     from mdistiller_blockkd.distillers import distiller_dict
-    from mdistiller_blockkd.engine.cfg import CFG as OURS
+    from mdistiller_blockkd.config import CFG as OURS
 
-    assert up.distiller_dict["BLOCKKD"] is cls and up.distiller_dict["KD"] is object
+    assert up.distiller_dict["BLOCKKD"] is cls and up.distiller_dict["NONE"].__module__ == "mdistiller.distillers"
     assert issubclass(cls, distiller_dict["BLOCKKD"])
     assert CFG.BLOCKKD == OURS.BLOCKKD and CFG.BLOCKKD is not OURS.BLOCKKD
     assert CFG.KD.TEMPERATURE == 4
@@ -179,3 +181,79 @@ def test_unknown_or_different_models_are_refused():
     # same keys, different function (logits scaled): refused
     with pytest.raises(ConfigError, match="computes a different function"):
         plugin.as_staged(Plain(build_model("resnet8", num_classes=5), scale=2.0), "student")
+
+
+# -- every upstream pair, with the stand-in's own model classes ------------------------
+def _standin_models():
+    from mdistiller.models import cifar_model_dict, imagenet_model_dict
+
+    return cifar_model_dict, imagenet_model_dict
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_standin_models_have_mdistillers_layout(fake_mdistiller, name):
+    """The stand-in is faithful: state-dict keys, order, shapes, parameter count and feature shapes."""
+    cifar, _ = _standin_models()
+    torch.manual_seed(0)
+    model = cifar[name](num_classes=100).eval()
+    assert not isinstance(model, StagedModel)
+    assert not type(model).__module__.startswith("mdistiller_blockkd")
+    want = MANIFEST[name]
+    assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == [(k, list(s)) for k, s in want["state_dict"]]
+    assert sum(p.numel() for p in model.parameters()) == want["params"]
+    with torch.no_grad():
+        logits, feats = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 100)
+    assert [list(f.shape[1:]) for f in feats["feats"]] == want["feats"]
+    assert list(feats["pooled_feat"].shape[1:]) == want["pooled_feat"]
+
+
+def test_mobilenetv2_sequential_classifier_is_recognised(fake_mdistiller):
+    cifar, _ = _standin_models()
+    up = cifar["MobileNetV2"](num_classes=100)
+    assert "classifier.0.weight" in up.state_dict() and "classifier.weight" not in up.state_dict()
+    assert plugin.match_architecture(up.state_dict()) == [("MobileNetV2", 100)]
+    assert plugin.match_architecture(cifar["MobileNetV2"](num_classes=10).state_dict()) == [("MobileNetV2", 10)]
+
+
+def _one_step(cls, CFG, up_teacher, up_student, size, num_classes):
+    d = cls(up_student, up_teacher, CFG)
+    d.train()
+    opt = torch.optim.SGD(d.get_learnable_parameters(), lr=0.01)
+    x = torch.randn(2, 3, size, size)
+    y = torch.tensor([0, num_classes - 1])
+    logits, losses = d(image=x, target=y, epoch=1)
+    loss = sum(v.mean() for v in losses.values())
+    assert logits.shape == (2, num_classes) and torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
+    assert any(p.grad is not None for p in d.connectors.parameters())
+    opt.step()
+    d.eval()
+    with torch.no_grad():
+        assert d(image=x).shape == (2, num_classes)
+    return d
+
+
+ALL_PAIRS = [("cifar", t, s) for t, s in CIFAR_PAIRS] + [("imagenet", t, s) for t, s in IMAGENET_PAIRS]
+
+
+@pytest.mark.parametrize("zoo,teacher,student", ALL_PAIRS, ids=[f"{t}-{s}" for _, t, s in ALL_PAIRS])
+def test_every_upstream_pair_trains_under_register(fake_mdistiller, zoo, teacher, student):
+    """mdistiller's 11 CIFAR-100 pairs and its ImageNet ResNet pair: register(), models built by
+    the stand-in's own classes, one Block-KD step."""
+    cls = plugin.register()
+    from mdistiller.engine.cfg import CFG
+
+    cifar, imagenet = _standin_models()
+    ctors, num_classes, size = (cifar, 100, 32) if zoo == "cifar" else (imagenet, 1000, 64)
+    torch.manual_seed(0)
+    up_t, up_s = ctors[teacher](num_classes=num_classes), ctors[student](num_classes=num_classes)
+    d = _one_step(cls, CFG, up_t, up_s, size, num_classes)
+    assert d.num_stones >= 2
+    if zoo == "imagenet":
+        assert (d.teacher.timm_name, d.student.timm_name) == (f"resnet{teacher[6:]}", f"resnet{student[6:]}")
+    # upstream saves distiller.student.state_dict() as student_best: it loads into its own class
+    ctors[student](num_classes=num_classes).load_state_dict(d.student.state_dict(), strict=True)

@@ -19,7 +19,7 @@ def tiny(prefix, epochs=1):
 
 def study(*args, cwd):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "tools" / "study.py"), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "mdistiller_blockkd", "study", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -76,7 +76,7 @@ def test_bad_arguments_are_one_clear_error(tmp_path):
 def test_every_shipped_config_loads_and_names_known_models():
     from mdistiller_blockkd.engine.build import check_distiller_config
     from mdistiller_blockkd.errors import CheckpointError
-    from mdistiller_blockkd.engine.cfg import load_cfg
+    from mdistiller_blockkd.config import load_cfg
 
     paths = sorted(str(p) for p in (REPO / "configs").rglob("*.yaml"))
     assert len(paths) > 60
@@ -90,7 +90,7 @@ def test_every_shipped_config_loads_and_names_known_models():
 
 def test_study_configs_put_every_method_on_equal_footing():
     """Within a pair, every method shares data, recipe and teacher; the pairs share the recipe."""
-    from mdistiller_blockkd.engine.cfg import load_cfg
+    from mdistiller_blockkd.config import load_cfg
 
     root = REPO / "configs" / "fmnist" / "study"
     methods = {"vanilla", "kd", "dkd", "reviewkd", "blockkd", "blockkd_sample1"}
@@ -114,7 +114,7 @@ def test_study_configs_put_every_method_on_equal_footing():
 def test_study600_configs_share_split_recipe_and_teacher():
     """The 600-step study: every method and variant of a pair shares the validation split, data, recipe
     (the equal-cost *_2x files differ only in epochs and decay stages) and teacher; names are unique."""
-    from mdistiller_blockkd.engine.cfg import load_cfg
+    from mdistiller_blockkd.config import load_cfg
 
     root = REPO / "configs" / "fmnist" / "study600"
     names, recipes = set(), []

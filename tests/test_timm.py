@@ -8,11 +8,12 @@ import pytest
 import timm
 import torch
 
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import CheckpointError, ConfigError
 from mdistiller_blockkd.models import build_model
 from mdistiller_blockkd.models.staged import StagedModel
-from mdistiller_blockkd.models.timm_backbone import TimmStagedModel, load_timm_checkpoint, read_state_dict
+from mdistiller_blockkd.models.timm_backbone import TimmStagedModel, load_timm_checkpoint
+from mdistiller_blockkd.utils.checkpoint import read_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_CFGS = os.path.join(ROOT, "configs", "imagenet")
@@ -180,9 +181,22 @@ def test_mobilenetv1_exists_in_timm():
 
 # -- ImageNet configs --------------------------------------------------------------------
 EXPECTED = {
-    "r34_r18": ("timm:resnet34", "timm:resnet18"),
-    "r50_mv1": ("timm:resnet50", "timm:mobilenetv1_100"),
+    "r34_r18": ("timm:resnet34.tv_in1k", "timm:resnet18"),
+    "r50_mv1": ("timm:resnet50.tv_in1k", "timm:mobilenetv1_100"),
 }
+
+
+def test_imagenet_teachers_are_torchvisions_weights():
+    """mdistiller's ImageNet numbers use torchvision's teachers: timm's ``tv_in1k`` tags (224 px),
+    not timm's default tags (``a1_in1k``, another recipe, evaluated at 288 px)."""
+    paths = sorted(glob.glob(os.path.join(IMAGENET_CFGS, "*", "*.yaml")))
+    assert paths
+    for p in paths:
+        name = load_cfg(p).DISTILLER.TEACHER
+        assert name.endswith(".tv_in1k"), (p, name)
+        cfg = build_model(name, num_classes=10).pretrained_cfg  # no download: only timm's metadata
+        assert cfg["tag"] == "tv_in1k" and tuple(cfg["input_size"]) == (3, 224, 224)
+        assert cfg.get("test_input_size") in (None, (3, 224, 224))
 
 
 def test_imagenet_configs_load_with_the_recipe():
@@ -212,7 +226,7 @@ def test_imagenet_configs_load_with_the_recipe():
 
 
 def test_reviewkd_imagenet_levels_match_mdistiller():
-    from mdistiller_blockkd.distillers import distiller_dict
+    from mdistiller_blockkd.engine.build import make_distiller
 
     upstream = {
         "r34_r18": ([64, 128, 256, 512, 512], [64, 128, 256, 512, 512]),
@@ -220,7 +234,7 @@ def test_reviewkd_imagenet_levels_match_mdistiller():
     }
     for pair, (t, s) in EXPECTED.items():
         cfg = load_cfg(os.path.join(IMAGENET_CFGS, "reviewkd", f"{pair}.yaml"))
-        d = distiller_dict["REVIEWKD"](build_model(s, num_classes=10), build_model(t, num_classes=10), cfg)
+        d = make_distiller(cfg, build_model(s, num_classes=10), build_model(t, num_classes=10))  # input size 224
         assert (d.in_channels, d.out_channels) == upstream[pair]
         assert d.shapes == d.out_shapes == [1, 7, 14, 28, 56]
 

@@ -1,6 +1,5 @@
 """The benchmark and report tools: command lines, JSON schema, cost model, tables and plots."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mdistiller_blockkd.distillers import distiller_dict
-from mdistiller_blockkd.engine.cfg import load_cfg
+from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError, UserError
-from mdistiller_blockkd.tools_common import mean_std, read_metrics, split_overrides, split_top_level, variant_label
+from mdistiller_blockkd.cli.common import mean_std, read_metrics, split_overrides, split_top_level, variant_label
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"teacher", "student", "distiller", "variant", "batch_size", "ms_per_step", "images_per_s",
@@ -21,12 +20,15 @@ RESULT_KEYS = {"teacher", "student", "distiller", "variant", "batch_size", "ms_p
 TOP_KEYS = {"results", "device", "torch", "threads", "command"}
 
 
+def checkout_env():
+    """Environment of a subprocess that imports this checkout's package (the tools/ wrappers need it on the path)."""
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
-    return mod
+    import importlib
+
+    return importlib.import_module(f"mdistiller_blockkd.cli.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +79,15 @@ def test_benchmark_parsing(bench_tool):
 def test_benchmark_cli_json_and_cost_model(tmp_path):
     out = tmp_path / "bench.json"
     names = ["NONE", "BLOCKKD"] + (["KD"] if "KD" in distiller_dict else [])
-    cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--pairs", "resnet20:resnet8", "--distillers", *names,
+    cmd = [sys.executable, "-m", "mdistiller_blockkd", "benchmark", "--pairs", "resnet20:resnet8", "--distillers", *names,
            "--variants", "BLOCKKD.STONES=sample:1", "--batch-size", "4", "--warmup", "1", "--steps", "2",
            "--threads", "1", "--cost-model", "--json", str(out), "BLOCKKD.WARMUP=0"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=checkout_env())
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "ms/step" in proc.stdout and "cost model" in proc.stdout
     doc = json.loads(out.read_text())
     assert set(doc) == TOP_KEYS | {"cost_model"}
-    assert doc["threads"] == 1 and doc["device"].startswith("cpu") and doc["command"].startswith("python tools/benchmark.py")
+    assert doc["threads"] == 1 and doc["device"].startswith("cpu") and doc["command"].startswith("mdistiller-blockkd-benchmark")
     rows = {(r["distiller"], r["variant"]): r for r in doc["results"]}
     assert set(rows) == {(n, "") for n in names} | {("BLOCKKD", "sample:1")}
     for r in doc["results"]:
@@ -134,13 +136,13 @@ def test_benchmark_main_in_process(bench_tool, tmp_path, capsys):
 
 def test_benchmark_help():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--help"], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=checkout_env())
     assert proc.returncode == 0 and "--cost-model" in proc.stdout and "round-robin" in proc.stdout
 
 
 # -- report -------------------------------------------------------------------------
 def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", student="resnet20", extra=None,
-              stones=0, tail=""):
+              stones=0, tail="", val=None):
     """A run directory as the trainer writes it: config.yaml (cfg.dump()) and metrics.jsonl."""
     d = root / name
     d.mkdir(parents=True)
@@ -157,6 +159,8 @@ def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", stu
             rec[f"acc_stone{k + 1}"] = acc + k + 1
         if stones:
             rec["acc_teacher"] = 72.34
+        if val is not None:
+            rec["val_acc"] = val[e - 1]
         lines.append(json.dumps(rec))
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
     return d
@@ -198,8 +202,7 @@ def table_rows(text, heading):
 def test_report_table_and_plots(report, runs, tmp_path, capsys):
     out_md = tmp_path / "results.md"
     plots = tmp_path / "plots"
-    has_mpl = importlib.util.find_spec("matplotlib") is not None  # optional dependency (extra "report")
-    assert report.main(["--root", str(runs), "--out", str(out_md)] + (["--plots", str(plots)] if has_mpl else [])) == 0
+    assert report.main(["--root", str(runs), "--out", str(out_md), "--plots", str(plots)]) == 0  # matplotlib: a dependency
     captured = capsys.readouterr()
     text = out_md.read_text(encoding="utf-8")
     assert text == captured.out
@@ -231,8 +234,6 @@ def test_report_table_and_plots(report, runs, tmp_path, capsys):
     assert "empty" in warnings and "no epoch with a test_acc" in warnings
     assert "noconfig" in warnings and "no config.yaml" in warnings
     assert "not valid JSON" in warnings and "included as partial" in warnings
-    if not has_mpl:
-        return
     for name in ("test_acc.png", "stones_resnet56_resnet20.png"):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -260,11 +261,11 @@ def test_report_without_matplotlib(report, runs, monkeypatch):
 
 def test_report_cli_subprocess(runs, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), "--root", str(runs)],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=checkout_env())
     assert proc.returncode == 0, proc.stderr
     assert "| KD | 72.00 ± 2.00 (3 seeds) |" in proc.stdout
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(tmp_path / "nothing")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=checkout_env())
     assert proc.returncode == UserError.exit_code and proc.stderr.strip().splitlines()[-1].startswith("error:")
 
 
@@ -274,3 +275,49 @@ def test_read_metrics_keeps_last_record_of_repeated_epoch(tmp_path):
     recs, warns = read_metrics(str(p))
     assert [(r["epoch"], r["test_acc"]) for r in recs] == [(1, 1), (2, 7)]
     assert len(warns) == 1 and "not a JSON object" in warns[0]
+
+
+def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, capsys):
+    """Runs with a validation split: tables to choose on, differences to several baselines; hyper-parameters
+    name a variant only where they differ from the other runs; --cost adds step costs and the cost plot."""
+    root = tmp_path / "study"
+    study = ["BLOCKKD.WARMUP", 2, "BLOCKKD.T", 4.0]  # shared by every Block-KD run: names nothing
+    for seed in range(3):
+        write_run(root, f"kd/s{seed}", "KD", seed, [60.0, 70.0 + seed], val=[61.0, 69.0 + seed])
+        write_run(root, f"bkd/s{seed}", "BLOCKKD", seed, [62.0, 74.0 + seed], val=[63.0, 80.0 - seed],
+                  extra=study)
+        write_run(root, f"bkd_g0/s{seed}", "BLOCKKD", seed, [62.0, 72.0 + seed], val=[64.0, 71.0 + seed],
+                  extra=study + ["BLOCKKD.GAMMA", 0.0])
+        write_run(root, f"bkd_e3/s{seed}", "BLOCKKD", seed, [61.0, 73.0], val=[62.0, 72.0 + 2 * seed],
+                  extra=study + ["BLOCKKD.STONES", "every:3", "BLOCKKD.STONE_SCALE", "none"])
+    bench = tmp_path / "bench.json"
+    rows = [{"teacher": "resnet56", "student": "resnet20", "distiller": d, "variant": v, "ratio_to_kd": r}
+            for d, v, r in (("KD", "", 1.0), ("BLOCKKD", "", 1.9), ("BLOCKKD", "every:3 STONE_SCALE=none", 1.3))]
+    bench.write_text(json.dumps({"results": rows}))
+    plots = tmp_path / "plots"
+    assert report.main(["--root", str(root), "--baseline", "BLOCKKD", "--baseline", "KD", "--cost", str(bench),
+                        "--plots", str(plots)]) == 0
+    out = capsys.readouterr().out
+    col = "resnet56->resnet20"
+    val = table_rows(out, "## Validation top-1, last epoch")
+    assert list(val) == ["KD", "BLOCKKD", "BLOCKKD GAMMA=0.0", "BLOCKKD every:3 STONE_SCALE=none"]
+    assert val["BLOCKKD"][col] == "79.00 ± 1.00 (3 seeds)"
+    at_best = table_rows(out, "## Test top-1 at the epoch of best validation top-1")
+    assert at_best["BLOCKKD"][col] == "75.00 ± 1.00 (3 seeds)"
+    # validation: GAMMA=0.0 (72 ± 1) minus Block-KD (79 ± 1): -7 ± sqrt(2/3)
+    d = table_rows(out, "## Validation top-1 (last epoch) minus BLOCKKD")
+    se = math.sqrt(2 / 3)
+    assert d["BLOCKKD GAMMA=0.0"][col] == f"-7.00 ± {se:.2f} ({-7 / se:+.1f})"
+    assert "## Test top-1 (last epoch) minus KD" in out and "## Validation top-1 (last epoch) minus KD" in out
+    assert "## Best top-1 minus" not in out  # with a validation split, differences are on val and last test
+    cost = table_rows(out, "## Training cost")
+    assert "benchmark 1.30× KD, 2.6 KD-epochs" in cost["BLOCKKD every:3 STONE_SCALE=none"][col]
+    # a hyper-parameter variant costs what its method costs (same stones): matched by the method options
+    assert "benchmark 1.90× KD" in cost["BLOCKKD"][col] and "benchmark 1.90× KD" in cost["BLOCKKD GAMMA=0.0"][col]
+    assert (plots / "cost_acc.png").stat().st_size > 1000
+    # a broken or missing cost file is one clear error
+    bench.write_text("{}")
+    with pytest.raises(UserError, match="not a benchmark --json file"):
+        report.main(["--root", str(root), "--cost", str(bench)])
+    with pytest.raises(UserError, match="not found"):
+        report.main(["--root", str(root), "--cost", str(tmp_path / "nope.json")])

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from mdistiller_blockkd.data import get_dataloaders, get_loaders
 from mdistiller_blockkd.distillers import Vanilla
 from mdistiller_blockkd.engine.build import build_distiller
-from mdistiller_blockkd.engine.cfg import load_cfg
-from mdistiller_blockkd.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from mdistiller_blockkd.config import load_cfg
+from mdistiller_blockkd.utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from mdistiller_blockkd.engine.trainer import Trainer, experiment_name, learning_rate
-from mdistiller_blockkd.engine.utils import get_rng_state, seed_everything, set_rng_state
+from mdistiller_blockkd.utils.misc import get_rng_state, seed_everything, set_rng_state
 from mdistiller_blockkd.errors import CheckpointError, ConfigError, TrainingError
 from mdistiller_blockkd.models import build_model
 
@@ -153,7 +153,7 @@ def test_outputs_metrics_format_and_student_files(tmp_path):
     out = run_dir(cfg)
     names = set(os.listdir(out))
     assert {"latest", "best", "student_latest", "student_best", "epoch_1", "epoch_2", "student_1", "student_2",
-            "ckpt_epoch_2.pth", "config.yaml", "metrics.jsonl", "worklog.txt", "train.events"} == names
+            "ckpt_epoch_2.pth", "config.yaml", "metrics.jsonl", "worklog.txt", "train.events", ".lock"} == names
     rows = read_metrics(cfg)
     assert [r["epoch"] for r in rows] == [1, 2]
     expected = {"epoch", "lr", "train_loss", "loss_ce", "train_acc", "test_acc", "test_acc_top5", "test_loss",
@@ -350,6 +350,71 @@ def test_fresh_run_refuses_to_overwrite_a_foreign_teacher_file(tmp_path):
     save_checkpoint({"model": {}}, os.path.join(run_dir(cfg), "ckpt_epoch_1.pth"))
     with pytest.raises(ConfigError, match=r"ckpt_epoch_1\.pth' already exists"):
         make_trainer(cfg).train()
+
+
+# -- no lost runs --------------------------------------------------------------------
+def test_fresh_start_refuses_a_folder_with_a_run_until_overwrite(tmp_path):
+    cfg = make_cfg(tmp_path, "SOLVER.EPOCHS", "1", "LOG.SAVE_CHECKPOINT_FREQ", "1")
+    make_trainer(cfg).train()
+    folder = run_dir(cfg)
+    before = {n: os.path.getmtime(os.path.join(folder, n)) for n in ("latest", "metrics.jsonl", "student_best")}
+    with pytest.raises(ConfigError) as e:
+        make_trainer(cfg).train()
+    msg = str(e.value)
+    assert "\n" not in msg and folder in msg and "--resume" in msg and "EXPERIMENT.NAME" in msg and "--overwrite" in msg
+    assert before == {n: os.path.getmtime(os.path.join(folder, n)) for n in before}  # nothing touched
+    assert [r["epoch"] for r in read_metrics(cfg)] == [1]
+    # --overwrite: the old run's checkpoints go (an old epoch_<n> would otherwise mix with the new run)
+    open(os.path.join(folder, "epoch_7"), "wb").close()
+    make_trainer(cfg).train(overwrite=True)
+    assert "epoch_7" not in os.listdir(folder)
+    assert [r["epoch"] for r in read_metrics(cfg)] == [1]
+    # a run killed before its first epoch ended left no result: a plain fresh start is fine there
+    fresh = make_cfg(tmp_path, "EXPERIMENT.NAME", "killed_early", "SOLVER.EPOCHS", "1")
+    os.makedirs(run_dir(fresh))
+    for name in ("config.yaml", "metrics.jsonl", "worklog.txt"):
+        open(os.path.join(run_dir(fresh), name), "w").close()
+    make_trainer(fresh).train()
+
+
+def test_a_second_process_on_the_same_run_folder_stops(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from mdistiller_blockkd.utils.fileio import FolderLock
+
+    cfg = make_cfg(tmp_path, "SOLVER.EPOCHS", "1")
+    folder = run_dir(cfg)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom mdistiller_blockkd.utils.fileio import FolderLock\n"
+         f"FolderLock({folder!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"in use by another process \(pid {holder.pid}\)"):
+            make_trainer(cfg).train()
+        assert not os.path.isfile(os.path.join(folder, "latest"))
+    finally:
+        holder.kill()  # SIGKILL: the lock must not stay stuck
+        holder.wait()
+    time.sleep(0.1)
+    with FolderLock(folder):
+        pass
+    make_trainer(cfg).train()
+    assert [r["epoch"] for r in read_metrics(cfg)] == [1]
+    # the lock is released at the end of a run (and after an error): this process takes it again
+    with pytest.raises(ConfigError, match="already holds a run"):
+        make_trainer(cfg).train()
+    with FolderLock(folder):
+        pass
+
+
+def test_trainer_saves_the_augmentation_generator(tmp_path):
+    cfg = make_cfg(tmp_path)
+    trainer = make_trainer(cfg)
+    assert set(trainer._generators()) == {"train_loader", "augment"}
+    assert "gen_augment" in get_rng_state(generators=trainer._generators())
 
 
 def test_validation_split_is_scored_and_chooses_the_best_epoch(tmp_path):

@@ -1,77 +1,13 @@
 #!/usr/bin/env python
-"""Top-1 / top-5 accuracy of a checkpoint on a dataset's validation set.
+"""``python tools/eval.py ...``: the eval command (mdistiller's habit); same as ``python -m mdistiller_blockkd eval ...``.
 
-    python tools/eval.py --cfg FILE --ckpt PATH [KEY VALUE ...]
-    python tools/eval.py -m resnet56 -c download_ckpts/cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth [-d cifar100]
-
-The model is ``-m`` or the config's ``DISTILLER.STUDENT``; the dataset is the config's
-(``-d`` sets ``DATASET.TYPE``; trailing ``KEY VALUE`` pairs override anything, e.g.
-``DATASET.ROOT embedded``). The checkpoint may be in the teacher format
-(``{"model": state_dict}``: mdistiller's teachers, ``student_best``...), a bare state
-dict, or a training state (``latest``, ``best``, ``epoch_<n>``: its student is used).
+The command lives in :mod:`mdistiller_blockkd.cli.eval`; this wrapper needs the package
+installed (``pip install -e .`` in a checkout).
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-if __package__ in (None, ""):  # run as a script from a checkout: make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mdistiller_blockkd.errors import ConfigError, run_cli  # noqa: E402
-
-
-def parse_args(argv=None):
-    """Parse the command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint: top-1 / top-5 on the validation set.")
-    parser.add_argument("--cfg", metavar="FILE", help="YAML config giving the dataset and DISTILLER.STUDENT")
-    parser.add_argument("--ckpt", "-c", required=True, metavar="PATH", help="checkpoint file")
-    parser.add_argument("--model", "-m", metavar="NAME", help="model name (default: the config's DISTILLER.STUDENT)")
-    parser.add_argument("--dataset", "-d", metavar="TYPE", help="DATASET.TYPE (cifar100, fashion_mnist, imagenet, synthetic)")
-    parser.add_argument("--batch-size", "-bs", type=int, metavar="N", help="DATASET.TEST.BATCH_SIZE")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    """Evaluate and print the accuracies; return the metrics dict."""
-    args = parse_args(argv)
-    import torch
-    from torch.utils.data import DataLoader
-
-    from mdistiller_blockkd.data import build_datasets, dataset_description
-    from mdistiller_blockkd.distillers import Vanilla
-    from mdistiller_blockkd.engine.cfg import load_cfg
-    from mdistiller_blockkd.engine.checkpoint import load_model_weights
-    from mdistiller_blockkd.engine.trainer import evaluate_model
-    from mdistiller_blockkd.models import build_model
-
-    opts = list(args.opts or [])
-    if args.dataset:
-        opts += ["DATASET.TYPE", args.dataset]
-    if args.batch_size is not None:
-        opts += ["DATASET.TEST.BATCH_SIZE", str(args.batch_size)]
-    if not args.cfg and not args.model:
-        raise ConfigError("name the model: give -m MODEL, or --cfg FILE whose DISTILLER.STUDENT is the model")
-    cfg = load_cfg(args.cfg, opts)
-    name = args.model or cfg.DISTILLER.STUDENT
-    if not os.path.isfile(args.ckpt):
-        raise ConfigError(f"checkpoint '{args.ckpt}' not found; give the path of an existing checkpoint file")
-    _, val_set, num_classes = build_datasets(cfg)
-    model = build_model(name, num_classes=num_classes)
-    load_model_weights(model, args.ckpt, name=name, prefix="student.")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    wrapper = Vanilla(model, None, cfg).to(device)
-    loader = DataLoader(val_set, batch_size=int(cfg.DATASET.TEST.BATCH_SIZE), shuffle=False,
-                        num_workers=int(cfg.DATASET.NUM_WORKERS), pin_memory=device.type == "cuda")
-    metrics = evaluate_model(wrapper, loader, device, progress=bool(cfg.LOG.PROGRESS))
-    print(f"data: {dataset_description(cfg)}")
-    print(f"{name} from {args.ckpt}: top-1 {metrics['test_acc']:.2f} top-5 {metrics['test_acc_top5']:.2f} "
-          f"loss {metrics['test_loss']:.4f} ({len(val_set)} images)")
-    return metrics
-
+from mdistiller_blockkd.cli.eval import cli
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(cli())

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import ConfigError
 from . import cifar100, fashion_mnist, imagenet, synthetic
-from .common import ArrayImageDataset, LabelledSubset, ShardSampler, balanced_subset_indices
+from .common import ArrayImageDataset, LabelledSubset, PrivateRNGDataset, ShardSampler, balanced_subset_indices
 
 __all__ = [
     "DATASET_TYPES",
@@ -64,6 +64,9 @@ _BUILDERS = {
 }
 #: The valid values of ``DATASET.TYPE``.
 DATASET_TYPES = tuple(_BUILDERS)
+
+#: Added to the augmentation generator's seed so its stream differs from the loader generator's.
+_AUGMENT_SEED_OFFSET = 1 << 20
 
 # cfg.DATASET dump -> description of the last build with it (strings only, no data kept)
 _DESCRIPTIONS: dict[str, str] = {}
@@ -202,9 +205,14 @@ def get_loaders(cfg, rank: int = 0, world_size: int = 1) -> Loaders:
     ``train_loader.sampler.set_epoch(epoch)`` each epoch. ``drop_last=True``.
     Test: batches of ``DATASET.TEST.BATCH_SIZE`` in order; rank ``r`` takes items
     ``r, r + W, ...`` (no padding, no duplicates), so summed metrics are exact.
-    Worker processes (``DATASET.NUM_WORKERS``) are recreated every epoch (not
-    persistent), so their RNG derives from the saved loader generator and resume is
-    exact; memory is pinned only when CUDA is available. The validation split
+
+    Augmentation differs per rank and resumes exactly. With ``DATASET.NUM_WORKERS 0`` the
+    training set is a :class:`PrivateRNGDataset` drawing from its own generator, seeded
+    from ``EXPERIMENT.SEED`` and ``rank`` (``train_loader.dataset.augment_generator``;
+    the trainer saves it with each rank's RNG state). Worker processes
+    (``DATASET.NUM_WORKERS > 0``) are started afresh every epoch (not persistent): their
+    seeds derive from the loader's generator, seeded from ``EXPERIMENT.SEED`` and
+    ``rank`` and saved by the trainer too. Memory is pinned only when CUDA is available. The validation split
     (``DATASET.VAL_SPLIT``), if any, is loaded like the test set.
     """
     if world_size < 1 or not 0 <= rank < world_size:
@@ -223,6 +231,8 @@ def get_loaders(cfg, rank: int = 0, world_size: int = 1) -> Loaders:
             "and incomplete batches are dropped; lower SOLVER.BATCH_SIZE or use more data (DATASET.TRAIN_SUBSET)"
         )
     seed = int(cfg.EXPERIMENT.SEED)
+    if workers == 0:  # augmentation in this process: its own generator, distinct per rank (not the global RNG)
+        train_set = PrivateRNGDataset(train_set, torch.Generator().manual_seed(seed * 1000 + rank + _AUGMENT_SEED_OFFSET))
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available())
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     train_loader = DataLoader(

@@ -8,6 +8,8 @@
   Fashion-MNIST subset.
 * :class:`ShardSampler` -- evaluation sharding without padding or duplicates.
 * :class:`GrayToRGB` -- a picklable transform that repeats a 1-channel tensor 3 times.
+* :class:`PrivateRNGDataset` -- draws a dataset's random augmentation from its own
+  generator (distinct per DDP rank when the data loads in the main process).
 """
 
 from __future__ import annotations
@@ -22,6 +24,38 @@ from torch.utils.data import Dataset, Sampler
 #: Seed of the class-balanced subset choice; independent of ``EXPERIMENT.SEED`` so a
 #: subset is the same images whatever the experiment seed.
 SUBSET_SEED = 0
+
+
+class PrivateRNGDataset(Dataset):
+    """``dataset`` whose items are produced with ``generator`` as torch's CPU random source.
+
+    ``__getitem__`` swaps ``generator``'s state in for torch's global CPU RNG state while
+    the wrapped dataset loads the item (torchvision's random crops and flips draw from
+    it), then stores the advanced state back in ``generator`` and restores the global
+    state. Augmentation then depends on ``generator`` alone: seed it per rank and every
+    DDP rank draws its own crops and flips, while model initialisation and the
+    distillers' draws (global RNG) stay identical on every rank. Save and restore
+    ``generator`` with the run's RNG states and a resumed run draws the same augmentation.
+    Meant for loading in the main process (``num_workers=0``); worker processes get their
+    own seeds from the loader. Python's ``random`` and numpy are not redirected.
+    """
+
+    def __init__(self, dataset, generator: torch.Generator):
+        self.dataset = dataset
+        self.augment_generator = generator
+        self.targets = getattr(dataset, "targets", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.augment_generator.get_state())
+        try:
+            return self.dataset[index]
+        finally:
+            self.augment_generator.set_state(torch.get_rng_state())
+            torch.set_rng_state(saved)
 
 
 class ArrayImageDataset(Dataset):

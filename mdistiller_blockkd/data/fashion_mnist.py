@@ -5,7 +5,7 @@ Files: ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-i
 
 * ``""`` -- ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``);
 * ``"embedded"`` -- the class-balanced subset shipped in ``data/assets/fashion_mnist_mini/``
-  (written by ``tools/make_fmnist_subset.py``);
+  (written by ``python -m mdistiller_blockkd make-fmnist-subset``);
 * any other folder holding the four files.
 
 IDX format: a 4-byte magic (two zero bytes, a type code, the number of dimensions),
@@ -22,7 +22,7 @@ import zlib
 import numpy as np
 import torchvision.transforms as T
 
-from ..engine.fileio import atomic_write
+from ..utils.fileio import atomic_write
 from ..errors import DatasetError
 from .common import ArrayImageDataset, GrayToRGB
 

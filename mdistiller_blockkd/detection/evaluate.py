@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..engine import dist as du
+from ..utils import dist as du
 
 __all__ = ["METRICS", "coco_metrics", "detections_to_coco", "evaluate_detector"]
 

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from ..data import fashion_mnist as fm
-from ..engine.fileio import atomic_write_text
+from ..utils.fileio import atomic_write_text
 from ..errors import ConfigError
 
 __all__ = ["make_split", "make_detection_set", "main"]

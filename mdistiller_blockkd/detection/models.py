@@ -36,7 +36,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import misc as misc_ops
 
 from ..errors import CheckpointError, ConfigError
-from ..engine.checkpoint import extract_state_dict, load_checkpoint
+from ..utils.checkpoint import extract_state_dict, load_checkpoint
 
 __all__ = ["DETECTOR_RESNETS", "build_detector", "detector_backbone_name", "stage_channels",
            "body_stages", "load_detector_weights", "missing_teacher_error", "TORCHVISION_WEIGHT_FILES"]

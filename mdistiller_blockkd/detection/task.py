@@ -75,7 +75,7 @@ def check_detection_config(cfg) -> None:
 
 
 def _load_student_backbone(model, path: str) -> None:
-    from ..engine.checkpoint import extract_state_dict, load_checkpoint
+    from ..utils.checkpoint import extract_state_dict, load_checkpoint
 
     sd = extract_state_dict(load_checkpoint(os.path.expanduser(path)), path)
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}

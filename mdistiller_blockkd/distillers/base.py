@@ -1,6 +1,12 @@
 """The distiller contract (mdistiller's API), shared by every method.
 
-A distiller is an ``nn.Module`` built as ``Distiller(student, teacher, cfg)``:
+A distiller is an ``nn.Module`` built as ``Distiller(student, teacher, cfg, input_size=S)``
+(the assembler, :func:`mdistiller_blockkd.engine.build.build_distiller`, passes
+``input_size``, the side of the square input images; a distiller never reads
+``DATASET.*``). ``cfg`` is required: a distiller reads its own node (``cfg.KD``...) and
+``DISTILLER`` / ``SOLVER`` keys from it, never from the global ``CFG``. A class enters
+``DISTILLER.TYPE`` with ``@register_distiller("NAME")`` (:mod:`mdistiller_blockkd.registry`),
+here or in an outside package.
 
 * ``forward_train(image, target, **kw) -> (student_logits, {name: loss})``; the trainer
   sums the loss values; ``kw`` carries ``epoch`` (1-based, float allowed).
@@ -11,35 +17,98 @@ A distiller is an ``nn.Module`` built as ``Distiller(student, teacher, cfg)``:
 * ``train(mode)`` keeps the teacher in eval mode whatever ``mode`` is.
 * ``eval_logits(image) -> {name: logits}``: extra heads scored during evaluation
   (Block-KD's stepping stones); empty by default.
+* ``describe() -> str``: what was built, for the run's log (subclasses add lines).
 
 The teacher is frozen at construction: ``eval()`` and ``requires_grad_(False)``.
 Teacher outputs are computed by :meth:`Distiller.teacher_model`: a copy of the frozen
 teacher with its BatchNorms folded into the convolutions (exact in eval mode, verified,
 see :mod:`mdistiller_blockkd.models.fold`; ``DISTILLER.FOLD_TEACHER_BN``), else the
 teacher itself.
+
+DataParallel (mdistiller's ``tools/train.py`` always wraps the distiller in it) builds
+shallow replicas at every forward: each replica gets a copy of the module's ``__dict__``,
+so an attribute *assigned* on a replica is lost after the step. State that must outlive
+a step therefore lives in :class:`SharedState` (``self._shared``), one plain object that
+every replica references: the BN-folded teacher (one per device and dtype, folded once)
+and method state such as Block-KD's ``sample:K`` deck, changed under its lock.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+import threading
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..models.fold import fold_frozen_bn
 from ..models.staged import StagedModel
+from ..registry import register_distiller
+
+
+class SharedState:
+    """State of one distiller that its DataParallel replicas share (see the module docstring).
+
+    ``teacher_exec`` maps ``(device, dtype)`` to the module computing teacher outputs;
+    ``values`` holds method state (a dict the method owns); ``lock`` (re-entrant)
+    serialises changes made by replicas running in parallel threads. Deep copies and
+    pickles get their own holder with copied ``values`` and an empty teacher cache.
+    """
+
+    def __init__(self, values=None):
+        self.lock = threading.RLock()
+        self.teacher_exec: Dict[tuple, Optional[nn.Module]] = {}
+        self.values: dict = dict(values or {})
+
+    def __getstate__(self):
+        return {"values": self.values}
+
+    def __setstate__(self, state):
+        self.__init__(state["values"])
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return SharedState(copy.deepcopy(self.values, memo))
+
+
+def shared_attribute(key: str, factory, cast):
+    """A distiller attribute stored in ``self._shared.values[key]`` (``factory()`` until set;
+    assignments go through ``cast``), so DataParallel replicas read and advance the module's own."""
+
+    def get(self):
+        return self._shared.values.setdefault(key, factory())
+
+    def set(self, value):
+        self._shared.values[key] = cast(value)
+
+    return property(get, set, doc=f"Shared across DataParallel replicas (``_shared.values[{key!r}]``).")
 
 
 class Distiller(nn.Module):
+    """Base class of every distiller (see the module docstring for the contract).
+
+    Args:
+        student: the model trained.
+        teacher: the frozen teacher (``None`` for vanilla training).
+        cfg: the run's config (required).
+        input_size: side of the (square) input images, given by the assembler; ``None``
+            when the method does not need it.
+    """
+
     #: True when some learnable parameters may get no gradient in a step (for DDP).
     has_unused_parameters = False
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg, input_size: int | None = None):
         super().__init__()
+        if cfg is None:
+            raise TypeError(f"{type(self).__name__} needs the run's cfg (e.g. mdistiller_blockkd.config.load_cfg())")
+        self._shared = SharedState()
         self.student = student
         self.teacher = teacher
-        self.fold_teacher_bn = bool(cfg.DISTILLER.FOLD_TEACHER_BN) if cfg is not None else True
-        self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST) if cfg is not None else False
+        self.input_size = None if input_size is None else int(input_size)
+        self.fold_teacher_bn = bool(cfg.DISTILLER.FOLD_TEACHER_BN)
+        self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST)
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -81,11 +150,20 @@ class Distiller(nn.Module):
     def eval_logits(self, image: Tensor) -> Dict[str, Tensor]:
         return {}
 
+    def describe(self) -> str:
+        """One line naming the method, the student, the teacher and the extra learnable parameters."""
+        parts = [f"{type(self).__name__}: student {type(self.student).__name__}"]
+        if self.teacher is not None:
+            parts.append(f"teacher {type(self.teacher).__name__}")
+        parts.append(f"extra parameters {self.get_extra_parameters() / 1e6:.3f}M")
+        return ", ".join(parts)
+
     # -- helpers for subclasses -----------------------------------------------------
     def teacher_model(self, x: Tensor) -> nn.Module:
         """The module that computes teacher outputs for inputs like ``x``.
 
         A BN-folded copy of the frozen teacher, built on first use for ``x``'s device and
+        dtype (once for all DataParallel replicas: it is kept in ``self._shared``) and
         rebuilt after ``load_state_dict`` / ``.to()``; the teacher itself when folding is
         off, impossible, or changes any output. Never registered as a submodule, so it is
         neither saved nor counted. The copy is channels-last on CPU (measured faster for
@@ -93,22 +171,29 @@ class Distiller(nn.Module):
         ``SOLVER.CHANNELS_LAST``.
         """
         key = (x.device, x.dtype)
-        cache = self.__dict__.get("_teacher_exec")
-        if cache is None or cache[0] != key:
-            model = self.teacher
-            if self.fold_teacher_bn and isinstance(self.teacher, StagedModel):
-                with torch.autocast(x.device.type, enabled=False):
-                    folded = fold_frozen_bn(self.teacher, x[:2].detach().float())
-                if folded is not None:
-                    model = folded
-                    if x.device.type == "cpu" or self.channels_last:
-                        model = model.to(memory_format=torch.channels_last)
-            cache = (key, model)
-            self.__dict__["_teacher_exec"] = cache
-        return cache[1]
+        shared = self._shared
+        if key not in shared.teacher_exec:
+            with shared.lock:  # replicas on other devices wait; each (device, dtype) is folded once
+                if key not in shared.teacher_exec:
+                    shared.teacher_exec[key] = self._fold_teacher(x)
+        folded = shared.teacher_exec[key]
+        return self.teacher if folded is None else folded
+
+    def _fold_teacher(self, x: Tensor):
+        """The BN-folded teacher for inputs like ``x``, or None (use the teacher itself)."""
+        if not (self.fold_teacher_bn and isinstance(self.teacher, StagedModel)):
+            return None
+        with torch.autocast(x.device.type, enabled=False):
+            folded = fold_frozen_bn(self.teacher, x[:2].detach().float())
+        if folded is not None and (x.device.type == "cpu" or self.channels_last):
+            folded = folded.to(memory_format=torch.channels_last)
+        return folded
 
     def _invalidate_teacher_cache(self):
-        self.__dict__.pop("_teacher_exec", None)
+        shared = self.__dict__.get("_shared")
+        if shared is not None:
+            with shared.lock:
+                shared.teacher_exec.clear()
 
     def _apply(self, fn, *args, **kwargs):
         self._invalidate_teacher_cache()
@@ -124,11 +209,12 @@ class Distiller(nn.Module):
         return self.teacher_model(image)(image)
 
 
+@register_distiller("NONE")
 class Vanilla(Distiller):
     """``NONE``: plain training of the student with cross-entropy."""
 
-    def __init__(self, student, teacher=None, cfg=None):
-        super().__init__(student, None, cfg)
+    def __init__(self, student, teacher, cfg, **kwargs):
+        super().__init__(student, None, cfg, **kwargs)
 
     def forward_train(self, image, target, **kwargs):
         logits, _ = self.student(image)

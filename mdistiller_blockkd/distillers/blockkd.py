@@ -78,7 +78,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..models.staged import StageInfo, StagedView
 from . import losses
-from .base import Distiller
+from ..registry import register_distiller
+from .base import Distiller, shared_attribute
 
 CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
 LOGIT_LOSSES = ("kd", "dkd", "lskd")
@@ -212,11 +213,12 @@ def parse_stones(spec: str, n) -> Tuple[str, int]:
                       f"(all stones every K-th step) with {bound}")
 
 
+@register_distiller("BLOCKKD")
 class BlockKD(Distiller):
     """Block-wise logit distillation (``DISTILLER.TYPE: BLOCKKD``); see the module docstring."""
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
+    def __init__(self, student, teacher, cfg, **kwargs):
+        super().__init__(student, teacher, cfg, **kwargs)
         if teacher is None:
             raise ConfigError("BLOCKKD needs a teacher (DISTILLER.TEACHER)")
         c = cfg.BLOCKKD
@@ -315,18 +317,26 @@ class BlockKD(Distiller):
         if self.mode in ("all", "last"):
             return list(range(n)), 1.0
         if self.mode == "every":
-            step, self._step = self._step, self._step + 1
+            with self._shared.lock:
+                step, self._step = self._step, self._step + 1
             if step % self.k:
                 return [], 1.0
             return list(range(n)), float(self.k) if unbiased else 1.0
         if n % self.k:
             idx = torch.randperm(n)[: self.k].tolist()
         else:  # stratified: walk a random permutation K stones at a time, every stone once per n/K steps
-            if self._pos == 0:
-                self._deck = torch.randperm(n).tolist()
-            idx = self._deck[self._pos: self._pos + self.k]
-            self._pos = (self._pos + self.k) % n
+            with self._shared.lock:  # DataParallel replicas draw one after the other from the shared walk
+                if self._pos == 0:
+                    self._deck = torch.randperm(n).tolist()
+                idx = self._deck[self._pos: self._pos + self.k]
+                self._pos = (self._pos + self.k) % n
         return sorted(idx), n / self.k if unbiased else 1.0
+
+    # the draw state (sample:K walk, every:K step count) lives in the distiller's SharedState,
+    # so DataParallel replicas (shallow copies made at every forward) advance the module's own
+    _deck = shared_attribute("deck", list, list)
+    _pos = shared_attribute("pos", int, int)
+    _step = shared_attribute("step", int, int)
 
     def get_extra_state(self):
         """The draw state (``sample:K`` deck and position, ``every:K`` step count), saved so resume is exact."""
@@ -391,8 +401,8 @@ class BlockKD(Distiller):
         return out
 
     def describe(self) -> str:
-        """One line per stone: which student block feeds which teacher block."""
-        lines = []
+        """The base line, then one line per stone: which student block feeds which teacher block."""
+        lines = [super().describe()]
         nt = self.tview.num_blocks
         for sid, (i, j), w in zip(self.stone_ids, self.pairs, self.stone_weights):
             si, ti = self.sview.block_info[i], self.tview.block_info[j]

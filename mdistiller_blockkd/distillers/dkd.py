@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..engine.cfg import CFG
 from ..errors import ConfigError
 from . import losses
+from ..registry import register_distiller
 from .base import Distiller
 
 
@@ -27,6 +27,7 @@ def require_epoch(kwargs, method: str):
         raise TypeError(f"{method}.forward_train needs the keyword argument epoch=<current epoch> for its warm-up") from None
 
 
+@register_distiller("DKD")
 class DKD(Distiller):
     """Decoupled KD (registered as ``DKD``); loss keys ``loss_ce`` and ``loss_kd``.
 
@@ -34,11 +35,11 @@ class DKD(Distiller):
     over the first ``WARMUP`` epochs). No connector parameters.
     """
 
-    def __init__(self, student, teacher, cfg=None):
-        super().__init__(student, teacher, cfg)
+    def __init__(self, student, teacher, cfg, **kwargs):
+        super().__init__(student, teacher, cfg, **kwargs)
         if teacher is None:
             raise ConfigError("DISTILLER.TYPE DKD needs a teacher; set DISTILLER.TEACHER")
-        c = (cfg if cfg is not None else CFG).DKD
+        c = cfg.DKD
         self.ce_loss_weight = float(c.CE_WEIGHT)
         self.alpha = float(c.ALPHA)
         self.beta = float(c.BETA)

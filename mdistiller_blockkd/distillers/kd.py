@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..engine.cfg import CFG
 from ..errors import ConfigError
 from . import losses
+from ..registry import register_distiller
 from .base import Distiller
 
 
+@register_distiller("KD")
 class KD(Distiller):
     """Vanilla logit distillation (registered as ``KD``).
 
@@ -22,11 +23,11 @@ class KD(Distiller):
     ``loss_kd``. No connector parameters.
     """
 
-    def __init__(self, student, teacher, cfg=None):
-        super().__init__(student, teacher, cfg)
+    def __init__(self, student, teacher, cfg, **kwargs):
+        super().__init__(student, teacher, cfg, **kwargs)
         if teacher is None:
             raise ConfigError("DISTILLER.TYPE KD needs a teacher; set DISTILLER.TEACHER")
-        c = (cfg if cfg is not None else CFG).KD
+        c = cfg.KD
         self.temperature = float(c.TEMPERATURE)
         if self.temperature <= 0:
             raise ConfigError(f"KD.TEMPERATURE is {c.TEMPERATURE}; it must be > 0 (mdistiller uses 4)")

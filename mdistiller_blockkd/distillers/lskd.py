@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import losses
+from ..registry import register_distiller
 from .base import Distiller
 
 
+@register_distiller("LSKD")
 class LSKD(Distiller):
     """Logit-standardised KD (registered as ``LSKD``); loss keys ``loss_ce`` and ``loss_kd``."""
 
@@ -24,8 +26,8 @@ class LSKD(Distiller):
         if not float(cfg.LSKD.T) > 0:
             raise ConfigError(f"LSKD.T is {cfg.LSKD.T}; the temperature must be > 0 (default 2)")
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
+    def __init__(self, student, teacher, cfg, **kwargs):
+        super().__init__(student, teacher, cfg, **kwargs)
         if teacher is None:
             raise ConfigError("DISTILLER.TYPE LSKD needs a teacher; set DISTILLER.TEACHER")
         self.check_cfg(cfg)

@@ -14,7 +14,7 @@ Level geometry (``CFG.REVIEWKD``)
     ``IN_CHANNELS`` / ``OUT_CHANNELS`` list the student / teacher widths shallow to
     deep; ``SHAPES`` / ``OUT_SHAPES`` the student / teacher spatial sizes deep to
     shallow (mdistiller's conventions). A key left at its default is derived from the
-    two models (one dummy forward at the dataset's image size), so every pair works
+    two models (one dummy forward at ``input_size``, the image side the assembler passes), so every pair works
     without hand-written lists; a key set to another value is used as given and
     checked against the models. With ``L`` levels, the ``L`` deepest levels of each
     model are paired (``L`` = the smaller level count, or the length of an explicit
@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.cfg import CFG
+from ..config import CFG
 from ..errors import ConfigError
 from . import losses
+from ..registry import register_distiller
 from .base import Distiller
 from .dkd import require_epoch
 
@@ -94,15 +95,6 @@ def _first_conv_in_channels(model: nn.Module, default: int = 3) -> int:
     return default
 
 
-def _image_size(cfg) -> int:
-    kind = str(cfg.DATASET.TYPE).lower()
-    if kind == "imagenet":
-        return int(cfg.DATASET.IMAGE_SIZE)
-    if kind == "synthetic":
-        return int(cfg.DATASET.SYNTHETIC.IMAGE_SIZE)
-    return 32  # CIFAR-100 and the other 32x32 sets
-
-
 @torch.no_grad()
 def model_levels(model: nn.Module, image_size: int, key: str) -> List[Level]:
     """``(channels, size)`` of ``feats[key][1:]`` plus the pooled vector (size 1), shallow to deep.
@@ -126,11 +118,13 @@ def _pooled_map(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], v.shape[1], 1, 1)
 
 
+@register_distiller("REVIEWKD")
 class ReviewKD(Distiller):
     """ReviewKD (registered as ``REVIEWKD``); loss keys ``loss_ce`` and ``loss_kd``.
 
     Learnable extras: the ABF modules (``self.abfs``, deepest level first).
-    ``forward_train`` needs ``epoch`` for the warm-up.
+    ``forward_train`` needs ``epoch`` for the warm-up. ``input_size`` (the image side)
+    is required: the level geometry is measured with one dummy forward at that size.
     """
 
     @classmethod
@@ -141,13 +135,13 @@ class ReviewKD(Distiller):
                 f"SOLVER.BATCH_SIZE is {cfg.SOLVER.BATCH_SIZE}; REVIEWKD needs at least 2 images per process (its "
                 "fusion modules batch-normalise 1x1 maps, which one image cannot); use a batch of 2 or more")
 
-    def __init__(self, student, teacher, cfg=None):
-        super().__init__(student, teacher, cfg)
+    def __init__(self, student, teacher, cfg, input_size: int | None = None, **kwargs):
+        super().__init__(student, teacher, cfg, input_size=input_size, **kwargs)
         if teacher is None:
             raise ConfigError("DISTILLER.TYPE REVIEWKD needs a teacher; set DISTILLER.TEACHER")
-        if cfg is not None:
-            self.check_cfg(cfg)
-        cfg = cfg if cfg is not None else CFG
+        if self.input_size is None or self.input_size < 1:
+            raise TypeError("ReviewKD needs input_size, the side of the input images (the assembler passes it)")
+        self.check_cfg(cfg)
         c = cfg.REVIEWKD
         self.ce_loss_weight = float(c.CE_WEIGHT)
         self.reviewkd_loss_weight = float(c.REVIEWKD_WEIGHT)
@@ -175,8 +169,8 @@ class ReviewKD(Distiller):
 
     # -- geometry --------------------------------------------------------------------
     def _geometry(self, cfg):
-        c, d = cfg.REVIEWKD, CFG.REVIEWKD
-        size = _image_size(cfg)
+        c, d = cfg.REVIEWKD, CFG.REVIEWKD  # CFG: the defaults, to tell which lists the config sets
+        size = self.input_size
         s_levels = model_levels(self.student, size, self._student_key)
         t_levels = model_levels(self.teacher, size, "preact_feats")
         keys = ("IN_CHANNELS", "OUT_CHANNELS", "SHAPES", "OUT_SHAPES")

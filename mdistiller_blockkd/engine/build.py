@@ -1,7 +1,17 @@
-"""Build the distiller a config describes: student, teacher (with its weights), method.
+"""The assembler: builds what a config describes -- data, student, teacher (with its weights), distiller.
 
-:func:`build_distiller` is what ``tools/train.py`` calls; :func:`teacher_checkpoint_path`
-tells where the teacher's weights are read from.
+It stands above the models, the data and the distillers (it is the only module that
+reads both ``DATASET.*`` and ``DISTILLER.*``) and below the trainer and the commands.
+
+* :func:`assemble` -- the data loaders and the distiller of a run (what the train command uses);
+* :func:`build_distiller` -- student, teacher and the ``DISTILLER.TYPE`` method;
+* :func:`make_distiller` -- the method around a given student and teacher;
+* :func:`input_size` -- the side of the dataset's images, which the distillers receive;
+* :func:`check_distiller_config` -- fail fast before data is read;
+* :func:`teacher_checkpoint_path` -- where the teacher's weights are read from.
+
+Distillers and models of outside packages are found through the registries
+(:mod:`mdistiller_blockkd.registry`): entry points are loaded here.
 """
 
 from __future__ import annotations
@@ -11,16 +21,21 @@ from typing import Optional
 
 import torch
 
+from ..config import shipped_config
+from ..data import get_loaders
 from ..distillers import distiller_dict
 from ..errors import CheckpointError, ConfigError
 from ..models import build_model, default_teacher_ckpt, list_models
-from .checkpoint import load_model_weights
+from ..registry import load_plugins
+from ..utils.checkpoint import load_model_weights
 
-__all__ = ["build_distiller", "check_distiller_config", "teacher_checkpoint_path", "distiller_type"]
+__all__ = ["assemble", "build_distiller", "make_distiller", "input_size", "check_distiller_config", "teacher_checkpoint_path",
+           "distiller_type"]
 
 
 def distiller_type(cfg) -> str:
     """``cfg.DISTILLER.TYPE`` upper-cased; an unregistered type raises :class:`ConfigError` listing the valid ones."""
+    load_plugins()
     kind = str(cfg.DISTILLER.TYPE).strip().upper()
     if kind not in distiller_dict:
         raise ConfigError(
@@ -29,16 +44,21 @@ def distiller_type(cfg) -> str:
     return kind
 
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def input_size(cfg) -> int:
+    """Side of the (square) images the models see: ``DATASET.IMAGE_SIZE`` for ImageNet,
+    ``DATASET.SYNTHETIC.IMAGE_SIZE`` for the synthetic set, 32 for CIFAR-100 and padded Fashion-MNIST."""
+    kind = str(cfg.DATASET.TYPE).strip().lower()
+    if kind == "imagenet":
+        return int(cfg.DATASET.IMAGE_SIZE)
+    if kind == "synthetic":
+        return int(cfg.DATASET.SYNTHETIC.IMAGE_SIZE)
+    return 32
 
 
 def _vanilla_config(name: str) -> Optional[str]:
-    """The CIFAR-100 vanilla config of ``name``: relative when under the working directory, else absolute."""
-    rel = os.path.join("configs", "cifar100", "vanilla", f"{name}.yaml")
-    if os.path.isfile(rel):
-        return rel
-    path = os.path.join(_REPO_ROOT, rel)
-    return path if os.path.isfile(path) else None
+    """Short name of the shipped CIFAR-100 vanilla config of ``name`` (``None`` if there is none)."""
+    short = f"cifar100/vanilla/{name}"
+    return short if shipped_config(short) else None
 
 
 def teacher_checkpoint_path(cfg) -> Optional[str]:
@@ -67,14 +87,14 @@ def _check_teacher_file(cfg, path: str) -> None:
         return
     name = cfg.DISTILLER.TEACHER
     vanilla = _vanilla_config(name) if str(cfg.DATASET.TYPE) == "cifar100" else None
-    run = (f"a vanilla run ('python tools/train.py --cfg {vanilla}')" if vanilla
+    run = (f"a vanilla run ('mdistiller-blockkd-train --cfg {vanilla}')" if vanilla
            else f"a vanilla run (DISTILLER.TYPE NONE, DISTILLER.STUDENT {name})")
     if cfg.DISTILLER.TEACHER_CKPT:
         raise CheckpointError(
             f"teacher checkpoint '{path}' (DISTILLER.TEACHER_CKPT) not found; set DISTILLER.TEACHER_CKPT to an "
             f"existing weights file of '{name}', e.g. the student_best written by {run}"
         )
-    how = (f"train it with 'python tools/train.py --cfg {vanilla}' (writes that file)" if vanilla
+    how = (f"train it with 'mdistiller-blockkd-train --cfg {vanilla}' (writes that file)" if vanilla
            else f"train it with {run} and set DISTILLER.TEACHER_CKPT to its student_best")
     raise CheckpointError(
         f"teacher checkpoint '{path}' for '{name}' not found (relative to {os.getcwd()}); {how}, copy mdistiller's "
@@ -101,7 +121,7 @@ def check_distiller_config(cfg) -> None:
 
 
 def build_distiller(cfg, num_classes: int, device="cpu"):
-    """Build ``distiller_dict[DISTILLER.TYPE](student, teacher, cfg)`` on ``device``.
+    """Build ``distiller_dict[DISTILLER.TYPE](student, teacher, cfg, input_size=...)`` on ``device``.
 
     * the student is ``build_model(DISTILLER.STUDENT, num_classes)`` with fresh weights;
     * the teacher (not for ``NONE``) is ``build_model(DISTILLER.TEACHER, num_classes,
@@ -136,5 +156,22 @@ def build_distiller(cfg, num_classes: int, device="cpu"):
                 )
         if ckpt is not None:
             load_model_weights(teacher, ckpt, name=name)
-    distiller = distiller_dict[kind](student, teacher, cfg)
+    distiller = make_distiller(cfg, student, teacher, kind)
     return distiller.to(torch.device(device))
+
+
+def make_distiller(cfg, student, teacher, kind: Optional[str] = None):
+    """``distiller_dict[kind](student, teacher, cfg, input_size=input_size(cfg))``; ``kind`` defaults to ``DISTILLER.TYPE``."""
+    kind = distiller_type(cfg) if kind is None else str(kind).upper()
+    return distiller_dict.lookup(kind, "DISTILLER.TYPE")(student, teacher, cfg, input_size=input_size(cfg))
+
+
+def assemble(cfg, rank: int = 0, world_size: int = 1, device="cpu"):
+    """The data and the distiller of a run: ``(loaders, distiller)``.
+
+    ``loaders`` is :func:`mdistiller_blockkd.data.get_loaders` for process ``rank`` of
+    ``world_size`` (train, validation split, test, number of classes); ``distiller`` is
+    :func:`build_distiller` for that number of classes, on ``device``.
+    """
+    loaders = get_loaders(cfg, rank, world_size)
+    return loaders, build_distiller(cfg, loaders.num_classes, device)

@@ -44,6 +44,14 @@ Output folder ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<EXPERIMENT.NAME or EXPERIMENT.T
     ``latest`` is written last, so when it says epoch *k* every file of epoch *k* exists;
     a killed run loses at most the epoch in progress.
 
+No lost runs
+    a fresh start never replaces a finished run: in a folder that already holds checkpoints or
+    epoch records it stops with a :class:`~mdistiller_blockkd.errors.ConfigError` offering
+    ``--resume``, another ``EXPERIMENT.NAME`` or ``--overwrite`` (``overwrite=True``, which
+    deletes the old checkpoints first). While a run trains, rank 0 holds a lock on its
+    folder (:class:`~mdistiller_blockkd.utils.fileio.FolderLock`, released by the OS when
+    the process dies), so a second process started on the same folder stops with an error.
+
 Resume (``resume=True``)
     restores the distiller, optimizer, scaler, epoch, best accuracy and every RNG from
     ``latest``, drops ``metrics.jsonl`` lines of later epochs and continues: a run killed
@@ -78,6 +86,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Dict, List, Optional
 
@@ -86,25 +95,63 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, TrainingError
-from . import dist as du
-from .cfg import log_msg
-from .checkpoint import load_checkpoint, save_checkpoint
-from .utils import (
+from ..utils import dist as du
+from ..config import log_msg
+from ..utils.checkpoint import load_checkpoint, save_checkpoint
+from ..utils.fileio import FolderLock, read_json_lines
+from ..utils.misc import (
     append_json_line,
     append_text,
     atomic_write_text,
     correct_topk,
     get_rng_state,
-    read_json_lines,
     set_rng_state,
 )
 
-__all__ = ["Trainer", "evaluate_model", "experiment_name", "output_dir", "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
+__all__ = ["Trainer", "evaluate_model", "check_fresh_start", "run_checkpoints", "experiment_name", "output_dir",
+           "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
 
 #: On CUDA, loss values are copied to the host (and checked) every this many steps.
 CUDA_CHECK_EVERY = 25
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Checkpoint files a run writes (``epoch_<n>``, ``student_<n>``, ``ckpt_epoch_<n>.pth`` too).
+_CKPT_NAMES = ("latest", "best", "student_latest", "student_best")
+_CKPT_PATTERN = re.compile(r"^(epoch_\d+|student_\d+|ckpt_epoch_\d+\.pth)$")
+
+
+def check_fresh_start(folder: str, epochs: int, overwrite: bool = False) -> List[str]:
+    """Check that a fresh run may start in ``folder``; return the checkpoints ``overwrite`` would replace.
+
+    Raises :class:`ConfigError` (one line offering ``--resume``, a new
+    ``EXPERIMENT.NAME`` or ``--overwrite``) when the folder holds a run -- checkpoints or
+    epoch records -- and ``overwrite`` is false, and always when ``ckpt_epoch_<epochs>.pth``
+    is there without the ``latest`` of a run (a teacher file someone put there). Reads only.
+    """
+    final = os.path.join(folder, f"ckpt_epoch_{epochs}.pth")
+    if os.path.isfile(final) and not os.path.isfile(os.path.join(folder, "latest")):
+        raise ConfigError(
+            f"'{final}' already exists and was not written by a run in '{folder}' (no 'latest' there); "
+            "move it away, or set EXPERIMENT.NAME / LOG.PREFIX to another output folder"
+        )
+    ckpts = run_checkpoints(folder)
+    records = read_json_lines(os.path.join(folder, "metrics.jsonl"), warnings=[])
+    if (ckpts or records) and not overwrite:
+        raise ConfigError(
+            f"'{folder}' already holds a run ({len(records)} epoch(s) in metrics.jsonl, checkpoints: "
+            f"{', '.join(ckpts[:4]) or 'none'}{' ...' if len(ckpts) > 4 else ''}); continue it with --resume, "
+            "start another run with a new EXPERIMENT.NAME, or replace it with --overwrite"
+        )
+    return ckpts
+
+
+def run_checkpoints(folder: str) -> List[str]:
+    """Names of the checkpoint files a run left in ``folder`` (sorted; ``[]`` when there are none)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder)
+                  if (n in _CKPT_NAMES or _CKPT_PATTERN.match(n)) and os.path.isfile(os.path.join(folder, n)))
 
 
 def experiment_name(cfg) -> str:
@@ -284,6 +331,7 @@ class Trainer:
         self.start_epoch = 1
         self.tb_writer = None
         self.history: List[dict] = []
+        self._lock = FolderLock(self.log_path) if self.is_main else None
 
     # -- paths and small helpers ---------------------------------------------------------
     def path(self, name: str) -> str:
@@ -307,8 +355,10 @@ class Trainer:
         return image, target.to(self.device, non_blocking=True)
 
     def _generators(self) -> Dict[str, torch.Generator]:
-        gen = getattr(self.train_loader, "generator", None)
-        return {"train_loader": gen} if isinstance(gen, torch.Generator) else {}
+        """The data's own generators, saved with each rank's RNG state: the loader's and the augmentation's."""
+        gens = {"train_loader": getattr(self.train_loader, "generator", None),
+                "augment": getattr(getattr(self.train_loader, "dataset", None), "augment_generator", None)}
+        return {k: g for k, g in gens.items() if isinstance(g, torch.Generator)}
 
     def distiller_state(self) -> Dict[str, torch.Tensor]:
         """The distiller's state dict without the teacher's weights (student, connectors, buffers)."""
@@ -319,18 +369,37 @@ class Trainer:
         return {k: v.detach().cpu().contiguous() for k, v in self.distiller.student.state_dict().items()}
 
     # -- start / resume ------------------------------------------------------------------
+    def _claim_folder(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0 locks the run folder and, for a fresh start, checks it holds no run; every rank
+        raises the same :class:`ConfigError` if that fails (so none waits for the others)."""
+        problem = None
+        if self.is_main:
+            try:
+                self._lock.acquire()
+                if not resume:
+                    self._check_fresh(overwrite)
+            except ConfigError as e:
+                problem = str(e)
+        problem = du.all_gather_object(problem)[0]
+        if problem:
+            self._release()
+            raise ConfigError(problem)
+
+    def _check_fresh(self, overwrite: bool) -> None:
+        ckpts = check_fresh_start(self.log_path, self.epochs, overwrite)
+        if not ckpts:
+            return
+        for name in ckpts:  # the old run's files would mix with the new one's
+            os.remove(self.path(name))
+        self.log(f"--overwrite: replacing the run in {self.log_path} ({len(ckpts)} checkpoint(s) deleted)")
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
     def _prepare_fresh(self) -> None:
-        final = self.path(f"ckpt_epoch_{self.epochs}.pth")
-        if os.path.isfile(final) and not os.path.isfile(self.path("latest")):
-            raise ConfigError(
-                f"'{final}' already exists and was not written by a run in '{self.log_path}' (no 'latest' there); "
-                "move it away, or set EXPERIMENT.NAME / LOG.PREFIX to another output folder"
-            )
         if not self.is_main:
             return
-        if os.path.isfile(self.path("latest")):
-            self.log(f"starting a new run in {self.log_path}: its checkpoints will be overwritten "
-                     "(use --resume to continue the previous run)")
         os.makedirs(self.log_path, exist_ok=True)
         atomic_write_text(self.path("config.yaml"), self.cfg.dump())
         atomic_write_text(self.path("metrics.jsonl"), "")
@@ -386,12 +455,21 @@ class Trainer:
         self.log(f"resumed from {path}: epoch {self.start_epoch - 1} done, best_acc {self.best_acc:.2f}")
 
     # -- the loop ------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool = False, overwrite: bool = False) -> dict:
         """Run epochs ``start..SOLVER.EPOCHS`` (after :meth:`resume` when ``resume``); return a summary.
 
-        The summary holds ``best_acc``, ``last`` (the last epoch's metrics, ``{}`` when no
-        epoch ran) and ``log_path``.
+        A fresh start (``resume`` false) in a folder that holds a run raises
+        :class:`ConfigError` unless ``overwrite``; a folder locked by another process
+        raises too (see the module docstring). The summary holds ``best_acc``, ``last``
+        (the last epoch's metrics, ``{}`` when no epoch ran) and ``log_path``.
         """
+        self._claim_folder(resume, overwrite)
+        try:
+            return self._train(resume)
+        finally:
+            self._release()
+
+    def _train(self, resume: bool) -> dict:
         if resume:
             self.resume()
         else:

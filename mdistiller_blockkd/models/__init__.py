@@ -1,75 +1,61 @@
-"""Model zoo and registry.
+"""Model zoo.
 
-``build_model(name, num_classes=100)`` builds any registered CIFAR model by its
-mdistiller name (``resnet56``, ``wrn_40_2``, ``ShuffleV1``, ...) or any timm CNN as
-``"timm:<name>"``. Every model is a :class:`~.staged.StagedModel`.
+``build_model(name, num_classes=100)`` builds any registered model by its mdistiller name
+(``resnet56``, ``wrn_40_2``, ``ShuffleV1``, ...) or any timm CNN as ``"timm:<name>"``.
+Every model is a :class:`~.staged.StagedModel`.
 
-``model_dict`` maps each CIFAR name to ``(constructor, default teacher checkpoint path)``
-like mdistiller's ``cifar_model_dict``.
+The CIFAR families (``models/cifar/``, one file each) enter the registry
+:data:`mdistiller_blockkd.registry.MODELS` with the ``@register_model`` decorator when
+they are imported here; an outside package adds a model the same way.
+``model_dict`` is that registry: name -> ``(constructor, default teacher checkpoint
+path)``, like mdistiller's ``cifar_model_dict``.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import List, Optional
 
 from ..errors import ConfigError
+from ..registry import CIFAR_TEACHER_DIR, MODELS, load_plugins, register_model  # noqa: F401 - part of this API
+from .cifar import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401 - they register
 from .staged import StagedModel, StagedView, StageInfo, count_params  # noqa: F401
 
-#: Where mdistiller keeps its CIFAR-100 teachers (relative to the working directory).
-CIFAR_TEACHER_DIR = os.path.join("download_ckpts", "cifar_teachers")
-
-model_dict: Dict[str, Tuple[Callable[..., StagedModel], Optional[str]]] = {}
-
-_FAMILIES = ("resnet", "resnetv2", "wrn", "vgg", "mobilenetv2", "shufflenetv1", "shufflenetv2")
+#: mdistiller's name for the model registry.
+model_dict = MODELS
 
 
-def register_model(name: str, teacher_ckpt: bool = True):
-    """Decorator: register ``ctor(num_classes=100, **kw)`` under ``name``."""
-
-    def deco(fn):
-        path = os.path.join(CIFAR_TEACHER_DIR, f"{name}_vanilla", "ckpt_epoch_240.pth") if teacher_ckpt else None
-        model_dict[name] = (fn, path)
-        return fn
-
-    return deco
-
-
-def _load_families():
-    for fam in _FAMILIES:
-        importlib.import_module(f"{__name__}.cifar.{fam}")
-
-
-def list_models():
-    _load_families()
-    return sorted(model_dict)
+def list_models() -> List[str]:
+    """Sorted names of the registered models, plugins' included (``timm:<name>`` models are not listed)."""
+    load_plugins()
+    return sorted(MODELS)
 
 
 def build_model(name: str, num_classes: int = 100, pretrained=False, **kwargs) -> StagedModel:
     """Build a model by name. ``timm:<name>`` wraps a timm backbone (see ``timm_backbone``).
 
     ``pretrained`` only applies to timm models: ``True`` uses timm's own weight loading,
-    a path loads a local checkpoint.
+    a path loads a local checkpoint. An unknown name raises
+    :class:`~mdistiller_blockkd.errors.ConfigError` listing the known ones.
     """
     if name.startswith("timm:"):
         from .timm_backbone import build_timm_model
 
         return build_timm_model(name[len("timm:"):], num_classes=num_classes, pretrained=pretrained, **kwargs)
-    _load_families()
-    if name not in model_dict:
+    if name not in MODELS:
+        load_plugins()  # outside packages' models (entry points), imported on first need
+    if name not in MODELS:
         raise ConfigError(
-            f"unknown model '{name}'. Known CIFAR models: {', '.join(sorted(model_dict))}; "
+            f"unknown model '{name}'. Known CIFAR models: {', '.join(sorted(MODELS))}; "
             "or use 'timm:<timm model name>'"
         )
     if pretrained:
         raise ConfigError(
             f"model '{name}' has no pretrained weights; set DISTILLER.TEACHER_CKPT to a checkpoint file instead"
         )
-    return model_dict[name][0](num_classes=num_classes, **kwargs)
+    return MODELS[name][0](num_classes=num_classes, **kwargs)
 
 
 def default_teacher_ckpt(name: str) -> Optional[str]:
-    _load_families()
-    entry = model_dict.get(name)
+    """mdistiller's default teacher checkpoint path of model ``name`` (``None`` if it has none)."""
+    entry = MODELS.get(name)
     return entry[1] if entry else None

@@ -43,11 +43,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..engine.checkpoint import STATE_KEYS, strip_prefixes
+from ..utils.checkpoint import extract_state_dict, read_state_dict
 from ..errors import CheckpointError, ConfigError
 from .staged import StagedModel
 
-__all__ = ["TimmStagedModel", "build_timm_model", "load_timm_checkpoint", "read_state_dict"]
+__all__ = ["TimmStagedModel", "build_timm_model", "load_timm_checkpoint"]
 
 
 def _import_timm():
@@ -254,6 +254,20 @@ class TimmStagedModel(StagedModel):
     def get_classifier(self) -> nn.Module:
         return self._timm.get_classifier()
 
+    def _replicate_for_data_parallel(self):
+        """DataParallel replica whose timm model runs the replica's modules (not the original's).
+
+        The replica gets a new children table (filled with replicated children by
+        ``torch.nn.parallel.replicate``); a shallow copy of the timm model shares that
+        table, so ``forward_head`` / ``get_classifier`` use the replica's weights on the
+        replica's device.
+        """
+        replica = super()._replicate_for_data_parallel()
+        timm_replica = self._timm._replicate_for_data_parallel()
+        object.__setattr__(timm_replica, "_modules", replica._modules)
+        object.__setattr__(replica, "_timm", timm_replica)
+        return replica
+
     def train(self, mode: bool = True):
         super().train(mode)
         self._timm.training = mode  # timm's forward_head reads the root flag (head dropout)
@@ -268,7 +282,7 @@ class TimmStagedModel(StagedModel):
         """Load a plain timm checkpoint: a state dict, a checkpoint dict or a file path (see :func:`read_state_dict`)."""
         if isinstance(state, (str, os.PathLike)):
             return load_timm_checkpoint(self, state, strict=strict)
-        sd = _unwrap_state(state, "<state dict>")
+        sd = extract_state_dict(state, "<state dict>")
         try:
             return self.load_state_dict(sd, strict=strict)
         except RuntimeError as e:
@@ -276,50 +290,8 @@ class TimmStagedModel(StagedModel):
 
 
 # -- checkpoints ---------------------------------------------------------------------
-def _unwrap_state(obj, where: str) -> Dict[str, Tensor]:
-    if isinstance(obj, dict):
-        for key in STATE_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(
-            f"{where} holds no state dict (expected a dict of tensors, or one under 'model' / 'state_dict')"
-        )
-    return strip_prefixes(obj)
-
-
-def read_state_dict(path) -> Dict[str, Tensor]:
-    """Read a state dict from ``path``: a ``.safetensors`` file or a torch file holding a
-    state dict, ``{"model": ...}`` (this toolbox / mdistiller) or ``{"state_dict": ...}``
-    (timm's training script). ``module.`` / ``_orig_mod.`` prefixes are removed.
-    Torch files are read with ``weights_only=True``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' not found; give the path of an existing weights file")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:  # pragma: no cover - safetensors ships with timm
-            raise CheckpointError(f"'{path}' is a safetensors file; install 'safetensors' to read it") from None
-        try:
-            obj = load_file(path, device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"cannot read safetensors checkpoint '{path}': {e}") from None
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(
-                f"cannot read checkpoint '{path}' with weights_only=True ({type(e).__name__}: {e}). If it is a "
-                "full training checkpoint holding other Python objects and you trust it, re-save only its "
-                "state dict (torch.save(ckpt['state_dict'], 'weights.pth')) and pass that file"
-            ) from None
-    return _unwrap_state(obj, f"checkpoint '{path}'")
-
-
 def load_timm_checkpoint(model: nn.Module, path, strict: bool = True):
-    """Load the weights file at ``path`` (any :func:`read_state_dict` format) into ``model``.
+    """Load the weights file at ``path`` (any format of :func:`~mdistiller_blockkd.utils.checkpoint.read_state_dict`) into ``model``.
 
     Works for a :class:`TimmStagedModel` and for a plain timm model alike (same keys).
     Raises :class:`CheckpointError` naming missing / unexpected / mis-shaped keys.

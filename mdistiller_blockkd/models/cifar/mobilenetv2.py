@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ...errors import ConfigError
-from .. import register_model
+from ...registry import register_model
 from ..staged import StagedModel
 from .resnet import check_num_classes
 from .vgg import init_mdistiller_linear

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError
-from .. import register_model
+from ...registry import register_model
 from ..staged import StagedModel
 
 

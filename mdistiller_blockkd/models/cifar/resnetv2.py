@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import register_model
+from ...registry import register_model
 from .resnet import BasicBlock, CifarResNet, ResidualBlock
 
 _WIDTHS = (64, 128, 256, 512)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError
-from .. import register_model
+from ...registry import register_model
 from .resnet import CifarStagedNet, check_num_classes
 
 

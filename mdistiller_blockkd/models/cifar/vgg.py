@@ -23,7 +23,7 @@ from typing import List, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import register_model
+from ...registry import register_model
 from ..staged import StagedModel
 from .resnet import check_num_classes, init_weights
 

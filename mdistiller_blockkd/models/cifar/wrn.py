@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError
-from .. import register_model
+from ...registry import register_model
 from ..staged import StagedModel
 from .resnet import check_num_classes, init_weights
 

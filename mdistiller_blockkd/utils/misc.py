@@ -38,7 +38,6 @@ __all__ = [
     "append_text",
     "append_line",
     "append_json_line",
-    "read_json_lines",
 ]
 
 
@@ -187,17 +186,3 @@ def _json_safe(value):
 def append_json_line(path: str, record: dict) -> None:
     """Append ``record`` as one JSON line (non-finite floats become ``null``) with :func:`append_line`."""
     append_line(path, json.dumps(_json_safe(record), separators=(", ", ": ")))
-
-
-def read_json_lines(path: str) -> List[dict]:
-    """Every JSON object of a JSON-lines file (blank lines skipped); ``[]`` when the file is missing."""
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
-    return out
-

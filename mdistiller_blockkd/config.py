@@ -7,6 +7,11 @@ defaults that keep upstream behaviour) are marked ``# added``. Block-KD's node i
 
 Use :func:`load_cfg` to build a config from a YAML file plus ``KEY VALUE`` overrides;
 an unknown key raises :class:`~mdistiller_blockkd.errors.ConfigError` naming it.
+
+The shipped YAMLs (the repository's ``configs/``, installed inside the wheel as
+``mdistiller_blockkd/configs/``) are found by a short name: ``cifar100/blockkd/res56_res20``
+(also ``configs/cifar100/blockkd/res56_res20.yaml``) names the same file as the path in
+a checkout; see :func:`resolve_config` and :func:`list_configs`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 
 from yacs.config import CfgNode as CN
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 CFG = CN()
 
@@ -179,16 +184,17 @@ def _check(cfg):
 def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:
     """Return a frozen copy of ``CFG`` merged with the YAML at ``path`` and ``opts``.
 
+    ``path`` is a file or the short name of a shipped config (see :func:`resolve_config`).
+
     ``opts`` is the trailing ``KEY VALUE ...`` list of the command line.
     """
     cfg = (base or CFG).clone()
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' not found")
+        path = resolve_config(path)
         try:
             cfg.merge_from_file(path)
         except KeyError as e:
-            raise ConfigError(f"{path}: {e.args[0]}; check the key's spelling against mdistiller_blockkd/engine/cfg.py") from None
+            raise ConfigError(f"{path}: {e.args[0]}; check the key's spelling against mdistiller_blockkd/config.py") from None
         except (ValueError, TypeError, AssertionError) as e:
             raise ConfigError(f"{path}: {e}") from None
     if opts:
@@ -197,7 +203,7 @@ def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:
         try:
             cfg.merge_from_list(list(opts))
         except KeyError as e:
-            raise ConfigError(f"override: {e.args[0]}; check the key's spelling against mdistiller_blockkd/engine/cfg.py") from None
+            raise ConfigError(f"override: {e.args[0]}; check the key's spelling against mdistiller_blockkd/config.py") from None
         except (ValueError, TypeError, AssertionError) as e:
             raise ConfigError(f"override: {e}") from None
     _check(cfg)
@@ -208,3 +214,70 @@ def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:
 def log_msg(msg: str, mode: str = "INFO") -> str:
     colors = {"INFO": 36, "TRAIN": 32, "EVAL": 31}
     return f"\033[{colors.get(mode, 0)}m[{mode}] {msg}\033[0m"
+
+
+# -- shipped configs ------------------------------------------------------------------
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def config_dir() -> str | None:
+    """Folder of the shipped YAMLs: ``mdistiller_blockkd/configs`` in an installed wheel,
+    the checkout's ``configs/`` when the package runs from a source tree; ``None`` if neither exists."""
+    for folder in (os.path.join(_PACKAGE_DIR, "configs"), os.path.join(os.path.dirname(_PACKAGE_DIR), "configs")):
+        if os.path.isdir(folder):
+            return folder
+    return None
+
+
+def list_configs() -> list[str]:
+    """Short names of every shipped config (``cifar100/blockkd/res56_res20``...), sorted."""
+    root = config_dir()
+    if root is None:
+        return []
+    names = []
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith((".yaml", ".yml")):
+                rel = os.path.relpath(os.path.join(folder, f), root)
+                names.append(os.path.splitext(rel)[0].replace(os.sep, "/"))
+    return sorted(names)
+
+
+def shipped_config(name: str) -> str | None:
+    """Path of the shipped config called ``name`` (``cifar100/kd/res56_res20``, optionally with a
+    leading ``configs/`` and a ``.yaml`` ending); ``None`` when there is none."""
+    root = config_dir()
+    short = str(name).replace("\\", "/").strip()
+    if root is None or not short or os.path.isabs(short):
+        return None
+    while short.startswith("./"):
+        short = short[2:]
+    if short.startswith("configs/"):
+        short = short[len("configs/"):]
+    for candidate in (short, short + ".yaml", short + ".yml"):
+        path = os.path.join(root, *candidate.split("/"))
+        if candidate.endswith((".yaml", ".yml")) and os.path.isfile(path):
+            return path
+    return None
+
+
+def resolve_config(name: str) -> str:
+    """The YAML file ``name`` stands for: an existing file as given, else a shipped config's path.
+
+    Raises :class:`ConfigError` naming ``name`` (and shipped configs of the same
+    folder, when there are any) when neither exists.
+    """
+    name = os.fspath(name)
+    if os.path.isfile(name):
+        return name
+    found = shipped_config(name)
+    if found:
+        return found
+    stem = str(name).replace("\\", "/")
+    stem = stem[len("configs/"):] if stem.startswith("configs/") else stem
+    folder = stem.rsplit("/", 1)[0] + "/" if "/" in stem else ""
+    near = [c for c in list_configs() if folder and c.startswith(folder)][:6]
+    hint = (f"; shipped configs there: {', '.join(near)}" if near
+            else "; give a YAML file, or a shipped config's short name such as cifar100/blockkd/res56_res20 "
+                 "(list them with: python -m mdistiller_blockkd configs)")
+    raise ConfigError(f"config file '{name}' not found{hint}")

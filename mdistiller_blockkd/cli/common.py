@@ -1,7 +1,7 @@
-"""Helpers shared by the command-line tools (``tools/benchmark.py``, ``tools/report.py``).
+"""Helpers shared by the commands (benchmark, report, study, demo).
 
 * :func:`atomic_write_text` / :func:`atomic_write_bytes_from` -- atomic file writes
-  (re-exported from :mod:`mdistiller_blockkd.engine.fileio`).
+  (re-exported from :mod:`mdistiller_blockkd.utils.fileio`).
 * :func:`split_overrides` -- ``KEY=VALUE`` / ``KEY VALUE`` tokens to a flat yacs list.
 * :func:`split_top_level` -- split on a separator outside brackets and quotes.
 * :func:`cfg_get` / :func:`default_value` -- read a dotted key from a config (yacs node or
@@ -18,15 +18,18 @@ import json
 import math
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
-from .engine.fileio import atomic_write_bytes_from, atomic_write_text  # noqa: F401 - re-exported for the tools
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..utils.fileio import atomic_write_bytes_from, atomic_write_text, read_json_lines  # noqa: F401 - re-exported for the tools
 
 #: Config keys whose non-default value names a variant of a method. A key under a
 #: distiller's node (``BLOCKKD.*``) only labels runs of that distiller.
-DEFAULT_LABEL_KEYS: Tuple[str, ...] = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "BLOCKKD.CONNECTOR")
+DEFAULT_LABEL_KEYS: Tuple[str, ...] = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "BLOCKKD.CONNECTOR",
+                                        "BLOCKKD.STONE_SCALE", "BLOCKKD.STONE_WEIGHTS")
+#: Keys whose value alone reads as the variant (``sample:1``); other keys show as ``NAME=value``.
+BARE_LABEL_KEYS: Tuple[str, ...] = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "BLOCKKD.CONNECTOR")
 
 #: Distiller node names of the config (a key under one of them only concerns that method).
-DISTILLER_NODES: Tuple[str, ...] = ("KD", "DKD", "REVIEWKD", "BLOCKKD")
+DISTILLER_NODES: Tuple[str, ...] = ("KD", "LSKD", "DKD", "REVIEWKD", "BLOCKKD")
 
 _MISSING = object()
 
@@ -90,7 +93,7 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def default_value(key: str) -> Any:
     """Default of the dotted ``key`` in the package config; ``None`` for a key it does not have."""
-    from .engine.cfg import CFG
+    from ..config import CFG
 
     return cfg_get(CFG, key, None)
 
@@ -109,26 +112,33 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def variant_label(cfg: Any, label_keys: Iterable[str] = DEFAULT_LABEL_KEYS) -> str:
+def key_concerns(key: str, kind: str) -> bool:
+    """Whether the dotted config ``key`` can matter to a run of distiller ``kind``."""
+    node = key.split(".", 1)[0].upper()
+    return node not in DISTILLER_NODES or node == kind.upper()
+
+
+def variant_label(cfg: Any, label_keys: Iterable[str] = DEFAULT_LABEL_KEYS, reference=None) -> str:
     """Space-separated non-default values of ``label_keys`` that concern this run's method.
 
     ``""`` for the method's default variant. A key under a distiller node (``BLOCKKD.*``)
-    only counts when ``DISTILLER.TYPE`` is that distiller; ``BLOCKKD.STONES`` (and the
-    other default label keys) show the bare value (``sample:1``), other keys
-    ``NAME=value`` with the last key component (``T=2.0``).
+    only counts when ``DISTILLER.TYPE`` is that distiller; the keys of
+    :data:`BARE_LABEL_KEYS` show the bare value (``sample:1``), other keys
+    ``NAME=value`` with the last key component (``T=2.0``). ``reference`` (a callable
+    ``(key, kind) -> value``) replaces the package default as what counts as default.
     """
     kind = str(cfg_get(cfg, "DISTILLER.TYPE", "NONE")).upper()
     parts = []
     for key in label_keys:
-        node = key.split(".", 1)[0].upper()
-        if node in DISTILLER_NODES and node != kind:
+        if not key_concerns(key, kind):
             continue
         value = cfg_get(cfg, key, _MISSING)
         if value is _MISSING:
             continue
-        if _norm(value) == _norm(default_value(key)):
+        ref = default_value(key) if reference is None else reference(key, kind)
+        if _norm(value) == _norm(ref):
             continue
-        parts.append(_show(value) if key in DEFAULT_LABEL_KEYS else f"{key.rsplit('.', 1)[-1]}={_show(value)}")
+        parts.append(_show(value) if key in BARE_LABEL_KEYS else f"{key.rsplit('.', 1)[-1]}={_show(value)}")
     return " ".join(parts)
 
 
@@ -152,26 +162,12 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
 def read_metrics(path: str) -> Tuple[List[dict], List[str]]:
     """Records of a ``metrics.jsonl`` file and warnings about lines that could not be read.
 
-    Blank lines are skipped; a line that is not a JSON object (e.g. the half-written last
-    line of a run in progress) is skipped with a warning. Records are sorted by ``epoch``
-    when every record has one; a repeated epoch (a resumed run) keeps the last record.
+    Read with :func:`~mdistiller_blockkd.utils.fileio.read_json_lines` (bad lines are
+    skipped with a warning). Records are sorted by ``epoch`` when every record has one;
+    a repeated epoch (a resumed run) keeps the last record.
     """
-    records: List[dict] = []
     warnings: List[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                warnings.append(f"{path}:{n}: not valid JSON (a line being written?); skipped")
-                continue
-            if not isinstance(rec, dict):
-                warnings.append(f"{path}:{n}: not a JSON object; skipped")
-                continue
-            records.append(rec)
+    records = read_json_lines(path, warnings)
     if records and all(isinstance(r.get("epoch"), (int, float)) for r in records):
         by_epoch = {}
         for r in records:

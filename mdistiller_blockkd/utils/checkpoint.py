@@ -7,6 +7,11 @@ Formats
     "best_acc", "scaler", "rng": [per-rank RNG states], "world_size"}``. Everything is a
     tensor, number, string, list or dict, so every file loads with
     ``torch.load(..., weights_only=True)`` -- the only way this toolbox reads checkpoints.
+    *Other files* read as weights: a bare state dict, ``{"state_dict": ...}`` (timm's
+    training script), ``{"model_state_dict": ...}``, and ``.safetensors`` files.
+
+This is the one checkpoint reader of the toolbox (the trainer's resume, the teacher
+loader, the timm wrapper and the commands all read through :func:`load_checkpoint`).
 
 Every failure a user can cause (missing file, corrupt file, weights of another
 architecture) raises :class:`~mdistiller_blockkd.errors.CheckpointError` with one line
@@ -30,6 +35,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "extract_state_dict",
+    "read_state_dict",
     "strip_prefixes",
     "load_model_weights",
     "STATE_KEYS",
@@ -53,7 +59,7 @@ def save_checkpoint(obj, path: str) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu"):
-    """Read a checkpoint with ``torch.load(weights_only=True)``.
+    """Read a checkpoint with ``torch.load(weights_only=True)`` (a ``.safetensors`` file with safetensors).
 
     Raises :class:`CheckpointError` naming ``path`` when it is missing, unreadable,
     corrupt, or holds Python objects other than tensors and plain containers.
@@ -61,6 +67,8 @@ def load_checkpoint(path: str, map_location="cpu"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' not found; give the path of an existing checkpoint file")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path, map_location)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -73,6 +81,18 @@ def load_checkpoint(path: str, map_location="cpu"):
             f"if you trust the file, re-save its state dict alone: {fix}"
         ) from None
     except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file ...
+        raise _unreadable(path, e) from None
+
+
+def _load_safetensors(path: str, map_location) -> Dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # pragma: no cover - safetensors ships with timm
+        raise CheckpointError(f"'{path}' is a safetensors file; install 'safetensors' to read it") from None
+    device = map_location if isinstance(map_location, str) else "cpu"
+    try:
+        return load_file(path, device=device)
+    except Exception as e:  # noqa: BLE001 - corrupt header, truncated file ...
         raise _unreadable(path, e) from None
 
 
@@ -123,6 +143,12 @@ def extract_state_dict(obj, path: str = "<checkpoint>", prefix: Optional[str] = 
     return sd
 
 
+def read_state_dict(path, prefix: Optional[str] = None) -> Dict[str, Tensor]:
+    """The model state dict stored in the file ``path`` (:func:`load_checkpoint` then :func:`extract_state_dict`)."""
+    path = os.fspath(path)
+    return extract_state_dict(load_checkpoint(path), path, prefix)
+
+
 def _describe_mismatch(model: nn.Module, sd: Dict[str, Tensor]):
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -141,7 +167,7 @@ def load_model_weights(model: nn.Module, path: str, name: Optional[str] = None, 
     ``name`` and a few of the offending keys.
     """
     path = os.fspath(path)
-    sd = extract_state_dict(load_checkpoint(path), path, prefix)
+    sd = read_state_dict(path, prefix)
     label = f"model '{name}'" if name else f"the {type(model).__name__} model"
     missing, unexpected, shapes = _describe_mismatch(model, sd)
     if missing or unexpected or shapes:

@@ -1,0 +1,838 @@
+"""Summarise training runs: a markdown results table and accuracy plots.
+
+Reads run directories (``LOG.PREFIX/<PROJECT>/<NAME or TAG>/``), each holding
+``config.yaml`` (the merged config the trainer dumped) and ``metrics.jsonl`` (one JSON
+object per finished epoch: ``epoch``, ``test_acc``, ``acc_stone1`` ... ``acc_teacher``
+for Block-KD, ...). Runs are grouped by
+
+* pair: ``DISTILLER.TEACHER -> DISTILLER.STUDENT`` and ``DATASET.TYPE`` (shown in the
+  column name only when the runs span several datasets); a ``NONE`` run, plain training
+  of the student, appears in every pair column with its student;
+* method: ``DISTILLER.TYPE`` plus its variant, named by the label keys (``--label-keys``):
+  method options (``BLOCKKD.STONES``, ``LOGIT_LOSS``, ``CONNECTOR``, ``STONE_SCALE``,
+  ``STONE_WEIGHTS``) that differ from the package default, e.g. ``BLOCKKD sample:1``, and
+  hyper-parameters (``BLOCKKD.GAMMA``, ``T``, ``WARMUP``..., ``SOLVER.EPOCHS``) that differ
+  from most runs of the report, e.g. ``BLOCKKD GAMMA=0.0`` (add ``SOLVER.EPOCHS`` to
+  ``--label-keys`` to tell ``KD EPOCHS=24`` from KD; by default a longer run of the same
+  method and seed is the same cell, the one with more epochs kept);
+* detection runs (``DATASET.TYPE coco``) are ranked by box AP (``test_AP``) instead of
+  top-1, and get a table of ``AP, AP50, AP75, APs, APm, APl`` at their best-AP epoch;
+* seed: ``EXPERIMENT.SEED`` (two runs with the same pair, method and seed: the one with
+  more epochs is kept, with a warning).
+
+Runs that scored a validation split (``DATASET.VAL_SPLIT``: ``val_acc`` in their
+metrics) add, first, the last-epoch validation top-1 (the table to choose on), the test
+top-1 at the epoch of best validation top-1, and differences to each ``--baseline``
+(repeatable) on the validation and the last-epoch test top-1.
+
+Output (markdown, to stdout and ``--out FILE.md``): a table of the best top-1 test
+accuracy and one of the last-epoch top-1, rows methods, columns pairs, cells
+``mean ± std (n seeds)`` (sample standard deviation; a single seed shows no ±); the
+best top-1 of each method minus ``--baseline``'s (default KD) with Welch's standard
+error; Block-KD's last scored stone and teacher accuracies; the runs' own training
+ms/step; and a list of the runs. A run still in progress (fewer epochs than ``SOLVER.EPOCHS``) counts
+with its epochs so far and is marked ``partial``. Missing files, unreadable lines and
+runs with no evaluated epoch are reported as warnings on stderr and skipped.
+
+``--plots DIR`` (needs matplotlib; the Agg backend, no display) writes
+``test_acc.png`` (test top-1 per epoch, one panel per pair, one line per method, mean
+over seeds with a ±std band) and, for every pair with Block-KD runs,
+``stones_<teacher>_<student>.png`` (per Block-KD method: the student's ``test_acc``, every
+``acc_stone<i>`` and ``acc_teacher`` per epoch, mean over seeds). Each epoch's mean is
+over the seeds that reached it, so a curve can step where a partial run ends.
+``--cost BENCH.json`` (a benchmark ``--json`` file) adds each method's step-cost ratio
+and training cost in KD-epochs (ratio x epochs) to the cost table and, with
+``--plots``, ``cost_acc.png``: last-epoch test top-1 against training cost.
+
+Examples::
+
+    mdistiller-blockkd-report --root output/cifar100_blockkd --out results.md --plots plots/
+    mdistiller-blockkd-report output/cifar100_baselines/kd,res56,res20 output/cifar100_blockkd/blockkd,res56,res20
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from ..errors import UserError, run_cli
+from .common import (
+    DEFAULT_LABEL_KEYS,
+    atomic_write_bytes_from,
+    atomic_write_text,
+    cfg_get,
+    default_value,
+    mean_std,
+    method_label,
+    read_metrics,
+    variant_label,
+)
+
+METRICS, CONFIG = "metrics.jsonl", "config.yaml"
+#: Column order: mdistiller's CIFAR-100 pairs first, then the others in order of appearance.
+UPSTREAM_PAIRS = [
+    ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
+    ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"),
+    ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"), ("ResNet50", "MobileNetV2"),
+    ("vgg13", "MobileNetV2"), ("wrn_40_2", "ShuffleV1"),
+    ("ResNet34", "ResNet18"), ("ResNet50", "MobileNetV1"),
+]
+METHOD_ORDER = ["NONE", "KD", "LSKD", "DKD", "REVIEWKD", "BLOCKKD"]
+#: Hyper-parameters that also name a variant, but only where a run differs from the others
+#: of the report (see :func:`relabel_against_majority`).
+HYPER_LABEL_KEYS = ("BLOCKKD.ALPHA", "BLOCKKD.BETA", "BLOCKKD.GAMMA", "BLOCKKD.T", "BLOCKKD.WARMUP",
+                    "BLOCKKD.DETACH_ENSEMBLE", "BLOCKKD.WEIGHT_CROSS", "BLOCKKD.DKD_BETA")
+REPORT_LABEL_KEYS = tuple(DEFAULT_LABEL_KEYS) + HYPER_LABEL_KEYS
+
+Pair = Tuple[str, Optional[str], str]  # (dataset, teacher or None for plain training, student)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+@dataclass
+class Run:
+    """One run directory: its grouping keys and per-epoch records."""
+
+    path: str
+    dataset: str
+    teacher: str
+    student: str
+    kind: str
+    variant: str
+    seed: int
+    planned_epochs: int
+    records: List[dict] = field(default_factory=list)
+    cfg: dict = field(default_factory=dict, repr=False)
+    #: variant by :data:`DEFAULT_LABEL_KEYS` against the package defaults (what the benchmark names)
+    cost_variant: str = ""
+
+    @property
+    def method(self) -> str:
+        return method_label(self.kind, self.variant)
+
+    @property
+    def pair(self) -> Pair:
+        return (self.dataset, None if self.kind == "NONE" else self.teacher, self.student)
+
+    @property
+    def score(self) -> str:
+        """The metric the run is ranked by: ``test_acc``, or box AP ``test_AP`` for detection (``coco``)."""
+        return "test_AP" if self.dataset == "coco" else "test_acc"
+
+    @property
+    def scored(self) -> List[dict]:
+        """Records that carry a numeric score (``test_acc``; ``test_AP`` for detection)."""
+        return [r for r in self.records if _num(r.get(self.score)) is not None]
+
+    @property
+    def epochs(self) -> int:
+        return len(self.scored)
+
+    @property
+    def last_epoch(self) -> float:
+        s = self.scored
+        return s[-1].get("epoch", len(s)) if s else 0
+
+    @property
+    def complete(self) -> bool:
+        return self.last_epoch >= self.planned_epochs
+
+    @property
+    def best(self) -> float:
+        return max(float(r[self.score]) for r in self.scored)
+
+    @property
+    def last(self) -> float:
+        return float(self.scored[-1][self.score])
+
+    @property
+    def has_val(self) -> bool:
+        return any(_num(r.get("val_acc")) is not None for r in self.scored)
+
+    @property
+    def val_last(self) -> Optional[float]:
+        """Validation top-1 of the last epoch (``DATASET.VAL_SPLIT``), or None."""
+        v = [r for r in self.scored if _num(r.get("val_acc")) is not None]
+        return float(v[-1]["val_acc"]) if v else None
+
+    @property
+    def test_at_val_best(self) -> Optional[float]:
+        """Test top-1 at the epoch of the best validation top-1 (ties: the later epoch), or None."""
+        v = [r for r in self.scored if _num(r.get("val_acc")) is not None]
+        if not v:
+            return None
+        best = max(range(len(v)), key=lambda i: (float(v[i]["val_acc"]), i))
+        return float(v[best]["test_acc"])
+
+
+def _num(v) -> Optional[float]:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def pair_name(pair: Pair, with_dataset: bool = False) -> str:
+    """``"resnet56->resnet20"`` (``"cifar100: resnet56->resnet20"`` with the dataset)."""
+    ds, t, s = pair
+    text = f"{t}->{s}" if t is not None else f"(plain)->{s}"
+    return f"{ds}: {text}" if with_dataset else text
+
+
+def several_datasets(groups) -> bool:
+    """True when the runs come from more than one dataset (pair names then show it)."""
+    return len({pair[0] for (pair, _m) in groups}) > 1
+
+
+# -- loading ------------------------------------------------------------------------
+def find_run_dirs(root: str) -> List[str]:
+    """Every directory under ``root`` (itself included) holding ``metrics.jsonl`` or ``config.yaml``, sorted."""
+    if not os.path.isdir(root):
+        raise UserError(f"--root '{root}' is not a directory; give the folder holding run directories (LOG.PREFIX)")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        if METRICS in files or CONFIG in files:
+            found.append(folder)
+    return sorted(found)
+
+
+def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
+    """The run in ``path``, or None (with a warning) when it cannot be used."""
+    if not os.path.isdir(path):
+        warn(f"{path}: not a directory; skipped")
+        return None
+    cfg_path, met_path = os.path.join(path, CONFIG), os.path.join(path, METRICS)
+    if not os.path.isfile(cfg_path):
+        warn(f"{path}: no {CONFIG} (needed to know pair, method and seed); skipped")
+        return None
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        warn(f"{cfg_path}: cannot be read ({e}); skipped")
+        return None
+    if not isinstance(cfg, dict):
+        warn(f"{cfg_path}: not a config mapping; skipped")
+        return None
+    if not os.path.isfile(met_path):
+        warn(f"{path}: no {METRICS} yet (no finished epoch); skipped")
+        return None
+    records, problems = read_metrics(met_path)
+    for p in problems:
+        warn(p)
+    kind = str(cfg_get(cfg, "DISTILLER.TYPE", "NONE")).upper()
+    seed = cfg_get(cfg, "EXPERIMENT.SEED", 0)
+    run = Run(
+        path=path,
+        dataset=str(cfg_get(cfg, "DATASET.TYPE", "cifar100")).lower(),
+        teacher=str(cfg_get(cfg, "DISTILLER.TEACHER", "?")),
+        student=str(cfg_get(cfg, "DISTILLER.STUDENT", "?")),
+        kind=kind,
+        variant=variant_label(cfg, label_keys),
+        cost_variant=variant_label(cfg, DEFAULT_LABEL_KEYS),
+        cfg=cfg,
+        seed=int(seed) if isinstance(seed, (int, float)) else 0,
+        planned_epochs=int(cfg_get(cfg, "SOLVER.EPOCHS", 240) or 240),
+        records=records,
+    )
+    if not run.scored:
+        warn(f"{path}: {METRICS} has no epoch with a {run.score} yet; skipped")
+        return None
+    if not run.complete:
+        warn(f"{path}: in progress or stopped ({run.last_epoch:g} of {run.planned_epochs} epochs); included as partial")
+    return run
+
+
+def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> None:
+    """Name each run's variant by its label keys: method options against the package defaults,
+    hyper-parameters (:data:`HYPER_LABEL_KEYS`) against the majority of the report's runs.
+
+    The keys of :data:`DEFAULT_LABEL_KEYS` (``STONES``, ``LOGIT_LOSS``...) always count
+    against the package default, so a report of ``sample:1`` runs alone still says so.
+    For the other keys the reference value is the most common value among the runs it
+    concerns: runs of the same dataset and student (so pairs with other recipes do not
+    label each other), of that distiller for ``BLOCKKD.*``-style keys; a tie
+    goes to the package default when it is among the tied values. So settings every run
+    of a study shares (a short warm-up, say) name nothing, and an ablation reads
+    as what it changes (``BLOCKKD GAMMA=0.0``).
+    """
+    from collections import Counter
+
+    refs: Dict[tuple, object] = {}
+
+    def reference_for(run: Run):
+        def reference(key: str, kind: str):
+            if key in DEFAULT_LABEL_KEYS:
+                return default_value(key)
+            node = key.split(".", 1)[0].upper()
+            scope = (run.dataset, run.student, kind if node == kind else "*")
+            if (key, scope) not in refs:
+                peers = [r for r in runs if (r.dataset, r.student) == scope[:2] and scope[2] in ("*", r.kind)]
+                values = [cfg_get(r.cfg, key, None) for r in peers]
+                counts = Counter(repr(v) for v in values if v is not None)
+                default = default_value(key)
+                if not counts:
+                    refs[(key, scope)] = default
+                else:
+                    top = max(counts.values())
+                    tied = [c for c, n in counts.items() if n == top]
+                    pick = repr(default) if repr(default) in tied else tied[0]
+                    refs[(key, scope)] = next(v for v in values if repr(v) == pick)
+            return refs[(key, scope)]
+        return reference
+
+    for r in runs:
+        r.variant = variant_label(r.cfg, label_keys, reference=reference_for(r))
+
+
+def group_runs(runs: Sequence[Run]) -> Dict[Tuple[Pair, str], Dict[int, Run]]:
+    """``{(pair, method): {seed: run}}``; of two runs with the same keys the one with more epochs is kept."""
+    groups: Dict[Tuple[Pair, str], Dict[int, Run]] = {}
+    for run in runs:
+        g = groups.setdefault((run.pair, run.method), {})
+        other = g.get(run.seed)
+        if other is not None:
+            keep, drop = (run, other) if run.epochs >= other.epochs else (other, run)
+            warn(f"{drop.path} and {keep.path} share pair {pair_name(run.pair, True)}, method {run.method} and seed "
+                 f"{run.seed}; using {keep.path} (more epochs). Give them different EXPERIMENT.SEED, or name the "
+                 f"differing key with --label-keys")
+            g[run.seed] = keep
+        else:
+            g[run.seed] = run
+    return groups
+
+
+def column_pairs(groups) -> List[Pair]:
+    """Table columns: teacher->student pairs, upstream order first; plain runs without a matching pair get their own."""
+    pairs: List[Pair] = []
+    for (pair, _method) in groups:
+        if pair[1] is not None and pair not in pairs:
+            pairs.append(pair)
+    order = {p: i for i, p in enumerate(UPSTREAM_PAIRS)}
+    first = {p: i for i, p in enumerate(pairs)}
+    pairs.sort(key=lambda p: (p[0], order.get(p[1:], len(order)), first[p]))
+    students = {(ds, s) for ds, _, s in pairs}
+    for (pair, _method) in groups:
+        if pair[1] is None and (pair[0], pair[2]) not in students and pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def method_rows(groups) -> List[str]:
+    methods = {m for (_p, m) in groups}
+
+    def key(m):
+        kind, _, variant = m.partition(" ")
+        return (METHOD_ORDER.index(kind) if kind in METHOD_ORDER else len(METHOD_ORDER), kind, variant != "", variant)
+
+    return sorted(methods, key=key)
+
+
+def cell_runs(groups, pair: Pair, method: str) -> List[Run]:
+    """Runs of ``method`` for the column ``pair`` (plain training matches by student)."""
+    if method.split(" ", 1)[0] == "NONE":
+        g = groups.get(((pair[0], None, pair[2]), method), {})
+    else:
+        g = groups.get((pair, method), {})
+    return [g[s] for s in sorted(g)]
+
+
+def format_cell(values: Sequence[float], partial: int) -> str:
+    """``"72.10 ± 0.35 (3 seeds)"``; one seed shows no ±; partial runs are counted."""
+    if not values:
+        return "–"
+    m, s = mean_std(values)
+    n = len(values)
+    text = f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}"
+    note = f"{n} seed{'s' if n > 1 else ''}"
+    if partial:
+        note += f", {partial} partial"
+    return f"{text} ({note})"
+
+
+def _values(runs: Sequence[Run], what: str) -> List[float]:
+    return [v for v in (getattr(r, what) for r in runs) if v is not None]
+
+
+def markdown_table(groups, what: str) -> str:
+    """Markdown table of ``what`` (a :class:`Run` property: ``best``, ``last``, ``val_last``,
+    ``test_at_val_best``) top-1, rows methods, columns pairs."""
+    cols = column_pairs(groups)
+    ds = several_datasets(groups)
+    lines = ["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for method in method_rows(groups):
+        cells = []
+        for pair in cols:
+            runs = cell_runs(groups, pair, method)
+            cells.append(format_cell(_values(runs, what), sum(not r.complete for r in runs)))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def difference_table(groups, baseline: str, what: str = "best") -> Optional[str]:
+    """``what`` top-1 (a :class:`Run` property) of each method minus ``baseline``'s, per pair: ``d ± se (d/se)``.
+
+    ``se`` is Welch's standard error of the difference of two means, sqrt(s_a^2/n_a + s_b^2/n_b);
+    it needs two or more seeds on both sides. ``None`` when no column has the baseline.
+    """
+    cols = [p for p in column_pairs(groups) if cell_runs(groups, p, baseline)]
+    if not cols:
+        return None
+    ds = several_datasets(groups)
+    lines = ["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |", "|---|" + "---|" * len(cols)]
+    for method in method_rows(groups):
+        if method == baseline:
+            continue
+        cells = []
+        for pair in cols:
+            a = _values(cell_runs(groups, pair, method), what)
+            b = _values(cell_runs(groups, pair, baseline), what)
+            if not a or not b:
+                cells.append("–")
+                continue
+            (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+            d = ma - mb
+            if len(a) < 2 or len(b) < 2:
+                cells.append(f"{d:+.2f}")
+                continue
+            se = math.sqrt(sa * sa / len(a) + sb * sb / len(b))
+            cells.append(f"{d:+.2f} ± {se:.2f} ({d / se:+.1f})" if se > 0 else f"{d:+.2f} ± 0.00")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_of_records(runs: Sequence[Run], key: str, last_only: bool = False) -> Optional[float]:
+    """Mean of ``key`` over the runs' scored records (or each run's last record holding it)."""
+    vals = []
+    for r in runs:
+        rec = [x for x in r.scored if _num(x.get(key)) is not None]
+        vals += [float(x[key]) for x in (rec[-1:] if last_only else rec)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def load_costs(path: str) -> Dict[Tuple[str, str, str, str], float]:
+    """``{(teacher, student, distiller, variant): ratio_to_kd}`` from a benchmark ``--json`` file."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        rows = doc["results"]
+        out = {(str(r["teacher"]), str(r["student"]), str(r["distiller"]).upper(), str(r["variant"] or "")):
+               float(r["ratio_to_kd"]) for r in rows if r.get("ratio_to_kd") is not None}
+    except FileNotFoundError:
+        raise UserError(f"--cost '{path}' not found; write it with mdistiller-blockkd-benchmark ... --json {path}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--cost '{path}' is not a benchmark --json file ({type(e).__name__}: {e}); write it with "
+                        "mdistiller-blockkd-benchmark ... --json FILE") from None
+    if not out:
+        raise UserError(f"--cost '{path}' holds no ratio to KD (run the benchmark with KD among the entries)")
+    return out
+
+
+def run_cost(run: Run, costs) -> Optional[float]:
+    """Training cost of ``run`` in KD-step units per step (the benchmark's ratio), or None."""
+    if not costs:
+        return None
+    kind = run.kind
+    if kind == "NONE":  # a plain run appears in every pair with its student; any teacher's NONE entry will do
+        vals = [v for (t, st, k, var), v in costs.items() if st == run.student and k == "NONE"]
+        return vals[0] if vals else None
+    return costs.get((run.teacher, run.student, kind, run.cost_variant))
+
+
+def cost_table(groups, costs=None) -> str:
+    """Mean training ms/step (``ms_per_step`` of every epoch and seed), and its ratio to KD in the same column.
+
+    With ``costs`` (a benchmark's ratios, :func:`load_costs`) each cell also gives the
+    benchmark's step-cost ratio and the run's training cost in KD-epochs (ratio x epochs).
+    """
+    cols = column_pairs(groups)
+    ds = several_datasets(groups)
+    lines = ["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |", "|---|" + "---|" * len(cols)]
+    for method in method_rows(groups):
+        cells = []
+        for pair in cols:
+            runs = cell_runs(groups, pair, method)
+            ms = mean_of_records(runs, "ms_per_step")
+            kd = mean_of_records(cell_runs(groups, pair, "KD"), "ms_per_step")
+            cell = "–" if ms is None else f"{ms:.0f}" + (f" ({ms / kd:.2f}× KD)" if kd else "")
+            ratio = run_cost(runs[0], costs) if runs else None
+            if ratio is not None:
+                cell += f"; benchmark {ratio:.2f}× KD, {ratio * runs[0].planned_epochs:.1f} KD-epochs"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+DETECTION_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def detection_table(groups) -> Optional[str]:
+    """Detection runs: the six COCO metrics at each run's best-AP epoch, mean over seeds; None without any."""
+    rows = []
+    ds = several_datasets(groups)
+    for pair in column_pairs(groups):
+        for method in method_rows(groups):
+            runs = [r for r in cell_runs(groups, pair, method) if r.score == "test_AP"]
+            if not runs:
+                continue
+            best = [max(r.scored, key=lambda x: float(x["test_AP"])) for r in runs]
+            cells = [format_cell([float(b[f"test_{k}"]) for b in best if _num(b.get(f"test_{k}")) is not None],
+                                 sum(not r.complete for r in runs)) for k in DETECTION_METRICS]
+            rows.append(f"| {pair_name(pair, ds)} | {method} | " + " | ".join(cells) + " |")
+    if not rows:
+        return None
+    head = "| pair | method | " + " | ".join(DETECTION_METRICS) + " |"
+    return "\n".join([head, "|---|---|" + "---|" * len(DETECTION_METRICS)] + rows)
+
+
+def stones_table(groups) -> Optional[str]:
+    """Last scored epoch of each Block-KD method: student, every stone and the teacher, mean over seeds."""
+    rows = []
+    ds = several_datasets(groups)
+    for pair in column_pairs(groups):
+        for method in method_rows(groups):
+            runs = cell_runs(groups, pair, method)
+            keys = _stone_keys(runs)
+            if not keys:
+                continue
+            parts = [f"student {mean_of_records(runs, 'test_acc', last_only=True):.2f}"]
+            for k in keys + ["acc_teacher"]:
+                v = mean_of_records(runs, k, last_only=True)
+                if v is not None:
+                    parts.append(f"{k[len('acc_'):]} {v:.2f}")
+            rows.append(f"| {pair_name(pair, ds)} | {method} | {len(runs)} | " + ", ".join(parts) + " |")
+    if not rows:
+        return None
+    return "\n".join(["| pair | method | seeds | last scored epoch: top-1 (%) |", "|---|---|---|---|"] + rows)
+
+
+_SE_NOTE = ("Cells: difference of the means ± Welch's standard error (difference / standard error). With "
+            "3 seeds a side, |difference / se| below about 2.8 is within seed noise (Welch t, about 4 "
+            "degrees of freedom, 5% two-sided).")
+
+
+def validation_sections(groups, baselines: Sequence[str]) -> List[str]:
+    """Tables of runs that scored a validation split: validation and test top-1, and differences on both."""
+    out = [
+        "## Validation top-1, last epoch (%)", "",
+        "The validation split is held out of the training images (`DATASET.VAL_SPLIT`): choose methods, "
+        "variants and defaults on this table.", "",
+        markdown_table(groups, "val_last"), "",
+        "## Test top-1 at the epoch of best validation top-1 (%)", "",
+        markdown_table(groups, "test_at_val_best"), "",
+    ]
+    for base in baselines:
+        for what, title in (("val_last", "Validation top-1 (last epoch)"), ("last", "Test top-1 (last epoch)")):
+            diff = difference_table(groups, base, what)
+            if diff:
+                out += [f"## {title} minus {base} (points)", "", _SE_NOTE, "", diff, ""]
+    return out
+
+
+def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None) -> str:
+    """The whole report as markdown; ``baseline`` is one method or a list of them."""
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline)
+    partial = sum(not r.complete for r in runs)
+    out = [
+        "# Results",
+        "",
+        f"{len(runs)} runs ({partial} partial). Cells: mean ± sample standard deviation over seeds "
+        "(EXPERIMENT.SEED) of the top-1 test accuracy (%); `partial`: runs still in progress or stopped early, "
+        "counted with their epochs so far.",
+        "",
+    ]
+    if any(r.has_val for r in runs):
+        out += validation_sections(groups, baselines)
+    out += [
+        "## Best top-1 (%)",
+        "",
+        "The best test top-1 over epochs" + (" (a choice made on the test set: for choosing, use the validation "
+                                             "tables above)" if any(r.has_val for r in runs) else "") + ".",
+        "",
+        markdown_table(groups, "best"),
+        "",
+        "## Last-epoch top-1 (%)",
+        "",
+        markdown_table(groups, "last"),
+        "",
+    ]
+    if not any(r.has_val for r in runs):
+        for base in baselines:
+            diff = difference_table(groups, base)
+            if diff:
+                out += [f"## Best top-1 minus {base} (points)", "", _SE_NOTE, "", diff, ""]
+    det = detection_table(groups)
+    if det:
+        out += ["## Detection: COCO box mAP (%) at the best-AP epoch", "",
+                "Detection runs (DATASET.TYPE coco) are ranked by box AP: in the tables above, and in "
+                "test_acc.png, their cells are AP (%), not top-1.", "", det, ""]
+    stones = stones_table(groups)
+    if stones:
+        out += ["## Block-KD stepping stones", "", stones, ""]
+    out += [
+        "## Training cost (ms/step)",
+        "",
+        "Mean of the runs' own `ms_per_step` over epochs and seeds; runs that shared the machine with "
+        "others time slower, so compare within a column. For clean ratios use the benchmark command.",
+        "",
+        cost_table(groups, costs),
+        "",
+        "## Runs",
+        "",
+        "| run | pair | method | seed | epochs | best | last | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ds = several_datasets(groups)
+    for (pair, method), g in sorted(groups.items(), key=lambda kv: (pair_name(kv[0][0], True), kv[0][1])):
+        for seed in sorted(g):
+            r = g[seed]
+            status = "complete" if r.complete else f"partial ({r.last_epoch:g}/{r.planned_epochs})"
+            out.append(f"| {r.path} | {pair_name(pair, ds)} | {method} | {seed} | {r.epochs} | {r.best:.2f} | "
+                       f"{r.last:.2f} | {status} |")
+    return "\n".join(out) + "\n"
+
+
+# -- plots --------------------------------------------------------------------------
+def import_pyplot():
+    """matplotlib's pyplot on the Agg backend, or a UserError saying how to get it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plots needs matplotlib, which is not installed: `pip install matplotlib`, "
+                        "or leave out --plots to write the table only") from None
+    return plt
+
+
+def mean_curve(runs: Sequence[Run], key: str) -> Tuple[List[float], List[float], List[float]]:
+    """``(epochs, mean, std)`` of ``key`` at every epoch some run has, over the runs that have it."""
+    by_epoch: Dict[float, List[float]] = {}
+    for r in runs:
+        for i, rec in enumerate(r.records):
+            v = _num(rec.get(key))
+            if v is not None:
+                by_epoch.setdefault(rec.get("epoch", i + 1), []).append(v)
+    xs = sorted(by_epoch)
+    stats = [mean_std(by_epoch[x]) for x in xs]
+    return xs, [m for m, _ in stats], [s for _, s in stats]
+
+
+def _markers(xs: Sequence[float]) -> dict:
+    """Point markers for short curves (a head scored at one epoch only is a single point)."""
+    return {"marker": "o", "markersize": 3.5} if len(xs) <= 12 else {}
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "pair"
+
+
+def _style(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: str, plt) -> None:
+    atomic_write_bytes_from(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_test_acc(groups, out_dir: str, plt) -> str:
+    """``test_acc.png``: one panel per pair, one line (mean over seeds, ±std band) per method."""
+    cols = column_pairs(groups)
+    methods = method_rows(groups)
+    n = len(cols)
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    for ax, pair in zip(axes.flat, cols):
+        for method in methods:
+            runs = cell_runs(groups, pair, method)
+            if not runs:
+                continue
+            xs, mean, std = mean_curve(runs, runs[0].score)
+            line, = ax.plot(xs, mean, label=f"{method} ({len(runs)})", linewidth=1.3, **_markers(xs))
+            if len(runs) > 1:
+                ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(pair_name(pair, several_datasets(groups)))
+        _style(ax)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    path = os.path.join(out_dir, "test_acc.png")
+    _save(fig, path, plt)
+    return path
+
+
+def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
+    """``cost_acc.png``: per pair, last-epoch test top-1 (mean ± std over seeds) against training cost.
+
+    Cost = the benchmark's step cost in KD steps x epochs (KD-epochs), so KD trained twice
+    as long and Block-KD at twice KD's step cost stand at the same x. None without costs.
+    """
+    if not costs:
+        return None
+    cols = column_pairs(groups)
+    n = len(cols)
+    ncols = min(3, n)
+    fig, axes = plt.subplots(math.ceil(n / ncols), ncols, figsize=(5.6 * ncols, 4.2 * math.ceil(n / ncols)),
+                             squeeze=False)
+    drawn = False
+    for ax, pair in zip(axes.flat, cols):
+        for method in method_rows(groups):
+            runs = cell_runs(groups, pair, method)
+            ratio = run_cost(runs[0], costs) if runs else None
+            if ratio is None:
+                continue
+            m, sd = mean_std([r.last for r in runs])
+            x = ratio * runs[0].planned_epochs
+            ax.errorbar([x], [m], yerr=[sd] if len(runs) > 1 else None, fmt="o", capsize=3,
+                        label=f"{method} ({len(runs)})")
+            drawn = True
+        ax.set_title(pair_name(pair, several_datasets(groups)))
+        ax.set_xlabel("training cost (KD-epochs: benchmark step cost x epochs)")
+        ax.set_ylabel("test top-1, last epoch (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if not drawn:
+        plt.close(fig)
+        warn("--cost: no run matched a benchmark entry (teacher, student, distiller, variant); no cost plot")
+        return None
+    path = os.path.join(out_dir, "cost_acc.png")
+    _save(fig, path, plt)
+    return path
+
+
+def _stone_keys(runs: Sequence[Run]) -> List[str]:
+    keys = set()
+    for r in runs:
+        for rec in r.records:
+            keys.update(k for k in rec if re.fullmatch(r"acc_stone\d+", k))
+    return sorted(keys, key=lambda k: int(k[len("acc_stone"):]))
+
+
+def plot_stones(groups, out_dir: str, plt) -> List[str]:
+    """``stones_<pair>.png`` per pair with Block-KD runs: student, stones and teacher accuracy per epoch."""
+    paths = []
+    for pair in column_pairs(groups):
+        methods = [m for m in method_rows(groups) if m.split(" ", 1)[0] == "BLOCKKD" and cell_runs(groups, pair, m)]
+        if not methods:
+            continue
+        fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 3.8), squeeze=False)
+        for ax, method in zip(axes.flat, methods):
+            runs = cell_runs(groups, pair, method)
+            for key, label, style in ([("test_acc", "student", "-")]
+                                      + [(k, k[len("acc_"):], "--") for k in _stone_keys(runs)]
+                                      + [("acc_teacher", "teacher", ":")]):
+                xs, mean, _ = mean_curve(runs, key)
+                if xs:
+                    ax.plot(xs, mean, style, label=label, linewidth=1.3, **_markers(xs))
+            ax.set_title(f"{pair_name(pair, several_datasets(groups))}  {method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+            _style(ax)
+        stem = f"stones_{_safe(pair[1] or 'plain')}_{_safe(pair[2])}"
+        if several_datasets(groups):
+            stem += f"_{_safe(pair[0])}"
+        path = os.path.join(out_dir, f"{stem}.png")
+        _save(fig, path, plt)
+        paths.append(path)
+    return paths
+
+
+# -- main ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mdistiller-blockkd-report",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Reads run"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (config.yaml + metrics.jsonl)")
+    p.add_argument("--root", action="append", default=[], metavar="DIR",
+                   help="find every run directory under DIR (repeatable)")
+    p.add_argument("--out", metavar="FILE.md", help="also write the markdown report to this file")
+    p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (needs matplotlib)")
+    p.add_argument("--baseline", action="append", metavar="METHOD",
+                   help="method the difference tables compare against (repeatable; default KD; e.g. 'NONE', "
+                        "'BLOCKKD')")
+    p.add_argument("--label-keys", nargs="+", metavar="KEY", default=list(REPORT_LABEL_KEYS),
+                   help="config keys whose values name a method variant: method options when they differ from "
+                        "the package default, hyper-parameters when they differ from most runs of the report "
+                        f"(default: {' '.join(REPORT_LABEL_KEYS)})")
+    p.add_argument("--cost", metavar="BENCH.json",
+                   help="a benchmark --json file: adds step-cost ratios and KD-epochs to the cost table and, with "
+                        "--plots, cost_acc.png (accuracy against training cost)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Build the report; returns the exit status (bad input raises ``UserError``)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not args.runs and not args.root:
+        raise UserError("give run directories (RUN_DIR ...) or --root DIR; see --help")
+    plt = import_pyplot() if args.plots else None
+    dirs = list(args.runs)
+    for root in args.root:
+        found = find_run_dirs(root)
+        if not found:
+            warn(f"--root {root}: no run directory (with {CONFIG} or {METRICS}) found")
+        dirs += found
+    seen, runs = set(), []
+    for d in dirs:
+        key = os.path.realpath(d)
+        if key in seen:
+            continue
+        seen.add(key)
+        run = load_run(d, args.label_keys)
+        if run is not None:
+            runs.append(run)
+    if not runs:
+        raise UserError("no usable run found (each needs config.yaml and a metrics.jsonl with at least one "
+                        "evaluated epoch); see the warnings above")
+    relabel_against_majority(runs, args.label_keys)
+    costs = load_costs(args.cost) if args.cost else None
+    groups = group_runs(runs)
+    text = build_markdown(runs, groups, args.baseline or ["KD"], costs)
+    print(text, end="")
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    if plt is not None:
+        os.makedirs(args.plots, exist_ok=True)
+        paths = [plot_test_acc(groups, args.plots, plt)] + plot_stones(groups, args.plots, plt)
+        cost_png = plot_cost(groups, costs, args.plots, plt)
+        if cost_png:
+            paths.append(cost_png)
+        for p in paths:
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+
+def cli(argv=None) -> int:
+    """Console-script entry point: :func:`main` with one ``error:`` line for a user error."""
+    return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

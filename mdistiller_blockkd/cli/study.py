@@ -1,0 +1,207 @@
+"""Run a grid of training runs (configs x seeds) in parallel worker processes, resumably.
+
+    mdistiller-blockkd-study --cfg 'fmnist/study/res56_res20/*' --seeds 0 1 2 --jobs 2 [-- KEY VALUE ...]
+
+(also ``python -m mdistiller_blockkd study ...`` and, in a checkout, ``python tools/study.py
+--cfg configs/fmnist/study/res56_res20/*.yaml ...``). ``--cfg`` takes files, shipped
+configs' short names, and glob patterns of either (a pattern the shell did not expand is
+matched here, against the working directory, then against the shipped configs).
+
+Each cell is one train process::
+
+    python -m mdistiller_blockkd train --cfg <CFG> EXPERIMENT.SEED <s> EXPERIMENT.NAME <NAME>_s<s> [KEY VALUE ...]
+
+(without ``--seeds`` the config's own seed and name are kept), so any cell of a study
+can be rerun alone with the command this tool prints. Cells run seed-major (every config
+with the first seed, then the next seed), so an interrupted study holds whole seeds. A
+cell whose ``metrics.jsonl`` already has every epoch is skipped; one with a ``latest``
+checkpoint is continued with ``--resume``; rerunning the same command finishes a killed
+study and loses at most the epoch each worker was in.
+
+Every worker gets ``--threads`` intra-op threads (``OMP_NUM_THREADS``; default: the CPU
+count divided by ``--jobs``). Its output goes to ``<LOG.PREFIX>/<PROJECT>/logs/<name>.log``.
+A failed cell does not stop the others; the tool exits non-zero at the end and names it.
+Summarise the finished study with the report command (``mdistiller-blockkd-report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from ..errors import ConfigError, UserError, run_cli
+from .common import read_metrics
+
+
+@dataclass
+class Cell:
+    """One run of the grid: a config, an optional seed and the overrides that name it."""
+
+    cfg_path: str
+    seed: Optional[int]
+    name: str
+    out_dir: str
+    log_path: str
+    epochs: int
+    opts: List[str]
+
+    def command(self, resume: bool = False) -> List[str]:
+        cmd = [sys.executable, "-m", "mdistiller_blockkd", "train", "--cfg", self.cfg_path]
+        return cmd + (["--resume"] if resume else []) + self.opts
+
+    def shown(self) -> str:
+        """The command as a user would type it (relative paths)."""
+        rel = os.path.relpath(self.cfg_path) if os.path.isabs(self.cfg_path) else self.cfg_path
+        return " ".join(shlex.quote(t) for t in ["mdistiller-blockkd-train", "--cfg", rel] + self.opts)
+
+    def epochs_done(self) -> int:
+        path = os.path.join(self.out_dir, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return 0
+        rows, _ = read_metrics(path)
+        return max((int(r.get("epoch", 0)) for r in rows), default=0)
+
+
+def plan(cfg_paths: Sequence[str], seeds: Optional[Sequence[int]], overrides: Sequence[str]) -> List[Cell]:
+    """Cells in run order: seed-major, configs in the order given. Configs are validated here."""
+    from ..config import load_cfg
+    from ..engine.trainer import output_dir
+
+    cells: List[Cell] = []
+    names = {}
+    for seed in (list(seeds) if seeds else [None]):
+        for path in cfg_paths:
+            base = load_cfg(path, list(overrides))
+            name = str(base.EXPERIMENT.NAME or base.EXPERIMENT.TAG)
+            opts = list(overrides)
+            if seed is not None:
+                name = f"{name}_s{seed}"
+                opts += ["EXPERIMENT.SEED", str(seed), "EXPERIMENT.NAME", name]
+            cfg = load_cfg(path, opts)
+            out = output_dir(cfg)
+            if out in names:
+                raise ConfigError(f"{path} and {names[out]} write the same run directory {out}; "
+                                  "give them different EXPERIMENT.NAME values")
+            names[out] = path
+            log = os.path.join(str(cfg.LOG.PREFIX), str(cfg.EXPERIMENT.PROJECT), "logs", f"{name}.log")
+            cells.append(Cell(path, seed, name, out, log, int(cfg.SOLVER.EPOCHS), opts))
+    return cells
+
+
+def run_cells(cells: Sequence[Cell], jobs: int, threads: int, dry_run: bool = False, echo=print) -> List[Cell]:
+    """Run the cells, at most ``jobs`` at once; return the failed ones."""
+    todo = []
+    for c in cells:
+        done = c.epochs_done()
+        if done >= c.epochs:
+            echo(f"[done]    {c.name} ({done}/{c.epochs} epochs)")
+            continue
+        resume = os.path.isfile(os.path.join(c.out_dir, "latest"))
+        todo.append((c, resume))
+        echo(f"[{'resume' if resume else 'todo'}]{'  ' if resume else '    '}{c.shown()}")
+    if dry_run or not todo:
+        return []
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    running, failed = [], []
+    start = time.time()
+    pending = list(todo)
+    while pending or running:
+        while pending and len(running) < jobs:
+            c, resume = pending.pop(0)
+            os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
+            fh = open(c.log_path, "a")
+            fh.write(f"\n$ {' '.join(shlex.quote(t) for t in c.command(resume))}\n")
+            fh.flush()
+            proc = subprocess.Popen(c.command(resume), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+            running.append((c, proc, fh, time.time()))
+            echo(f"[start]   {c.name} (log {c.log_path})")
+        time.sleep(0.5)
+        for item in list(running):
+            c, proc, fh, t0 = item
+            rc = proc.poll()
+            if rc is None:
+                continue
+            fh.close()
+            running.remove(item)
+            left = len(pending) + len(running)
+            if rc == 0:
+                echo(f"[ok]      {c.name} in {time.time() - t0:.0f}s ({left} left, {time.time() - start:.0f}s so far)")
+            else:
+                failed.append(c)
+                echo(f"[FAILED]  {c.name}: exit status {rc}; see {c.log_path}")
+    return failed
+
+
+def expand_configs(names: Sequence[str]) -> List[str]:
+    """Config files for ``--cfg``: files and short names as given (resolved), glob patterns expanded
+    (against the working directory, else against the shipped configs), in order."""
+    from ..config import config_dir, resolve_config
+
+    out: List[str] = []
+    for name in names:
+        if os.path.isfile(name) or not glob.has_magic(name):
+            found = [resolve_config(name)]
+        else:
+            found = sorted(glob.glob(name))
+            root = config_dir()
+            if not found and root is not None:
+                short = name[len("configs/"):] if name.startswith("configs/") else name
+                pattern = short if short.endswith((".yaml", ".yml")) else short + ".yaml"
+                found = sorted(glob.glob(os.path.join(root, pattern)))
+            if not found:
+                raise ConfigError(f"--cfg pattern '{name}' matches no config file; give files or shipped configs' "
+                                  "short names (list them with: python -m mdistiller_blockkd configs)")
+        out += found
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="mdistiller-blockkd-study",
+        description="Run configs x seeds as parallel train processes; skips finished runs and resumes killed ones.",
+        epilog="Example: mdistiller-blockkd-study --cfg 'fmnist/study/res56_res20/*' --seeds 0 1 2 --jobs 2",
+    )
+    p.add_argument("--cfg", nargs="+", required=True, metavar="FILE",
+                   help="YAML configs (files, shipped short names, or glob patterns of either), one grid row each")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S",
+                   help="EXPERIMENT.SEED values; each run is named <NAME>_s<S> (default: the config's own seed and name)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP_NUM_THREADS of each run (default: CPU count // jobs, at least 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (and which cells are done) and stop")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                   help="overrides for every run, after '--' (e.g. -- SOLVER.EPOCHS 2)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs is {args.jobs}; use 1 or more")
+    if len(args.opts) % 2:
+        raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(args.opts)}")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    cells = plan(expand_configs(args.cfg), args.seeds, args.opts)
+    print(f"study: {len(cells)} runs, {args.jobs} at once, {threads} thread(s) each", flush=True)
+    failed = run_cells(cells, args.jobs, threads, dry_run=args.dry_run, echo=lambda m: print(m, flush=True))
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed: " + ", ".join(f"{c.name} (log {c.log_path})" for c in failed))
+    return 0
+
+
+
+def cli(argv=None) -> int:
+    """Console-script entry point: :func:`main` with one ``error:`` line for a user error."""
+    return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

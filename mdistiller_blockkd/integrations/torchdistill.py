@@ -1,0 +1,374 @@
+"""Block-KD and DKD inside torchdistill (``pip install "mdistiller_blockkd[torchdistill]"``).
+
+Importing this module registers into torchdistill (tested with 1.1.5):
+
+``mdistiller_blockkd_model`` (model registry)
+    any model of this toolbox by name (``resnet56``, ``timm:resnet34.tv_in1k``...):
+    kwargs ``name``, ``num_classes``, ``pretrained``.
+``BlockKDTeacher`` / ``BlockKDStudent`` (auxiliary model wrappers)
+    ``BlockKDTeacher`` wraps the frozen teacher. ``BlockKDStudent`` wraps the student,
+    owns the connectors and runs the teacher's remaining blocks: in training its
+    forward returns a :class:`BlockKDOutput` (student logits, the stones' logits and
+    their weights); in eval mode the student's logits. Its kwargs are the structural
+    ``BLOCKKD`` options in lower case: ``stones``, ``connector``, ``pairs``,
+    ``batch_stones``, ``stone_scale``, ``stone_weights``, plus ``fold_teacher_bn`` and
+    ``channels_last``. The two meet
+    through ``link`` (default ``"blockkd"``): torchdistill builds the teacher's wrapper
+    first, then the student's.
+``BlockKDLoss`` (mid-level loss)
+    ``alpha * task + warm * (beta * distill + gamma * cross)`` from the student
+    wrapper's output and the teacher's logits; kwargs ``alpha``, ``beta``, ``gamma``,
+    ``temperature``, ``warmup``, ``logit_loss``, ``dkd_alpha``, ``dkd_beta``,
+    ``detach_ensemble``, ``weight_cross`` (``BLOCKKD`` defaults). The terms are
+    computed by :meth:`BlockKD.blockkd_loss` itself.
+``DKDLoss`` (mid-level loss)
+    ``ce_weight * CE + warm * (alpha * TCKD + beta * NCKD)`` (mdistiller's ``CFG.DKD``
+    defaults), on the student's and the teacher's logits.
+``blockkd_pre_epoch_process`` (pre-epoch process)
+    torchdistill's default pre-epoch process, then puts a frozen teacher in eval mode
+    (torchdistill 1.1.5 never does) and tells every loss term with a ``set_epoch``
+    method the 1-based epoch (torchdistill counts from 0), which drives the warm-ups
+    exactly as this toolbox's trainer and mdistiller do. Set it as
+    ``train.pre_epoch_process``; a loss with a warm-up that never got an epoch stops
+    with a :class:`ConfigError` at its first step.
+
+A YAML enables all of it with ``dependencies: [{name: mdistiller_blockkd.integrations.torchdistill}]``;
+see the YAMLs in ``mdistiller_blockkd/integrations/configs/`` (shipped in the wheel) and the README.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from typing import Dict, List, NamedTuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    from torchdistill.core.interfaces.pre_epoch_proc import default_pre_epoch_process_with_teacher
+    from torchdistill.core.interfaces.registry import register_pre_epoch_proc_func
+    from torchdistill.losses.registry import register_mid_level_loss
+    from torchdistill.models.registry import register_auxiliary_model_wrapper, register_model
+    from torchdistill.models.wrapper import AuxiliaryModelWrapper
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"mdistiller_blockkd.integrations.torchdistill needs torchdistill>=1.1 ({type(e).__name__}: {e}); "
+        "install it with: pip install 'mdistiller_blockkd[torchdistill]'"
+    ) from e
+
+from ..distillers import losses
+from ..distillers.blockkd import BlockKD
+from ..config import CFG
+from ..errors import ConfigError
+from ..models import build_model
+from ..models.staged import StagedModel
+from ..plugin import as_staged
+
+__all__ = ["CONFIG_DIR", "BlockKDOutput", "BlockKDTeacher", "BlockKDStudent", "BlockKDLoss", "DKDLoss",
+           "blockkd_pre_epoch_process", "mdistiller_blockkd_model"]
+
+#: Folder of the shipped torchdistill YAMLs (installed with the package):
+#: ``torchdistill_ilsvrc2012_resnet34_resnet18_blockkd.yaml`` and ``torchdistill_blockkd_synthetic_cpu.yaml``.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+#: Teacher wrappers by ``link`` name (the student wrapper built next looks its teacher up here);
+#: weak, so a finished run's teacher is not kept alive.
+_TEACHERS: "weakref.WeakValueDictionary[str, BlockKDTeacher]" = weakref.WeakValueDictionary()
+
+
+class BlockKDOutput(NamedTuple):
+    """What :class:`BlockKDStudent` returns in training mode.
+
+    ``weights[i]`` scales stone ``i``'s task and distill terms (stone weight times
+    ``factor``: ``n/K`` for ``sample:K``, ``K`` for ``every:K`` with ``STONE_SCALE``
+    unbiased, else 1); ``student_cross`` scales the student's own cross term. A step of
+    ``every:K`` without stones has none.
+    """
+
+    logits: Tensor
+    stones: List[Tensor]
+    weights: List[float]
+    factor: float
+    student_cross: float = 1.0
+
+
+def _kwargs_error(owner: str, unknown, known) -> ConfigError:
+    return ConfigError(f"{owner} got unknown kwargs {sorted(unknown)}; use {', '.join(sorted(known))}")
+
+
+def _logits(out) -> Tensor:
+    """Logits from a model output: a tensor, ``(logits, feats)`` or a :class:`BlockKDOutput`."""
+    if isinstance(out, BlockKDOutput):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def _share_parameters(original: nn.Module, staged: nn.Module) -> None:
+    """Make ``original`` use ``staged``'s parameter and buffer tensors (same state-dict keys),
+    so training the staged copy trains the module the user passed."""
+    mods = dict(original.named_modules())
+    for name, p in staged.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        mods[owner]._parameters[attr] = p
+    for name, b in staged.named_buffers():
+        owner, _, attr = name.rpartition(".")
+        mods[owner]._buffers[attr] = b
+
+
+@register_model(key="mdistiller_blockkd_model")
+def mdistiller_blockkd_model(name: str, num_classes: int = 1000, pretrained=False, **kwargs) -> StagedModel:
+    """torchdistill model factory: ``build_model(name, num_classes, pretrained, **kwargs)``."""
+    return build_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
+
+
+@register_auxiliary_model_wrapper
+class BlockKDTeacher(AuxiliaryModelWrapper):
+    """Teacher side of Block-KD in torchdistill (``train.teacher.auxiliary_model_wrapper``).
+
+    Adapts the teacher to a staged model (:func:`mdistiller_blockkd.plugin.as_staged`:
+    torchvision ResNets, mdistiller's models, or this toolbox's), freezes it, and
+    returns its logits; once the student wrapper exists, they come from the same
+    BN-folded copy the stones run through.
+    """
+
+    def __init__(self, teacher_model: nn.Module, device=None, device_ids=None, distributed=False,
+                 link: str = "blockkd", **kwargs):
+        super().__init__()
+        if kwargs:
+            raise _kwargs_error("BlockKDTeacher", kwargs, ["link"])
+        self.teacher = as_staged(teacher_model, "teacher")
+        if device is not None:
+            self.teacher.to(device)
+        self.teacher.eval().requires_grad_(False)
+        self.link = str(link)
+        _TEACHERS[self.link] = self
+
+    def train(self, mode: bool = True):
+        self.training = mode  # the teacher stays in eval mode
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        student = self.__dict__.get("_student_wrapper")
+        model = student.teacher_model(x) if student is not None else self.teacher
+        return model(x)[0]
+
+
+_STRUCTURAL = {"stones": "STONES", "connector": "CONNECTOR", "pairs": "PAIRS", "batch_stones": "BATCH_STONES",
+               "stone_scale": "STONE_SCALE", "stone_weights": "STONE_WEIGHTS"}
+
+
+@register_auxiliary_model_wrapper
+class BlockKDStudent(BlockKD, AuxiliaryModelWrapper):
+    """Student side of Block-KD in torchdistill (``train.student.auxiliary_model_wrapper``).
+
+    This toolbox's :class:`BlockKD` whose teacher lives on the teacher side (the
+    :class:`BlockKDTeacher` with the same ``link``): its submodules, hence its
+    ``state_dict`` and what torchdistill's optimizer trains, are ``student`` and
+    ``connectors``. A student that is not a staged model is adapted with
+    :func:`as_staged` and keeps sharing its tensors with the adapted copy.
+    """
+
+    def __init__(self, student_model: nn.Module, device=None, device_ids=None, distributed=False,
+                 link: str = "blockkd", fold_teacher_bn: bool = True, channels_last: bool = False, **kwargs):
+        unknown = set(kwargs) - set(_STRUCTURAL)
+        if unknown:
+            raise _kwargs_error("BlockKDStudent", unknown, list(_STRUCTURAL) + ["link", "fold_teacher_bn", "channels_last"])
+        teacher_side = _TEACHERS.get(str(link))
+        if teacher_side is None:
+            raise ConfigError(
+                f"BlockKDStudent(link='{link}') found no BlockKDTeacher with that link; set "
+                f"train.teacher.auxiliary_model_wrapper to {{key: BlockKDTeacher, kwargs: {{link: {link}}}}}")
+        student = as_staged(student_model, "student")
+        if student is not student_model:
+            _share_parameters(student_model, student)
+        cfg = CFG.clone()
+        cfg.defrost()
+        for k, v in kwargs.items():
+            cfg.BLOCKKD[_STRUCTURAL[k]] = v
+        cfg.DISTILLER.FOLD_TEACHER_BN = bool(fold_teacher_bn)
+        cfg.SOLVER.CHANNELS_LAST = bool(channels_last)
+        super().__init__(student, teacher_side.teacher, cfg)
+        # the teacher belongs to the teacher side: not saved, moved or trained from here
+        teacher = self._modules.pop("teacher")
+        object.__setattr__(self, "teacher", teacher)
+        if device is not None:
+            self.to(device)
+        object.__setattr__(teacher_side, "_student_wrapper", self)
+
+    def forward(self, x: Tensor):
+        """Training: :class:`BlockKDOutput` for this step's stones; eval: the student's logits."""
+        if not self.training:
+            return self.student(x)[0]
+        active, factor = self._active_stones()
+        s_logits, outs = self._student_forward(x)
+        stones = self._stone_logits(outs, active, self.teacher_model(x).staged_view())
+        weights = [self.stone_weights[k] * factor for k in active]
+        return BlockKDOutput(s_logits, stones, weights, factor, factor if self.mode == "every" else 1.0)
+
+
+class _EpochAware(nn.Module):
+    """A loss term that reads its warm-up epoch from :func:`blockkd_pre_epoch_process`."""
+
+    epoch = None
+    warmup = 0.0
+
+    def set_epoch(self, epoch) -> None:
+        """The current epoch, 1-based (float allowed)."""
+        self.epoch = epoch
+
+    def current_epoch(self):
+        if self.epoch is not None:
+            return self.epoch
+        if not self.warmup:
+            return math.inf
+        raise ConfigError(
+            f"{type(self).__name__} has a {self.warmup:g}-epoch warm-up but was never given the epoch; set "
+            "train.pre_epoch_process: 'blockkd_pre_epoch_process' (or warmup: 0)")
+
+    @staticmethod
+    def io(io_dict, path: str, io: str):
+        try:
+            return io_dict[path][io]
+        except KeyError:
+            raise ConfigError(f"no '{io}' recorded for module path '{path}' (known paths: {sorted(io_dict)})") from None
+
+
+@register_mid_level_loss
+class BlockKDLoss(_EpochAware):
+    """Block-KD's loss, ``loss_ce + loss_kd + loss_cross`` of :meth:`BlockKD.blockkd_loss`.
+
+    Reads the student wrapper's :class:`BlockKDOutput` at ``student_module_path`` /
+    ``student_module_io`` (default ``'.'`` / ``'output'``) and the teacher's logits at
+    the teacher's path. Hyper-parameters and defaults are ``CFG.BLOCKKD``'s.
+    """
+
+    # this toolbox's own loss code, run on this module's attributes
+    distance = BlockKD.distance
+    blockkd_loss = BlockKD.blockkd_loss
+
+    def __init__(self, alpha=None, beta=None, gamma=None, temperature=None, warmup=None, logit_loss=None,
+                 dkd_alpha=None, dkd_beta=None, detach_ensemble=None, weight_cross=None,
+                 student_module_path=".", student_module_io="output", teacher_module_path=".",
+                 teacher_module_io="output", **kwargs):
+        super().__init__()
+        if kwargs:
+            raise _kwargs_error("BlockKDLoss", kwargs, ["alpha", "beta", "gamma", "temperature", "warmup", "logit_loss",
+                                                       "dkd_alpha", "dkd_beta", "detach_ensemble", "weight_cross",
+                                                       "student_module_path", "student_module_io",
+                                                       "teacher_module_path", "teacher_module_io"])
+        c = CFG.BLOCKKD
+
+        def pick(v, default):
+            return default if v is None else v
+
+        self.alpha, self.beta, self.gamma = float(pick(alpha, c.ALPHA)), float(pick(beta, c.BETA)), float(pick(gamma, c.GAMMA))
+        self.T = float(pick(temperature, c.T))
+        self.warmup = float(pick(warmup, c.WARMUP))
+        self.logit_loss = str(pick(logit_loss, c.LOGIT_LOSS))
+        self.dkd_alpha, self.dkd_beta = float(pick(dkd_alpha, c.DKD_ALPHA)), float(pick(dkd_beta, c.DKD_BETA))
+        self.detach_ensemble = bool(pick(detach_ensemble, c.DETACH_ENSEMBLE))
+        self.weight_cross = bool(pick(weight_cross, c.WEIGHT_CROSS))
+        if self.logit_loss not in ("kd", "dkd", "lskd"):
+            raise ConfigError(f"BlockKDLoss logit_loss is '{self.logit_loss}'; use kd, dkd or lskd")
+        if self.T <= 0 or self.warmup < 0:
+            raise ConfigError(f"BlockKDLoss needs temperature > 0 and warmup >= 0, got {self.T:g} and {self.warmup:g}")
+        self.paths = (student_module_path, student_module_io, teacher_module_path, teacher_module_io)
+
+    def terms(self, student_io_dict, teacher_io_dict, targets) -> Dict[str, Tensor]:
+        """``{"loss_ce", "loss_kd", "loss_cross"}`` as :class:`BlockKD` reports them."""
+        sp, sio, tp, tio = self.paths
+        out = self.io(student_io_dict, sp, sio)
+        if not isinstance(out, BlockKDOutput):
+            raise ConfigError(
+                f"BlockKDLoss expects the student output to come from the BlockKDStudent auxiliary wrapper, got "
+                f"{type(out).__name__}; set train.student.auxiliary_model_wrapper.key: BlockKDStudent")
+        t_logits = _logits(self.io(teacher_io_dict, tp, tio))
+        cross = out.weights if self.weight_cross else [out.factor] * len(out.stones)
+        return self.blockkd_loss(out.logits, out.stones, t_logits, targets, out.weights, cross, self.current_epoch(),
+                                 out.student_cross)
+
+    def forward(self, student_io_dict, teacher_io_dict, targets, *args, **kwargs) -> Tensor:
+        return sum(self.terms(student_io_dict, teacher_io_dict, targets).values())
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, T={self.T}, warmup={self.warmup}, "
+                f"logit_loss={self.logit_loss}")
+
+
+@register_mid_level_loss
+class DKDLoss(_EpochAware):
+    """Decoupled KD (Zhao et al., CVPR 2022) as this toolbox's and mdistiller's ``DKD``:
+    ``ce_weight * CE + min(epoch / warmup, 1) * (alpha * TCKD + beta * NCKD)``.
+
+    Student and teacher outputs are read at the module paths (default the models' own
+    outputs); plain logits and ``(logits, feats)`` tuples both work.
+    """
+
+    def __init__(self, ce_weight=None, alpha=None, beta=None, temperature=None, warmup=None,
+                 student_module_path=".", student_module_io="output", teacher_module_path=".",
+                 teacher_module_io="output", **kwargs):
+        super().__init__()
+        if kwargs:
+            raise _kwargs_error("DKDLoss", kwargs, ["ce_weight", "alpha", "beta", "temperature", "warmup",
+                                                   "student_module_path", "student_module_io",
+                                                   "teacher_module_path", "teacher_module_io"])
+        c = CFG.DKD
+        self.ce_weight = float(c.CE_WEIGHT if ce_weight is None else ce_weight)
+        self.alpha = float(c.ALPHA if alpha is None else alpha)
+        self.beta = float(c.BETA if beta is None else beta)
+        self.T = float(c.T if temperature is None else temperature)
+        self.warmup = float(c.WARMUP if warmup is None else warmup)
+        if self.T <= 0 or self.warmup < 0:
+            raise ConfigError(f"DKDLoss needs temperature > 0 and warmup >= 0, got {self.T:g} and {self.warmup:g}")
+        self.paths = (student_module_path, student_module_io, teacher_module_path, teacher_module_io)
+
+    def forward(self, student_io_dict, teacher_io_dict, targets, *args, **kwargs) -> Tensor:
+        sp, sio, tp, tio = self.paths
+        s = _logits(self.io(student_io_dict, sp, sio))
+        t = _logits(self.io(teacher_io_dict, tp, tio))
+        warm = losses.warmup_factor(self.current_epoch(), self.warmup)
+        return self.ce_weight * F.cross_entropy(s, targets) + warm * losses.dkd_loss(
+            s, t, targets, self.alpha, self.beta, self.T)
+
+    def extra_repr(self) -> str:
+        return f"ce_weight={self.ce_weight}, alpha={self.alpha}, beta={self.beta}, T={self.T}, warmup={self.warmup}"
+
+
+def _loss_terms(criterion: nn.Module):
+    """Every module of a torchdistill criterion, including the sub-terms it keeps in ``term_dict``."""
+    seen = []
+    stack = [criterion]
+    while stack:
+        m = stack.pop()
+        if not isinstance(m, nn.Module) or any(m is s for s in seen):
+            continue
+        seen.append(m)
+        stack.extend(m.children())
+        stack.extend(sub for sub, _ in getattr(m, "term_dict", {}).values())
+        inner = getattr(m, "criterion", None)  # loss wrappers keep the wrapped loss here
+        if isinstance(inner, nn.Module):
+            stack.append(inner)
+    return seen
+
+
+@register_pre_epoch_proc_func
+def blockkd_pre_epoch_process(self, epoch=None, **kwargs):
+    """torchdistill's default pre-epoch process, then: a frozen teacher (``requires_grad: False``)
+    goes to eval mode, as in mdistiller and this toolbox (torchdistill 1.1.5 leaves it in
+    training mode, so its BatchNorms would use batch statistics), and the loss terms get
+    ``set_epoch(epoch + 1)``.
+
+    torchdistill's drivers pass the 0-based epoch (``start_epoch`` on resume); warm-ups
+    here count from 1 like mdistiller's trainer.
+    """
+    default_pre_epoch_process_with_teacher(self, epoch=epoch, **kwargs)
+    if not self.teacher_updatable:  # torchdistill leaves a frozen teacher in training mode (BN batch statistics)
+        self.teacher_model.eval()
+    current = 1 if epoch is None else epoch + 1
+    for m in _loss_terms(self.criterion):
+        if isinstance(m, _EpochAware):
+            m.set_epoch(current)

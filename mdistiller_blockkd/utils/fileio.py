@@ -1,0 +1,202 @@
+"""Atomic file writes: the one implementation every part of the toolbox uses.
+
+A file is written into a temporary file beside its destination (``.<name>.*.tmp``),
+flushed and fsynced, given the usual permissions (:data:`FILE_MODE`) and moved onto the
+destination with ``os.replace``; the folder is then fsynced. A process killed while
+writing leaves the previous file (if any) untouched and, unless killed by SIGKILL
+mid-write, no temporary file behind.
+
+* :func:`atomic_write` -- fill an open temporary file with a callback (text or binary).
+* :func:`atomic_write_text` -- write a string (UTF-8).
+* :func:`atomic_write_bytes_from` -- let a library write the temporary file by name
+  (matplotlib's ``savefig``), keeping the destination's extension.
+* :func:`read_json_lines` -- the one JSON-lines reader (``metrics.jsonl``).
+* :class:`FolderLock` -- an exclusive lock on a run folder that a killed process cannot leave stuck.
+
+This module imports neither torch nor numpy, so the light command-line tools
+(the report command) can use it and still start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import IO, Callable, List, Optional
+
+from ..errors import ConfigError
+
+__all__ = ["FILE_MODE", "fsync_dir", "atomic_write", "atomic_write_text", "atomic_write_bytes_from", "read_json_lines",
+           "FolderLock"]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Mode of files written through a temporary file (``mkstemp`` creates them 0600).
+FILE_MODE = 0o666 & ~_current_umask()
+
+
+def fsync_dir(folder: str) -> None:
+    """fsync a folder so a rename inside it survives a crash (ignored where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_with_temporary(path, fill: Callable[[int, str], None], suffix: str = ".tmp") -> None:
+    """Create a temporary file beside ``path``, let ``fill(fd, tmp_path)`` write it (and
+    close ``fd``), then give it :data:`FILE_MODE` and move it onto ``path``; on any
+    error the temporary file is removed and the error raised again."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
+    try:
+        fill(fd, tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
+def atomic_write(path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills ``f``, an open temporary file beside it.
+
+    ``f`` is opened ``"wb"`` when ``binary`` is True, else ``"w"`` with UTF-8 encoding.
+    After ``write`` returns the file is flushed, fsynced and moved onto ``path`` with
+    ``os.replace``; if ``write`` raises, ``path`` is left as it was.
+    """
+
+    def fill(fd: int, tmp: str) -> None:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_with_temporary(path, fill)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_bytes_from(path, writer: Callable[[str], None]) -> None:
+    """Call ``writer(tmp_path)`` to produce a file, then move it to ``path`` atomically.
+
+    The temporary file keeps ``path``'s extension (matplotlib picks the format from it)
+    and is fsynced before the move.
+    """
+
+    def fill(fd: int, tmp: str) -> None:
+        os.close(fd)
+        writer(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+    _replace_with_temporary(path, fill, suffix=f".tmp{os.path.splitext(os.fspath(path))[1]}")
+
+
+def read_json_lines(path, warnings: Optional[List[str]] = None) -> List[dict]:
+    """Every JSON object of a JSON-lines file, in file order; ``[]`` when the file is missing.
+
+    Blank lines are skipped. A line that is not a JSON object (e.g. the half-written
+    last line of a run being written) is skipped and described in ``warnings`` when a
+    list is given; without one it raises :class:`ValueError` naming the file and line.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return []
+    records: List[dict] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec, why = None, "not valid JSON (a line being written?)"
+            else:
+                why = "not a JSON object"
+            if isinstance(rec, dict):
+                records.append(rec)
+                continue
+            if warnings is None:
+                raise ValueError(f"{path}:{n}: {why}")
+            warnings.append(f"{path}:{n}: {why}; skipped")
+    return records
+
+
+class FolderLock:
+    """Exclusive lock on a folder, held by one process at a time: ``flock`` on ``<folder>/.lock``.
+
+    The operating system drops the lock when the process ends however it ends (killed
+    with SIGKILL too), so a killed run never leaves it stuck; the file itself stays and
+    only records the holder's pid. :meth:`acquire` raises
+    :class:`~mdistiller_blockkd.errors.ConfigError` when another process holds it. Where
+    ``fcntl`` does not exist (Windows) the lock is a no-op. Use as a context manager or
+    with :meth:`acquire` / :meth:`release`.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder, what: str = "run folder"):
+        self.folder = os.fspath(folder)
+        self.path = os.path.join(self.folder, self.NAME)
+        self.what = what
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "FolderLock":
+        """Take the lock (creating the folder); raise ``ConfigError`` naming the holder if it is taken."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        if self._fd is not None:
+            return self
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise ConfigError(
+                f"{self.what} '{self.folder}' is in use by another process (pid {holder}); wait for it to end, "
+                "or set EXPERIMENT.NAME / LOG.PREFIX to another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (closing the descriptor releases it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,1 @@
+"""Test stand-in for upstream mdistiller (see ../README.md)."""
