@@ -72,6 +72,8 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from ..distillers import losses
 from ..distillers.base import Distiller
 from ..distillers.blockkd import BlockKD, Connector, check_options
+from ..distillers.dkd import DKD
+from ..distillers.kd import KD
 from ..errors import ConfigError
 from ..models.staged import StageInfo
 from .models import body_stages, stage_channels
@@ -141,6 +143,16 @@ class DetectionDistiller(Distiller):
         feats = t.backbone(step.images.tensors)
         return roi_class_logits(t, feats, step.proposals, step.images.image_sizes)
 
+    def logit_distill_step(self, images, targets, distill):
+        """Student step + teacher ROI logits; ``loss_classifier`` scaled by ``self.ce_loss_weight`` and
+        ``loss_kd = distill(student_step, teacher_logits)`` added to torchvision's losses (KD, DKD)."""
+        s = self.student_step(images, targets)
+        t_logits = self.teacher_logits(s)
+        out = dict(s.losses)
+        out["loss_classifier"] = self.ce_loss_weight * out["loss_classifier"]
+        out["loss_kd"] = distill(s, t_logits)
+        return (s.logits.detach(), s.labels), out
+
     def forward_train(self, image, target, **kwargs):
         raise NotImplementedError
 
@@ -164,51 +176,27 @@ class DetVanilla(DetectionDistiller):
         return (s.logits.detach(), s.labels), s.losses
 
 
-class DetKD(DetectionDistiller):
-    """``KD`` on the ROI class logits of the student's sampled proposals (see the module docstring)."""
+class DetKD(DetectionDistiller, KD):
+    """``KD`` on the ROI class logits of the student's sampled proposals (see the module docstring).
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        if teacher is None:
-            raise ConfigError("DISTILLER.TYPE KD needs a teacher; set DISTILLER.TEACHER")
-        c = cfg.KD
-        self.temperature = float(c.TEMPERATURE)
-        if self.temperature <= 0:
-            raise ConfigError(f"KD.TEMPERATURE is {c.TEMPERATURE}; it must be > 0")
-        self.ce_weight, self.kd_weight = float(c.LOSS.CE_WEIGHT), float(c.LOSS.KD_WEIGHT)
+    Options and their checks are :class:`~mdistiller_blockkd.distillers.kd.KD`'s (next in the MRO).
+    """
 
     def forward_train(self, image, target, **kwargs):
-        s = self.student_step(image, target)
-        t_logits = self.teacher_logits(s)
-        out = dict(s.losses)
-        out["loss_classifier"] = self.ce_weight * out["loss_classifier"]
-        out["loss_kd"] = self.kd_weight * losses.kd_loss(s.logits, t_logits, self.temperature)
-        return (s.logits.detach(), s.labels), out
+        return self.logit_distill_step(image, target, lambda s, t: self.kd_loss_weight * losses.kd_loss(
+            s.logits, t, self.temperature))
 
 
-class DetDKD(DetectionDistiller):
-    """``DKD`` on the ROI class logits, with the proposals' labels as the target classes."""
+class DetDKD(DetectionDistiller, DKD):
+    """``DKD`` on the ROI class logits, with the proposals' labels as the target classes.
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        if teacher is None:
-            raise ConfigError("DISTILLER.TYPE DKD needs a teacher; set DISTILLER.TEACHER")
-        c = cfg.DKD
-        self.ce_weight, self.alpha, self.beta = float(c.CE_WEIGHT), float(c.ALPHA), float(c.BETA)
-        self.temperature, self.warmup = float(c.T), float(c.WARMUP)
-        if self.temperature <= 0:
-            raise ConfigError(f"DKD.T is {c.T}; it must be > 0")
-        if self.warmup < 0:
-            raise ConfigError(f"DKD.WARMUP is {c.WARMUP}; use a number of epochs >= 0 (0 = no warm-up)")
+    Options and their checks are :class:`~mdistiller_blockkd.distillers.dkd.DKD`'s (next in the MRO).
+    """
 
     def forward_train(self, image, target, **kwargs):
-        s = self.student_step(image, target)
-        t_logits = self.teacher_logits(s)
-        out = dict(s.losses)
-        out["loss_classifier"] = self.ce_weight * out["loss_classifier"]
         warm = self.warm(kwargs.get("epoch", math.inf), self.warmup)
-        out["loss_kd"] = warm * losses.dkd_loss(s.logits, t_logits, s.labels, self.alpha, self.beta, self.temperature)
-        return (s.logits.detach(), s.labels), out
+        return self.logit_distill_step(image, target, lambda s, t: warm * losses.dkd_loss(
+            s.logits, t, s.labels, self.alpha, self.beta, self.temperature))
 
 
 class DetBlockKD(DetectionDistiller):
