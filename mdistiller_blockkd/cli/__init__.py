@@ -10,6 +10,7 @@ report                 ``mdistiller-blockkd-report``       :mod:`.report`
 study                  ``mdistiller-blockkd-study``        :mod:`.study`
 demo                   ``mdistiller-blockkd-demo``         :mod:`.demo`
 make-fmnist-subset     (maintainers: the embedded subset)  :mod:`.make_fmnist_subset`
+stone-grads            (analysis: Block-KD's gradients)    :mod:`.stone_grads`
 =====================  ==================================  ====================================
 
 ``python -m mdistiller_blockkd <command> [args]`` and ``mdistiller-blockkd <command> [args]``
@@ -35,6 +36,7 @@ COMMANDS = {
     "study": "study",
     "demo": "demo",
     "make-fmnist-subset": "make_fmnist_subset",
+    "stone-grads": "stone_grads",
 }
 
 _USAGE = ("usage: python -m mdistiller_blockkd {" + ",".join(COMMANDS) + ",configs} [args ...]\n"
