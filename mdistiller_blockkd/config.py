@@ -138,6 +138,9 @@ CFG.BLOCKKD.STONES = "all"  # all | last:K | sample:K | every:K
 # added: factor on the stones' terms under sample:K / every:K: unbiased (n/K resp. K, the
 # expected loss equals all's) | none (1: the stones weigh what they weigh under all, when they run)
 CFG.BLOCKKD.STONE_SCALE = "unbiased"
+# added: sample:K / every:K: every stone on every step during the first N epochs (epoch <= N),
+# the cheap schedule after (the single-stone estimate is noisiest while the connectors are new)
+CFG.BLOCKKD.DENSE_EPOCHS = 0
 CFG.BLOCKKD.STONE_WEIGHTS = "halving"  # halving: w_i = 1/2^(n-i) (the paper) | uniform: w_i = 1
 CFG.BLOCKKD.BATCH_STONES = "auto"  # on | off | auto (on for CUDA inputs): stones share teacher blocks as one concatenated batch
 

@@ -75,7 +75,7 @@ def test_pairing_rules():
     ("PAIRS", [1, 2], "BLOCKKD.PAIRS entry 1"), ("PAIRS", [["a", "b"]], "BLOCKKD.PAIRS entry"),
     ("PAIRS", [[1, 2, 3]], "BLOCKKD.PAIRS entry"), ("STONES", "every:0", "BLOCKKD.STONES"),
     ("STONE_SCALE", "half", "BLOCKKD.STONE_SCALE"), ("STONE_WEIGHTS", "linear", "BLOCKKD.STONE_WEIGHTS"),
-    ("GAMMA", -1.0, "BLOCKKD.GAMMA"),
+    ("GAMMA", -1.0, "BLOCKKD.GAMMA"), ("DENSE_EPOCHS", -1, "BLOCKKD.DENSE_EPOCHS is -1"),
 ])
 def test_invalid_values_are_config_errors_before_building(key, value, match):
     """Checked by BlockKD itself and by the fail-fast config check (no model built)."""
@@ -305,6 +305,26 @@ def test_every_k_losses():
             torch.testing.assert_close(off["loss_ce"], task_s, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(off["loss_kd"], kl_by_hand(s, t, 4.0), rtol=1e-4, atol=1e-5)
             assert float(off["loss_cross"]) == 0.0
+
+
+@pytest.mark.parametrize("stones", ["sample:1", "every:3"])
+def test_dense_epochs_run_every_stone_then_the_cheap_schedule(stones):
+    x, y = batch()
+    full = make(STONES="all").eval()
+    d = make(STONES=stones, DENSE_EPOCHS=2).eval()
+    d.load_state_dict(full.state_dict())
+    state = d.get_extra_state()
+    with torch.no_grad():
+        _, ref = full.forward_train(image=x, target=y, epoch=1.5)
+        for epoch in (1, 1.5, 2):
+            _, got = d.forward_train(image=x, target=y, epoch=epoch)
+            for k in ref:
+                torch.testing.assert_close(got[k], full.forward_train(image=x, target=y, epoch=epoch)[1][k])
+        assert d.get_extra_state() == state  # the draw state waits for the cheap phase
+        calls = []
+        d._active_stones = lambda: calls.append(1) or ([0], 3.0)
+        d.forward_train(image=x, target=y, epoch=3)
+    assert calls == [1]
 
 
 def test_stone_scale_none_and_uniform_weights():

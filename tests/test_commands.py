@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from mdistiller_blockkd import cli
 from mdistiller_blockkd.config import config_dir, list_configs, load_cfg, resolve_config
@@ -161,3 +162,28 @@ def test_import_modules_names_a_missing_module(tmp_path, monkeypatch):
     assert sys.modules["imp_demo_mod"].X == 1
     with pytest.raises(ConfigError, match="cannot import 'nope_nope_mod'"):
         import_modules(["nope_nope_mod"])
+
+
+def test_stone_grads_measures_the_first_blocks_gradient(tmp_path):
+    """Unbiased single-stone gradients average to all's exactly without the cross term; bad input is one error."""
+    from mdistiller_blockkd.cli import stone_grads
+    from mdistiller_blockkd.config import load_cfg
+    from mdistiller_blockkd.distillers import distiller_dict
+    from mdistiller_blockkd.models import build_model
+
+    torch.manual_seed(0)
+    cfg = load_cfg(None, ["DISTILLER.TYPE", "BLOCKKD", "BLOCKKD.GAMMA", 0.0, "BLOCKKD.WARMUP", 0])
+    d = distiller_dict["BLOCKKD"](build_model("resnet8", num_classes=5), build_model("resnet14", num_classes=5), cfg)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    params = stone_grads.first_block_parameters(d, batches[0][0])
+    names = {n for n, p in d.student.named_parameters() if any(p is q for q in params)}
+    assert "conv1.weight" in names and any(n.startswith("layer1.") for n in names)
+    assert not any(n.startswith(("layer2.", "layer3.", "fc.")) for n in names)
+    out = stone_grads.stone_gradients(d, batches, params)
+    assert out["num_stones"] == 3 and out["batches"] == 2
+    assert out["unbiased_mean_error"] < 1e-4
+    assert out["relative_error_vs_all"]["sample1_unbiased"] > 0.01
+    assert set(out["stone_gradient_norm_unbiased"]) == {"stone1", "stone2", "stone3"}
+    with pytest.raises(ConfigError, match="stone-grads measures a BLOCKKD config"):
+        stone_grads.main(["--cfg", "synthetic/vanilla_resnet8"])

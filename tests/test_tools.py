@@ -290,6 +290,8 @@ def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, ca
                   extra=study + ["BLOCKKD.GAMMA", 0.0])
         write_run(root, f"bkd_e3/s{seed}", "BLOCKKD", seed, [61.0, 73.0], val=[62.0, 72.0 + 2 * seed],
                   extra=study + ["BLOCKKD.STONES", "every:3", "BLOCKKD.STONE_SCALE", "none"])
+        write_run(root, f"bkd_d/s{seed}", "BLOCKKD", seed, [61.0, 73.0, 74.0, 75.0], val=[62.0, 72.0, 73.0, 74.0],
+                  extra=study + ["BLOCKKD.STONES", "every:3", "BLOCKKD.STONE_SCALE", "none", "BLOCKKD.DENSE_EPOCHS", 1])
     bench = tmp_path / "bench.json"
     rows = [{"teacher": "resnet56", "student": "resnet20", "distiller": d, "variant": v, "ratio_to_kd": r}
             for d, v, r in (("KD", "", 1.0), ("BLOCKKD", "", 1.9), ("BLOCKKD", "every:3 STONE_SCALE=none", 1.3))]
@@ -300,7 +302,8 @@ def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, ca
     out = capsys.readouterr().out
     col = "resnet56->resnet20"
     val = table_rows(out, "## Validation top-1, last epoch")
-    assert list(val) == ["KD", "BLOCKKD", "BLOCKKD GAMMA=0.0", "BLOCKKD every:3 STONE_SCALE=none"]
+    assert list(val) == ["KD", "BLOCKKD", "BLOCKKD GAMMA=0.0", "BLOCKKD every:3 STONE_SCALE=none",
+                         "BLOCKKD every:3 STONE_SCALE=none DENSE_EPOCHS=1"]
     assert val["BLOCKKD"][col] == "79.00 ± 1.00 (3 seeds)"
     at_best = table_rows(out, "## Test top-1 at the epoch of best validation top-1")
     assert at_best["BLOCKKD"][col] == "75.00 ± 1.00 (3 seeds)"
@@ -312,6 +315,8 @@ def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, ca
     assert "## Best top-1 minus" not in out  # with a validation split, differences are on val and last test
     cost = table_rows(out, "## Training cost")
     assert "benchmark 1.30× KD, 2.6 KD-epochs" in cost["BLOCKKD every:3 STONE_SCALE=none"][col]
+    # DENSE_EPOCHS 1 of 4 epochs: (1 x 1.9 + 3 x 1.3) / 4 = 1.45 per step, 5.8 KD-epochs
+    assert "benchmark 1.45× KD, 5.8 KD-epochs" in cost["BLOCKKD every:3 STONE_SCALE=none DENSE_EPOCHS=1"][col]
     # a hyper-parameter variant costs what its method costs (same stones): matched by the method options
     assert "benchmark 1.90× KD" in cost["BLOCKKD"][col] and "benchmark 1.90× KD" in cost["BLOCKKD GAMMA=0.0"][col]
     assert (plots / "cost_acc.png").stat().st_size > 1000

@@ -11,6 +11,7 @@ study                  ``mdistiller-blockkd-study``        :mod:`.study`
 demo                   ``mdistiller-blockkd-demo``         :mod:`.demo`
 make-fmnist-subset     (maintainers: the embedded subset)  :mod:`.make_fmnist_subset`
 make-detection-set     (the small COCO-format set)         :mod:`.make_detection_set`
+stone-grads            (analysis: Block-KD's gradients)    :mod:`.stone_grads`
 =====================  ==================================  ====================================
 
 ``python -m mdistiller_blockkd <command> [args]`` and ``mdistiller-blockkd <command> [args]``
@@ -37,6 +38,7 @@ COMMANDS = {
     "demo": "demo",
     "make-fmnist-subset": "make_fmnist_subset",
     "make-detection-set": "make_detection_set",
+    "stone-grads": "stone_grads",
 }
 
 _USAGE = ("usage: python -m mdistiller_blockkd {" + ",".join(COMMANDS) + ",configs} [args ...]\n"

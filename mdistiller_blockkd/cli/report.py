@@ -88,7 +88,7 @@ UPSTREAM_PAIRS = [
 METHOD_ORDER = ["NONE", "KD", "LSKD", "DKD", "REVIEWKD", "BLOCKKD"]
 #: Hyper-parameters that also name a variant, but only where a run differs from the others
 #: of the report (see :func:`relabel_against_majority`).
-HYPER_LABEL_KEYS = ("BLOCKKD.ALPHA", "BLOCKKD.BETA", "BLOCKKD.GAMMA", "BLOCKKD.T", "BLOCKKD.WARMUP",
+HYPER_LABEL_KEYS = ("BLOCKKD.DENSE_EPOCHS", "BLOCKKD.ALPHA", "BLOCKKD.BETA", "BLOCKKD.GAMMA", "BLOCKKD.T", "BLOCKKD.WARMUP",
                     "BLOCKKD.DETACH_ENSEMBLE", "BLOCKKD.WEIGHT_CROSS", "BLOCKKD.DKD_BETA")
 REPORT_LABEL_KEYS = tuple(DEFAULT_LABEL_KEYS) + HYPER_LABEL_KEYS
 
@@ -442,14 +442,32 @@ def load_costs(path: str) -> Dict[Tuple[str, str, str, str], float]:
 
 
 def run_cost(run: Run, costs) -> Optional[float]:
-    """Training cost of ``run`` in KD-step units per step (the benchmark's ratio), or None."""
+    """Training cost of ``run`` in KD-step units per step (the benchmark's ratio), or None.
+
+    A Block-KD run with ``DENSE_EPOCHS`` N costs ``(N * all + (E - N) * its schedule) / E``
+    over its E epochs (the benchmark times the schedule after the dense epochs).
+    """
     if not costs:
         return None
     kind = run.kind
     if kind == "NONE":  # a plain run appears in every pair with its student; any teacher's NONE entry will do
         vals = [v for (t, st, k, var), v in costs.items() if st == run.student and k == "NONE"]
         return vals[0] if vals else None
-    return costs.get((run.teacher, run.student, kind, run.cost_variant))
+    cheap = costs.get((run.teacher, run.student, kind, run.cost_variant))
+    dense = float(cfg_get(run.cfg, "BLOCKKD.DENSE_EPOCHS", 0) or 0) if kind == "BLOCKKD" else 0.0
+    if cheap is None or dense <= 0 or run.planned_epochs <= 0:
+        return cheap
+    # DENSE_EPOCHS: every stone for the first epochs, then the cheap schedule: the cost per step, amortised
+    import copy
+
+    dense_cfg = copy.deepcopy(run.cfg)
+    dense_cfg["BLOCKKD"]["STONES"] = "all"
+    dense_cfg["BLOCKKD"]["STONE_SCALE"] = default_value("BLOCKKD.STONE_SCALE")
+    full = costs.get((run.teacher, run.student, kind, variant_label(dense_cfg, DEFAULT_LABEL_KEYS)))
+    if full is None:
+        return None
+    n = min(dense, run.planned_epochs)
+    return (n * full + (run.planned_epochs - n) * cheap) / run.planned_epochs
 
 
 def cost_table(groups, costs=None) -> str:

@@ -255,7 +255,10 @@ class DetBlockKD(DetectionDistiller):
         return out
 
     def forward_train(self, image, target, **kwargs):
-        active, factor = self._active_stones()
+        if self.mode in ("sample", "every") and kwargs.get("epoch", math.inf) <= self.dense_epochs:
+            active, factor = list(range(self.num_stones)), 1.0  # BLOCKKD.DENSE_EPOCHS, as BlockKD.forward_train
+        else:
+            active, factor = self._active_stones()
         s = self.student_step(image, target)
         t_logits = self.teacher_logits(s)
         stones = self.stone_logits(s, active)

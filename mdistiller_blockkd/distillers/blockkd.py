@@ -38,7 +38,8 @@ Stones (``STONES``)
     ``sample:K`` the cross terms use the ensemble of the drawn stones (the exact ``Y^E``
     needs every stone). When K divides n the draws walk a random permutation (every
     stone once per n/K steps: each step's draw is still uniform, with less variance
-    across steps). ``STONE_WEIGHTS``: ``halving`` (``w_i = 1/2^(n-i)``, the paper's) or
+    across steps). ``DENSE_EPOCHS`` N > 0 runs every stone on every step while
+    ``epoch <= N`` (the draw state untouched), the cheap schedule after. ``STONE_WEIGHTS``: ``halving`` (``w_i = 1/2^(n-i)``, the paper's) or
     ``uniform`` (``w_i = 1``).
 
 Block pairing (``PAIRS``)
@@ -104,6 +105,9 @@ def check_options(c) -> None:
     _choice(c, "STONE_WEIGHTS", STONE_WEIGHTS)
     if not float(c.T) > 0:
         raise ConfigError(f"BLOCKKD.T is {c.T}; the temperature must be > 0 (4 on CIFAR-style data, 1 on ImageNet)")
+    if not float(c.DENSE_EPOCHS) >= 0:
+        raise ConfigError(f"BLOCKKD.DENSE_EPOCHS is {c.DENSE_EPOCHS}; use 0 (the STONES schedule from the start) or a "
+                          "positive number of epochs with every stone")
     if not float(c.WARMUP) >= 0:
         raise ConfigError(f"BLOCKKD.WARMUP is {c.WARMUP}; use 0 (no warm-up) or a positive number of epochs")
     for key in ("ALPHA", "BETA", "GAMMA"):
@@ -246,6 +250,7 @@ class BlockKD(Distiller):
         self.stone_ids = [k + 1 for k in keep]
         self.stone_weights = [weights[k] for k in keep]
         self.stone_scale = str(c.STONE_SCALE).lower()
+        self.dense_epochs = float(c.DENSE_EPOCHS)
         self.has_unused_parameters = self.mode in ("sample", "every")
         self._deck, self._pos = [], 0  # sample:K draw state (see _active_stones)
         self._step = 0  # every:K: training steps taken (see _active_stones)
@@ -383,13 +388,16 @@ class BlockKD(Distiller):
         }
 
     def forward_train(self, image, target, **kwargs):
-        active, factor = self._active_stones()
+        epoch = kwargs.get("epoch", math.inf)
+        if self.mode in ("sample", "every") and epoch <= self.dense_epochs:
+            active, factor = list(range(self.num_stones)), 1.0  # DENSE_EPOCHS: every stone, draw state untouched
+        else:
+            active, factor = self._active_stones()
         s_logits, stones, t_logits = self._forward(image, active)
         weights = [self.stone_weights[k] * factor for k in active]
         cross_weights = weights if self.weight_cross else [factor] * len(active)
         student_cross = factor if self.mode == "every" else 1.0
-        loss = self.blockkd_loss(s_logits, stones, t_logits, target, weights, cross_weights,
-                                 kwargs.get("epoch", math.inf), student_cross)
+        loss = self.blockkd_loss(s_logits, stones, t_logits, target, weights, cross_weights, epoch, student_cross)
         return s_logits, loss
 
     @torch.no_grad()
