@@ -754,7 +754,8 @@ def plot_stones(groups, out_dir: str, plt) -> List[str]:
     """``stones_<pair>.png`` per pair with Block-KD runs: student, stones and teacher accuracy per epoch."""
     paths = []
     for pair in column_pairs(groups):
-        methods = [m for m in method_rows(groups) if m.split(" ", 1)[0] == "BLOCKKD" and cell_runs(groups, pair, m)]
+        methods = [m for m in method_rows(groups) if m.split(" ", 1)[0] == "BLOCKKD" and cell_runs(groups, pair, m)
+                   and _stone_keys(cell_runs(groups, pair, m))]  # detection Block-KD scores no stones
         if not methods:
             continue
         fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 3.8), squeeze=False)
