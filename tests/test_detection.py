@@ -386,3 +386,15 @@ def test_blockkd_stone_options_follow_classification_blockkd(coco_root, teacher_
                   "DISTILLER.TEACHER_CKPT", teacher_file, "BLOCKKD.PAIRS", "[[1, 1]]")
     with pytest.raises(ConfigError, match="PAIRS is not used for detection"):
         build_detection_distiller(bad, n)
+
+
+def test_missing_pycocotools_is_one_clear_error(monkeypatch):
+    import sys
+
+    from mdistiller_blockkd.detection import evaluate
+    from mdistiller_blockkd.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
+    with pytest.raises(UserError, match=r"pip install 'mdistiller_blockkd\[detection\]'"):
+        evaluate.require_pycocotools()

@@ -26,8 +26,21 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _GT_CACHE: Dict[str, object] = {}
 
 
+def require_pycocotools():
+    """pycocotools' ``(COCO, COCOeval)``, or a :class:`UserError` saying how to install it."""
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        from ..errors import UserError
+
+        raise UserError("detection evaluation needs pycocotools, which is not installed; "
+                        "pip install 'mdistiller_blockkd[detection]' (or: pip install pycocotools)") from None
+    return COCO, COCOeval
+
+
 def _coco_gt(ann_file: str):
-    from pycocotools.coco import COCO
+    COCO, _ = require_pycocotools()
 
     if ann_file not in _GT_CACHE:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -41,8 +54,7 @@ def coco_metrics(ann_file: str, detections: List[dict], image_ids: Optional[Sequ
     ``detections``: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]``;
     ``image_ids``: the images scored (default all of the file's).
     """
-    from pycocotools.cocoeval import COCOeval
-
+    _, COCOeval = require_pycocotools()
     gt = _coco_gt(ann_file)
     ids = sorted(int(i) for i in (image_ids if image_ids is not None else gt.getImgIds()))
     if not detections:
