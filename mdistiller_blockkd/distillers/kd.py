@@ -23,21 +23,35 @@ class KD(Distiller):
     ``loss_kd``. No connector parameters.
     """
 
+    #: the registered type name, in messages
+    type_name = "KD"
+
     def __init__(self, student, teacher, cfg, **kwargs):
         super().__init__(student, teacher, cfg, **kwargs)
         if teacher is None:
-            raise ConfigError("DISTILLER.TYPE KD needs a teacher; set DISTILLER.TEACHER")
+            raise ConfigError(f"DISTILLER.TYPE {self.type_name} needs a teacher; set DISTILLER.TEACHER")
+        self.check_cfg(cfg)
+        self.temperature, self.ce_loss_weight, self.kd_loss_weight = self.options(cfg)
+
+    @classmethod
+    def check_cfg(cls, cfg) -> None:
+        if not float(cls.options(cfg)[0]) > 0:
+            raise ConfigError(f"KD.TEMPERATURE is {cfg.KD.TEMPERATURE}; it must be > 0 (mdistiller uses 4)")
+
+    @classmethod
+    def options(cls, cfg):
+        """``(temperature, ce_weight, kd_weight)`` from this method's config node."""
         c = cfg.KD
-        self.temperature = float(c.TEMPERATURE)
-        if self.temperature <= 0:
-            raise ConfigError(f"KD.TEMPERATURE is {c.TEMPERATURE}; it must be > 0 (mdistiller uses 4)")
-        self.ce_loss_weight = float(c.LOSS.CE_WEIGHT)
-        self.kd_loss_weight = float(c.LOSS.KD_WEIGHT)
+        return float(c.TEMPERATURE), float(c.LOSS.CE_WEIGHT), float(c.LOSS.KD_WEIGHT)
+
+    def distance(self, logits_student, logits_teacher):
+        """The logit distance (Hinton KD with the T^2 factor)."""
+        return losses.kd_loss(logits_student, logits_teacher, self.temperature)
 
     def forward_train(self, image, target, **kwargs):
         """Return ``(student_logits, {"loss_ce", "loss_kd"})``."""
         logits_student, _ = self.student(image)
         logits_teacher, _ = self.teacher_forward(image)
         loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
-        loss_kd = self.kd_loss_weight * losses.kd_loss(logits_student, logits_teacher, self.temperature)
+        loss_kd = self.kd_loss_weight * self.distance(logits_student, logits_teacher)
         return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}

@@ -9,37 +9,28 @@ where ``std`` z-scores each row of logits (``losses.standardize``); ``T = CFG.LS
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ..errors import ConfigError
-from . import losses
 from ..registry import register_distiller
-from .base import Distiller
+from . import losses
+from .kd import KD
 
 
 @register_distiller("LSKD")
-class LSKD(Distiller):
-    """Logit-standardised KD (registered as ``LSKD``); loss keys ``loss_ce`` and ``loss_kd``."""
+class LSKD(KD):
+    """Logit-standardised KD (registered as ``LSKD``): :class:`KD` with z-scored logits and ``CFG.LSKD``."""
+
+    type_name = "LSKD"
 
     @classmethod
     def check_cfg(cls, cfg) -> None:
         if not float(cfg.LSKD.T) > 0:
             raise ConfigError(f"LSKD.T is {cfg.LSKD.T}; the temperature must be > 0 (default 2)")
 
-    def __init__(self, student, teacher, cfg, **kwargs):
-        super().__init__(student, teacher, cfg, **kwargs)
-        if teacher is None:
-            raise ConfigError("DISTILLER.TYPE LSKD needs a teacher; set DISTILLER.TEACHER")
-        self.check_cfg(cfg)
+    @classmethod
+    def options(cls, cfg):
         c = cfg.LSKD
-        self.temperature = float(c.T)
-        self.ce_loss_weight = float(c.CE_WEIGHT)
-        self.kd_loss_weight = float(c.KD_WEIGHT)
+        return float(c.T), float(c.CE_WEIGHT), float(c.KD_WEIGHT)
 
-    def forward_train(self, image, target, **kwargs):
-        """Return ``(student_logits, {"loss_ce", "loss_kd"})``."""
-        logits_student, _ = self.student(image)
-        logits_teacher, _ = self.teacher_forward(image)
-        loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
-        loss_kd = self.kd_loss_weight * losses.lskd_loss(logits_student, logits_teacher, self.temperature)
-        return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}
+    def distance(self, logits_student, logits_teacher):
+        """KD on z-scored logits."""
+        return losses.lskd_loss(logits_student, logits_teacher, self.temperature)
