@@ -211,6 +211,7 @@ class DetBlockKD(DetectionDistiller):
     blockkd_loss = BlockKD.blockkd_loss
     distance = BlockKD.distance
     _active_stones = BlockKD._active_stones
+    step_plan = BlockKD.step_plan
     get_extra_state = BlockKD.get_extra_state
     set_extra_state = BlockKD.set_extra_state
 
@@ -255,16 +256,10 @@ class DetBlockKD(DetectionDistiller):
         return out
 
     def forward_train(self, image, target, **kwargs):
-        if self.mode in ("sample", "every") and kwargs.get("epoch", math.inf) <= self.dense_epochs:
-            active, factor = list(range(self.num_stones)), 1.0  # BLOCKKD.DENSE_EPOCHS, as BlockKD.forward_train
-        else:
-            active, factor = self._active_stones()
+        active, weights, cross_weights, student_cross = self.step_plan(kwargs.get("epoch", math.inf))
         s = self.student_step(image, target)
         t_logits = self.teacher_logits(s)
         stones = self.stone_logits(s, active)
-        weights = [self.stone_weights[k] * factor for k in active]
-        cross_weights = weights if self.weight_cross else [factor] * len(active)
-        student_cross = factor if self.mode == "every" else 1.0
         epoch = int(self.num_steps) if self.warmup_steps > 0 else kwargs.get("epoch", math.inf)
         out = self.blockkd_loss(s.logits, stones, t_logits, s.labels, weights, cross_weights, epoch, student_cross)
         det = dict(s.losses)

@@ -387,16 +387,24 @@ class BlockKD(Distiller):
             "loss_cross": (self.gamma * warm) * cross,
         }
 
-    def forward_train(self, image, target, **kwargs):
-        epoch = kwargs.get("epoch", math.inf)
+    def step_plan(self, epoch):
+        """This step's stones and weights: ``(active, weights, cross_weights, student_cross)``.
+
+        ``DENSE_EPOCHS``: every stone while ``epoch <= DENSE_EPOCHS`` (the draw state untouched);
+        else the ``STONES`` schedule (:meth:`_active_stones`, which advances the draw state).
+        """
         if self.mode in ("sample", "every") and epoch <= self.dense_epochs:
-            active, factor = list(range(self.num_stones)), 1.0  # DENSE_EPOCHS: every stone, draw state untouched
+            active, factor = list(range(self.num_stones)), 1.0
         else:
             active, factor = self._active_stones()
-        s_logits, stones, t_logits = self._forward(image, active)
         weights = [self.stone_weights[k] * factor for k in active]
         cross_weights = weights if self.weight_cross else [factor] * len(active)
-        student_cross = factor if self.mode == "every" else 1.0
+        return active, weights, cross_weights, (factor if self.mode == "every" else 1.0)
+
+    def forward_train(self, image, target, **kwargs):
+        epoch = kwargs.get("epoch", math.inf)
+        active, weights, cross_weights, student_cross = self.step_plan(epoch)
+        s_logits, stones, t_logits = self._forward(image, active)
         loss = self.blockkd_loss(s_logits, stones, t_logits, target, weights, cross_weights, epoch, student_cross)
         return s_logits, loss
 
