@@ -29,12 +29,7 @@ TINY = ["DETECTION.MIN_SIZE", "64", "DETECTION.MAX_SIZE", "64", "DETECTION.REPRE
         "DETECTION.DETECTIONS_PER_IMAGE", "10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

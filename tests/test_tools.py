@@ -241,12 +241,17 @@ def test_report_table_and_plots(report, runs, tmp_path, capsys):
 
 
 def test_report_run_dirs_duplicates_and_errors(report, runs, tmp_path, capsys):
-    dup = write_run(tmp_path / "again", "kd_dup", "KD", 0, [10.0, 20.0, 99.0, 30.0], epochs=4)
-    assert report.main([str(runs / "kd" / "s0"), str(runs / "kd" / "s1"), str(dup), str(tmp_path / "missing")]) == 0
+    dup = write_run(tmp_path / "again", "kd_dup", "KD", 0, [10.0, 20.0, 99.0])
+    longer = write_run(tmp_path / "again", "kd_long", "KD", 0, [10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    assert report.main([str(runs / "kd" / "s0"), str(runs / "kd" / "s1"), str(dup), str(longer),
+                        str(tmp_path / "missing")]) == 0
     captured = capsys.readouterr()
-    # the duplicate seed-0 run has more epochs, so it replaces kd/s0: best (99, 72)
-    assert table_rows(captured.out, "## Best top-1")["KD"]["resnet56->resnet20"] == "85.50 ± 19.09 (2 seeds)"
+    best = table_rows(captured.out, "## Best top-1")
+    # the duplicate seed-0 run (same recipe, read later) replaces kd/s0: best (99, 72)
+    assert best["KD"]["resnet56->resnet20"] == "85.50 ± 19.09 (2 seeds)"
     assert "share pair" in captured.err and "missing" in captured.err
+    # a run trained for more epochs than the report's majority is its own variant, not a duplicate
+    assert best["KD EPOCHS=6"]["resnet56->resnet20"] == "60.00 (1 seed)"
     with pytest.raises(UserError, match="no usable run"):
         report.main([str(tmp_path / "missing")])
     with pytest.raises(UserError, match="RUN_DIR"):
@@ -290,7 +295,7 @@ def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, ca
                   extra=study + ["BLOCKKD.GAMMA", 0.0])
         write_run(root, f"bkd_e3/s{seed}", "BLOCKKD", seed, [61.0, 73.0], val=[62.0, 72.0 + 2 * seed],
                   extra=study + ["BLOCKKD.STONES", "every:3", "BLOCKKD.STONE_SCALE", "none"])
-        write_run(root, f"bkd_d/s{seed}", "BLOCKKD", seed, [61.0, 73.0, 74.0, 75.0], val=[62.0, 72.0, 73.0, 74.0],
+        write_run(root, f"bkd_d/s{seed}", "BLOCKKD", seed, [61.0, 75.0], val=[62.0, 74.0],
                   extra=study + ["BLOCKKD.STONES", "every:3", "BLOCKKD.STONE_SCALE", "none", "BLOCKKD.DENSE_EPOCHS", 1])
     bench = tmp_path / "bench.json"
     rows = [{"teacher": "resnet56", "student": "resnet20", "distiller": d, "variant": v, "ratio_to_kd": r}
@@ -315,8 +320,8 @@ def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, ca
     assert "## Best top-1 minus" not in out  # with a validation split, differences are on val and last test
     cost = table_rows(out, "## Training cost")
     assert "benchmark 1.30× KD, 2.6 KD-epochs" in cost["BLOCKKD every:3 STONE_SCALE=none"][col]
-    # DENSE_EPOCHS 1 of 4 epochs: (1 x 1.9 + 3 x 1.3) / 4 = 1.45 per step, 5.8 KD-epochs
-    assert "benchmark 1.45× KD, 5.8 KD-epochs" in cost["BLOCKKD every:3 STONE_SCALE=none DENSE_EPOCHS=1"][col]
+    # DENSE_EPOCHS 1 of 2 epochs: (1 x 1.9 + 1 x 1.3) / 2 = 1.60 per step, 3.2 KD-epochs
+    assert "benchmark 1.60× KD, 3.2 KD-epochs" in cost["BLOCKKD every:3 STONE_SCALE=none DENSE_EPOCHS=1"][col]
     # a hyper-parameter variant costs what its method costs (same stones): matched by the method options
     assert "benchmark 1.90× KD" in cost["BLOCKKD"][col] and "benchmark 1.90× KD" in cost["BLOCKKD GAMMA=0.0"][col]
     assert (plots / "cost_acc.png").stat().st_size > 1000

@@ -12,9 +12,8 @@ for Block-KD, ...). Runs are grouped by
   method options (``BLOCKKD.STONES``, ``LOGIT_LOSS``, ``CONNECTOR``, ``STONE_SCALE``,
   ``STONE_WEIGHTS``) that differ from the package default, e.g. ``BLOCKKD sample:1``, and
   hyper-parameters (``BLOCKKD.GAMMA``, ``T``, ``WARMUP``..., ``SOLVER.EPOCHS``) that differ
-  from most runs of the report, e.g. ``BLOCKKD GAMMA=0.0`` (add ``SOLVER.EPOCHS`` to
-  ``--label-keys`` to tell ``KD EPOCHS=24`` from KD; by default a longer run of the same
-  method and seed is the same cell, the one with more epochs kept);
+  from most runs of the report, e.g. ``BLOCKKD GAMMA=0.0``, or ``KD EPOCHS=24`` for a KD
+  run trained twice as long as the others;
 * detection runs (``DATASET.TYPE coco``) are ranked by box AP (``test_AP``) instead of
   top-1, and get a table of ``AP, AP50, AP75, APs, APm, APl`` at their best-AP epoch;
 * seed: ``EXPERIMENT.SEED`` (two runs with the same pair, method and seed: the one with
@@ -88,8 +87,8 @@ UPSTREAM_PAIRS = [
 METHOD_ORDER = ["NONE", "KD", "LSKD", "DKD", "REVIEWKD", "BLOCKKD"]
 #: Hyper-parameters that also name a variant, but only where a run differs from the others
 #: of the report (see :func:`relabel_against_majority`).
-HYPER_LABEL_KEYS = ("BLOCKKD.DENSE_EPOCHS", "BLOCKKD.ALPHA", "BLOCKKD.BETA", "BLOCKKD.GAMMA", "BLOCKKD.T", "BLOCKKD.WARMUP",
-                    "BLOCKKD.DETACH_ENSEMBLE", "BLOCKKD.WEIGHT_CROSS", "BLOCKKD.DKD_BETA")
+HYPER_LABEL_KEYS = ("SOLVER.EPOCHS", "BLOCKKD.DENSE_EPOCHS", "BLOCKKD.ALPHA", "BLOCKKD.BETA", "BLOCKKD.GAMMA", "BLOCKKD.T",
+                    "BLOCKKD.WARMUP", "BLOCKKD.DETACH_ENSEMBLE", "BLOCKKD.WEIGHT_CROSS", "BLOCKKD.DKD_BETA")
 REPORT_LABEL_KEYS = tuple(DEFAULT_LABEL_KEYS) + HYPER_LABEL_KEYS
 
 Pair = Tuple[str, Optional[str], str]  # (dataset, teacher or None for plain training, student)
