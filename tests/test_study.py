@@ -116,7 +116,7 @@ def test_study_configs_put_every_method_on_equal_footing():
 
 def test_study600_configs_share_split_recipe_and_teacher():
     """The 600-step study: every method and variant of a pair shares the validation split, data, recipe
-    (the equal-cost *_2x files differ only in epochs and decay stages) and teacher; names are unique."""
+    (the equal-cost *_2x and *_1.25x files differ only in epochs and decay stages) and teacher; names are unique."""
     from mdistiller_blockkd.config import load_cfg
 
     root = REPO / "configs" / "fmnist" / "study600"
@@ -127,12 +127,15 @@ def test_study600_configs_share_split_recipe_and_teacher():
         assert all(c.DATASET.VAL_SPLIT == 5000 and c.EXPERIMENT.PROJECT == "fmnist_study600" for c in cfgs.values())
         same = {(c.DATASET.dump(), c.DISTILLER.STUDENT) for c in cfgs.values()}
         assert len(same) == 1, pair
-        solver = {c.SOLVER.dump() for k, c in cfgs.items() if not k.endswith("_2x")}
+        solver = {c.SOLVER.dump() for k, c in cfgs.items() if not k.endswith("x")}
         assert len(solver) == 1, pair
-        for k in ("kd_2x", "dkd_2x"):
-            c = cfgs[k]
-            assert (c.SOLVER.EPOCHS, list(c.SOLVER.LR_DECAY_STAGES)) == (24, [16, 22])
-            assert c.SOLVER.LR == cfgs["kd"].SOLVER.LR and c.DISTILLER.TYPE == cfgs[k[:-3]].DISTILLER.TYPE
+        # equal-cost runs: Block-KD all's budget (2x) and last:2's (1.25x), decay stages scaled alike
+        for suffix, epochs, stages in (("_2x", 24, [16, 22]), ("_1.25x", 15, [10, 14])):
+            for m in ("kd", "dkd"):
+                c = cfgs[m + suffix]
+                assert (c.SOLVER.EPOCHS, list(c.SOLVER.LR_DECAY_STAGES)) == (epochs, stages)
+                assert c.SOLVER.LR == cfgs[m].SOLVER.LR and c.DISTILLER.TYPE == cfgs[m].DISTILLER.TYPE
+                assert c.EXPERIMENT.NAME == f"{pair}_{m}{suffix}"
         assert len({(c.DISTILLER.TEACHER, c.DISTILLER.TEACHER_CKPT) for k, c in cfgs.items() if k != "vanilla"}) == 1
         # Block-KD variants differ from blockkd.yaml in BLOCKKD only
         base = cfgs["blockkd"]
