@@ -154,7 +154,7 @@ def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", stu
     for e, acc in enumerate(accs, 1):
         best = max(best, acc)
         rec = {"epoch": e, "lr": 0.05, "train_loss": 1.0, "loss_ce": 1.0, "train_acc": acc - 5, "test_acc": acc,
-               "test_acc_top5": acc + 10, "test_loss": 1.5, "best_acc": best, "epoch_time_s": 1.0, "ms_per_step": 10.0}
+               "test_acc_top5": acc + 10, "test_loss": 1.5, "best_acc": best, "epoch_time_s": 30.0, "ms_per_step": 10.0}
         for k in range(stones):
             rec[f"acc_stone{k + 1}"] = acc + k + 1
         if stones:
@@ -221,6 +221,11 @@ def test_report_table_and_plots(report, runs, tmp_path, capsys):
     assert last["BLOCKKD sample:1"][col] == f"67.00 ± {s:.2f} (2 seeds, 1 partial)"
     assert best["KD"][other] == "40.00 (1 seed)"
     assert "partial (2/3)" in text
+    # every run with its own minutes (30 s an epoch here), and their sum: 25 epochs in 9 runs
+    assert "9 runs took 12 minutes in all" in text
+    runs_part = text.split("## Runs", 1)[1]
+    assert "| KD | 0 | 3 | 70.00 | 65.00 | 1.5 | complete |" in runs_part
+    assert "| BLOCKKD sample:1 | 1 | 2 | 66.00 | 66.00 | 1.0 | partial (2/3) |" in runs_part
     diff = table_rows(text, "## Best top-1 minus KD")
     assert list(diff) == ["NONE", "BLOCKKD", "BLOCKKD sample:1"] and list(diff["NONE"]) == [col, other]
     assert diff["NONE"][col] == "-11.00"  # one seed: no standard error

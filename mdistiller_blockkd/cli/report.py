@@ -129,6 +129,11 @@ class Run:
         return "test_AP" if self.dataset == "coco" else "test_acc"
 
     @property
+    def minutes(self) -> float:
+        """Wall-clock minutes the run's epochs took (training and evaluation: ``epoch_time_s``)."""
+        return sum(float(r["epoch_time_s"]) for r in self.records if _num(r.get("epoch_time_s")) is not None) / 60.0
+
+    @property
     def scored(self) -> List[dict]:
         """Records that carry a numeric score (``test_acc``; ``test_AP`` for detection)."""
         return [r for r in self.records if _num(r.get(self.score)) is not None]
@@ -609,16 +614,19 @@ def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None) -> st
         "",
         "## Runs",
         "",
-        "| run | pair | method | seed | epochs | best | last | status |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    runs = [g[seed] for _, g in sorted(groups.items(), key=lambda kv: (pair_name(kv[0][0], True), kv[0][1]))
+            for seed in sorted(g)]
+    out += [f"{len(runs)} runs took {sum(r.minutes for r in runs):.0f} minutes in all (the sum of their "
+            "`epoch_time_s`: training and evaluation, one process each; runs that shared the machine count their "
+            "own wall-clock time).", "",
+            "| run | pair | method | seed | epochs | best | last | minutes | status |",
+            "|---|---|---|---|---|---|---|---|---|"]
     ds = several_datasets(groups)
-    for (pair, method), g in sorted(groups.items(), key=lambda kv: (pair_name(kv[0][0], True), kv[0][1])):
-        for seed in sorted(g):
-            r = g[seed]
-            status = "complete" if r.complete else f"partial ({r.last_epoch:g}/{r.planned_epochs})"
-            out.append(f"| {r.path} | {pair_name(pair, ds)} | {method} | {seed} | {r.epochs} | {r.best:.2f} | "
-                       f"{r.last:.2f} | {status} |")
+    for r in runs:
+        status = "complete" if r.complete else f"partial ({r.last_epoch:g}/{r.planned_epochs})"
+        out.append(f"| {r.path} | {pair_name(r.pair, ds)} | {r.method} | {r.seed} | {r.epochs} | {r.best:.2f} | "
+                   f"{r.last:.2f} | {r.minutes:.1f} | {status} |")
     return "\n".join(out) + "\n"
 
 
