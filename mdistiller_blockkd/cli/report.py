@@ -718,26 +718,27 @@ def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
         return None
     cols = column_pairs(groups)
     n = len(cols)
-    ncols = min(3, n)
-    fig, axes = plt.subplots(math.ceil(n / ncols), ncols, figsize=(5.6 * ncols, 4.2 * math.ceil(n / ncols)),
+    ncols = 1  # one panel a row: each legend sits to the right of its panel
+    fig, axes = plt.subplots(math.ceil(n / ncols), ncols, figsize=(8.4 * ncols, 4.2 * math.ceil(n / ncols)),
                              squeeze=False)
     drawn = False
+    markers = "osD^vP*Xh<>p"  # with the 10 default colours, 12 markers tell up to 60 methods apart
     for ax, pair in zip(axes.flat, cols):
-        for method in method_rows(groups):
+        for i, method in enumerate(method_rows(groups)):
             runs = cell_runs(groups, pair, method)
             ratio = run_cost(runs[0], costs) if runs else None
             if ratio is None:
                 continue
             m, sd = mean_std([r.last for r in runs])
             x = ratio * runs[0].planned_epochs
-            ax.errorbar([x], [m], yerr=[sd] if len(runs) > 1 else None, fmt="o", capsize=3,
-                        label=f"{method} ({len(runs)})")
+            ax.errorbar([x], [m], yerr=[sd] if len(runs) > 1 else None, fmt=markers[i % len(markers)], capsize=3,
+                        color=f"C{i % 10}", label=f"{method} ({len(runs)})")
             drawn = True
         ax.set_title(pair_name(pair, several_datasets(groups)))
         ax.set_xlabel("training cost (KD-epochs: benchmark step cost x epochs)")
         ax.set_ylabel("test top-1, last epoch (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: points stay visible
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     if not drawn:
@@ -745,6 +746,7 @@ def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
         warn("--cost: no run matched a benchmark entry (teacher, student, distiller, variant); no cost plot")
         return None
     path = os.path.join(out_dir, "cost_acc.png")
+    fig.tight_layout()
     _save(fig, path, plt)
     return path
 
