@@ -718,9 +718,7 @@ def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
         return None
     cols = column_pairs(groups)
     n = len(cols)
-    ncols = 1  # one panel a row: each legend sits to the right of its panel
-    fig, axes = plt.subplots(math.ceil(n / ncols), ncols, figsize=(8.4 * ncols, 4.2 * math.ceil(n / ncols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(n, 1, figsize=(8.4, 4.2 * n), squeeze=False)  # one panel a row, its legend beside it
     drawn = False
     markers = "osD^vP*Xh<>p"  # with the 10 default colours, 12 markers tell up to 60 methods apart
     for ax, pair in zip(axes.flat, cols):
@@ -739,8 +737,6 @@ def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
         ax.set_ylabel("test top-1, last epoch (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: points stay visible
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
     if not drawn:
         plt.close(fig)
         warn("--cost: no run matched a benchmark entry (teacher, student, distiller, variant); no cost plot")
