@@ -127,7 +127,9 @@ CFG.BLOCKKD.BETA = 1.0  # distill terms d(., teacher)
 CFG.BLOCKKD.GAMMA = 1.0  # cross terms d(., stone ensemble)
 CFG.BLOCKKD.T = 4.0
 CFG.BLOCKKD.WARMUP = 20  # epochs of linear warm-up of the distill and cross terms; 0 = none
-CFG.BLOCKKD.DETACH_ENSEMBLE = True
+# False: gradient flows into the stones' ensemble Y^E through the cross terms. Chosen on the
+# 600-step study's validation split, where it beat True on both pairs (docs/blockkd.md#ablations)
+CFG.BLOCKKD.DETACH_ENSEMBLE = False
 CFG.BLOCKKD.WEIGHT_CROSS = True
 CFG.BLOCKKD.CONNECTOR = "conv1x1_bn"  # conv1x1_bn | conv3x3_bn | conv1x1_bn_relu | conv3x3_bn_relu
 CFG.BLOCKKD.PAIRS = []  # [] = pair by output stride; else [[student_block, teacher_block], ...] (1-based)

@@ -147,3 +147,19 @@ def test_study600_configs_share_split_recipe_and_teacher():
         assert sum(1 for _ in (root / pair).glob("*.yaml")) == len(cfgs)
     assert recipes[0] == recipes[1]
     assert len(names) == sum(1 for _ in root.rglob("*.yaml"))
+
+
+def test_configs_with_recorded_runs_pin_the_changed_default():
+    """DETACH_ENSEMBLE's default became False after the 600-step ablations. Every config whose runs are
+    recorded in the docs (the studies, the demo, the Fashion-MNIST detection set) names it, so those runs
+    reproduce whatever the default; the study's `all` row keeps the detached ensemble, `nodetach` rows not."""
+    from mdistiller_blockkd.config import CFG, load_cfg
+
+    assert CFG.BLOCKKD.DETACH_ENSEMBLE is False
+    recorded = [*(REPO / "configs" / "fmnist").rglob("blockkd*.yaml"), REPO / "configs" / "demo" / "blockkd.yaml",
+                REPO / "configs" / "detection" / "fmnist_det" / "blockkd.yaml"]
+    assert len(recorded) > 40
+    for path in recorded:
+        raw = yaml.safe_load(path.read_text())
+        assert "DETACH_ENSEMBLE" in raw["BLOCKKD"], path
+        assert load_cfg(str(path)).BLOCKKD.DETACH_ENSEMBLE is ("nodetach" not in path.stem), path

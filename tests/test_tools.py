@@ -287,6 +287,19 @@ def test_read_metrics_keeps_last_record_of_repeated_epoch(tmp_path):
     assert len(warns) == 1 and "not a JSON object" in warns[0]
 
 
+def test_report_names_an_lskd_setting_apart_from_the_default(report, tmp_path, capsys):
+    """Two LSKD settings in one report are two rows: the one off the package default is named by what differs."""
+    root = tmp_path / "lskd"
+    for seed in range(2):
+        write_run(root, f"lskd/s{seed}", "LSKD", seed, [60.0, 70.0], val=[61.0, 69.0])
+        write_run(root, f"lskd_t4/s{seed}", "LSKD", seed, [60.0, 75.0], val=[61.0, 74.0],
+                  extra=["LSKD.T", 4.0, "LSKD.CE_WEIGHT", 1.0, "LSKD.KD_WEIGHT", 1.0])
+    assert report.main(["--root", str(root)]) == 0
+    val = table_rows(capsys.readouterr().out, "## Validation top-1, last epoch")
+    assert val == {"LSKD": {"resnet56->resnet20": "69.00 ± 0.00 (2 seeds)"},
+                   "LSKD T=4.0 CE_WEIGHT=1.0 KD_WEIGHT=1.0": {"resnet56->resnet20": "74.00 ± 0.00 (2 seeds)"}}
+
+
 def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, capsys):
     """Runs with a validation split: tables to choose on, differences to several baselines; hyper-parameters
     name a variant only where they differ from the other runs; --cost adds step costs and the cost plot."""

@@ -88,7 +88,8 @@ METHOD_ORDER = ["NONE", "KD", "LSKD", "DKD", "REVIEWKD", "BLOCKKD"]
 #: Hyper-parameters that also name a variant, but only where a run differs from the others
 #: of the report (see :func:`relabel_against_majority`).
 HYPER_LABEL_KEYS = ("SOLVER.EPOCHS", "BLOCKKD.DENSE_EPOCHS", "BLOCKKD.ALPHA", "BLOCKKD.BETA", "BLOCKKD.GAMMA", "BLOCKKD.T",
-                    "BLOCKKD.WARMUP", "BLOCKKD.DETACH_ENSEMBLE", "BLOCKKD.WEIGHT_CROSS", "BLOCKKD.DKD_BETA")
+                    "BLOCKKD.WARMUP", "BLOCKKD.DETACH_ENSEMBLE", "BLOCKKD.WEIGHT_CROSS", "BLOCKKD.DKD_BETA",
+                    "LSKD.T", "LSKD.CE_WEIGHT", "LSKD.KD_WEIGHT")
 REPORT_LABEL_KEYS = tuple(DEFAULT_LABEL_KEYS) + HYPER_LABEL_KEYS
 
 Pair = Tuple[str, Optional[str], str]  # (dataset, teacher or None for plain training, student)
