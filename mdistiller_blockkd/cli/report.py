@@ -266,10 +266,11 @@ def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> 
     against the package default, so a report of ``sample:1`` runs alone still says so.
     For the other keys the reference value is the most common value among the runs it
     concerns: runs of the same dataset and student (so pairs with other recipes do not
-    label each other), of that distiller for ``BLOCKKD.*``-style keys; a tie
-    goes to the package default when it is among the tied values. So settings every run
-    of a study shares (a short warm-up, say) name nothing, and an ablation reads
-    as what it changes (``BLOCKKD GAMMA=0.0``).
+    label each other), of that distiller for ``BLOCKKD.*``-style keys. A tie goes to the
+    value most common among those runs over the whole report (so two pairs with the same
+    study read alike), then to the package default when it is among the tied values. So
+    settings every run of a study shares (a short warm-up, say) name nothing, and an
+    ablation reads as what it changes (``BLOCKKD GAMMA=0.0``).
     """
     from collections import Counter
 
@@ -291,6 +292,10 @@ def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> 
                 else:
                     top = max(counts.values())
                     tied = [c for c, n in counts.items() if n == top]
+                    if len(tied) > 1:  # the report-wide majority of the same distiller decides first
+                        wide = Counter(repr(cfg_get(r.cfg, key, None)) for r in runs if scope[2] in ("*", r.kind))
+                        best = max(wide[c] for c in tied)
+                        tied = [c for c in tied if wide[c] == best]
                     pick = repr(default) if repr(default) in tied else tied[0]
                     refs[(key, scope)] = next(v for v in values if repr(v) == pick)
             return refs[(key, scope)]
