@@ -23,7 +23,8 @@ Loss (``n`` stones, ordered shallow -> deep, ``w_i = 1 / 2^(n-i)``)
 
     ``d`` is temperature-scaled KL (``LOGIT_LOSS`` kd), Decoupled KD (dkd) or KD on
     z-scored logits (lskd); ``w_i' = w_i`` if ``WEIGHT_CROSS`` else 1; ``Y^E`` is
-    detached if ``DETACH_ENSEMBLE`` (default off: gradient flows into it); ``warm`` ramps linearly over ``WARMUP`` epochs.
+    detached if ``DETACH_ENSEMBLE`` (default off: gradient flows into it); ``warm`` ramps
+    linearly over ``WARMUP`` epochs.
     Loss keys: ``loss_ce`` = ALPHA*task, ``loss_kd`` = BETA*warm*distill,
     ``loss_cross`` = GAMMA*warm*cross.
 
