@@ -265,12 +265,14 @@ def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> 
     The keys of :data:`DEFAULT_LABEL_KEYS` (``STONES``, ``LOGIT_LOSS``...) always count
     against the package default, so a report of ``sample:1`` runs alone still says so.
     For the other keys the reference value is the most common value among the runs it
-    concerns: runs of the same dataset and student (so pairs with other recipes do not
-    label each other), of that distiller for ``BLOCKKD.*``-style keys. A tie goes to the
-    value most common among those runs over the whole report (so two pairs with the same
-    study read alike), then to the package default when it is among the tied values. So
-    settings every run of a study shares (a short warm-up, say) name nothing, and an
-    ablation reads as what it changes (``BLOCKKD GAMMA=0.0``).
+    concerns. For a distiller's own options (``BLOCKKD.*``, ``LSKD.*``) those are that
+    distiller's runs on the same dataset, all pairs together, so every column of a study
+    reads alike and one row means one setting. For recipe keys (``SOLVER.EPOCHS``) they are
+    the runs of the same dataset and student, so pairs with other recipes do not label each
+    other. A tie goes to the package default when it is among the tied values, else to the
+    value read first. So settings every run of a study shares (a short
+    warm-up, say) name nothing, and an ablation reads as what it changes
+    (``BLOCKKD GAMMA=0.0``).
     """
     from collections import Counter
 
@@ -281,9 +283,11 @@ def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> 
             if key in DEFAULT_LABEL_KEYS:
                 return default_value(key)
             node = key.split(".", 1)[0].upper()
-            scope = (run.dataset, run.student, kind if node == kind else "*")
+            # a method's options: the whole dataset; a recipe key (SOLVER.EPOCHS): each student's pair alone
+            scope = (run.dataset, kind, None) if node == kind else (run.dataset, "*", run.student)
             if (key, scope) not in refs:
-                peers = [r for r in runs if (r.dataset, r.student) == scope[:2] and scope[2] in ("*", r.kind)]
+                peers = [r for r in runs if r.dataset == scope[0] and scope[1] in ("*", r.kind)
+                         and scope[2] in (None, r.student)]
                 values = [cfg_get(r.cfg, key, None) for r in peers]
                 counts = Counter(repr(v) for v in values if v is not None)
                 default = default_value(key)
@@ -292,10 +296,6 @@ def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> 
                 else:
                     top = max(counts.values())
                     tied = [c for c, n in counts.items() if n == top]
-                    if len(tied) > 1:  # the report-wide majority of the same distiller decides first
-                        wide = Counter(repr(cfg_get(r.cfg, key, None)) for r in runs if scope[2] in ("*", r.kind))
-                        best = max(wide[c] for c in tied)
-                        tied = [c for c in tied if wide[c] == best]
                     pick = repr(default) if repr(default) in tied else tied[0]
                     refs[(key, scope)] = next(v for v in values if repr(v) == pick)
             return refs[(key, scope)]
