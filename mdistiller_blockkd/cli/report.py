@@ -270,9 +270,8 @@ def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> 
     reads alike and one row means one setting. For recipe keys (``SOLVER.EPOCHS``) they are
     the runs of the same dataset and student, so pairs with other recipes do not label each
     other. A tie goes to the package default when it is among the tied values, else to the
-    value read first. So settings every run of a study shares (a short
-    warm-up, say) name nothing, and an ablation reads as what it changes
-    (``BLOCKKD GAMMA=0.0``).
+    value read first. So settings every run of a study shares (a short warm-up, say) name
+    nothing, and an ablation reads as what it changes (``BLOCKKD GAMMA=0.0``).
     """
     from collections import Counter
 
