@@ -4,7 +4,7 @@
     1  models, data   (models.* and data.* do not import each other)
     2  distillers     (stand on models)
     3  assembler      engine.build; detection.* (its own group)
-    4  trainer        engine.trainer
+    4  trainer        engine.trainer, bench.*
     5  commands       cli.*, __main__, plugin, integrations.*
 
 Imports are read with ``ast`` (module level and inside functions alike). A new module must
@@ -33,6 +33,7 @@ LAYERS = [
     (f"{PKG}.engine.build", 3, "assembler"),
     (f"{PKG}.detection", 3, "detection"),  # detection task: data, models, distillers, COCO mAP (beside the assembler)
     (f"{PKG}.engine.trainer", 4, "trainer"),
+    (f"{PKG}.bench", 4, "trainer"),  # benchmark library: step profiles (times the trainer's pieces)
     (f"{PKG}.cli", 5, "commands"),
     (f"{PKG}.__main__", 5, "commands"),
     (f"{PKG}.plugin", 5, "commands"),

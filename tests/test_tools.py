@@ -15,8 +15,8 @@ from mdistiller_blockkd.errors import ConfigError, UserError
 from mdistiller_blockkd.cli.common import mean_std, read_metrics, split_overrides, split_top_level, variant_label
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT_KEYS = {"teacher", "student", "distiller", "variant", "batch_size", "ms_per_step", "images_per_s",
-               "peak_mem_mb", "ratio_to_kd"}
+RESULT_KEYS = {"teacher", "student", "distiller", "variant", "precision", "channels_last", "batch_size", "ms_per_step",
+               "images_per_s", "peak_mem_mb", "ratio_to_kd", "ratio_to_fp32"}
 TOP_KEYS = {"results", "device", "torch", "threads", "command"}
 
 
@@ -69,6 +69,12 @@ def test_benchmark_parsing(bench_tool):
     assert (kind, label) == ("BLOCKKD", "last:2 T=2.0") and flat == ["BLOCKKD.STONES", "last:2", "BLOCKKD.T", "2.0"]
     with pytest.raises(ConfigError, match="distiller's node"):
         bench_tool.parse_variant("SOLVER.LR=0.1")
+    with pytest.raises(ConfigError, match="distiller's node"):
+        bench_tool.parse_variant("KD.TEMPERATURE=2,BLOCKKD.T=2")
+    # step settings: alone (an entry of every distiller) or with one distiller's keys; not in the label
+    assert bench_tool.parse_variant("SOLVER.AMP=bf16") == (None, ["SOLVER.AMP", "bf16"], "")
+    assert bench_tool.parse_variant("BLOCKKD.STONES=last:2,SOLVER.AMP=bf16") == (
+        "BLOCKKD", ["BLOCKKD.STONES", "last:2", "SOLVER.AMP", "bf16"], "last:2")
     # cost model arithmetic: 3F(S) + F(T) (+ 2 F(tail) + 3 F(C) per stone, expected share for sample:K)
     assert bench_tool.stone_share("sample", 1, 4) == [0.25] * 4
     assert bench_tool.stone_share("last", 2, 3) == [0.0, 1.0, 1.0]
@@ -78,7 +84,7 @@ def test_benchmark_parsing(bench_tool):
 
 def test_benchmark_cli_json_and_cost_model(tmp_path):
     out = tmp_path / "bench.json"
-    names = ["NONE", "BLOCKKD"] + (["KD"] if "KD" in distiller_dict else [])
+    names = ["NONE", "BLOCKKD", "KD"]
     cmd = [sys.executable, "-m", "mdistiller_blockkd", "benchmark", "--pairs", "resnet20:resnet8", "--distillers", *names,
            "--variants", "BLOCKKD.STONES=sample:1", "--batch-size", "4", "--warmup", "1", "--steps", "2",
            "--threads", "1", "--cost-model", "--json", str(out), "BLOCKKD.WARMUP=0"]
@@ -95,11 +101,9 @@ def test_benchmark_cli_json_and_cost_model(tmp_path):
         assert (r["teacher"], r["student"], r["batch_size"]) == ("resnet20", "resnet8", 4)
         assert r["ms_per_step"] > 0 and r["peak_mem_mb"] >= 0
         assert r["images_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1000), rel=1e-3)
-        if "KD" in names:
-            kd_ms = rows[("KD", "")]["ms_per_step"]
-            assert r["ratio_to_kd"] == pytest.approx(r["ms_per_step"] / kd_ms, rel=1e-3)
-        else:
-            assert r["ratio_to_kd"] is None
+        kd_ms = rows[("KD", "")]["ms_per_step"]
+        assert r["ratio_to_kd"] == pytest.approx(r["ms_per_step"] / kd_ms, rel=1e-3)
+        assert (r["precision"], r["channels_last"], r["ratio_to_fp32"]) == ("fp32", False, None)
     # cost model: BLOCKKD all > KD > 0, and sampling one stone costs less than all of them
     costs = {c["variant"]: c for c in doc["cost_model"]}
     assert set(costs) == {"", "sample:1"}
@@ -132,6 +136,27 @@ def test_benchmark_main_in_process(bench_tool, tmp_path, capsys):
         bench_tool.main(["--pairs", "resnet8:nope", "--distillers", "NONE"])
     with pytest.raises(ConfigError, match="--steps"):
         bench_tool.main(["--steps", "0"])
+
+
+def test_benchmark_compares_precisions_in_one_process(bench_tool, tmp_path, capsys):
+    """--variants SOLVER.AMP=bf16 adds a bf16 twin of every entry; ratios to KD are taken at the same precision."""
+    out = tmp_path / "p.json"
+    assert bench_tool.main(["--pairs", "resnet8:resnet8", "--distillers", "KD", "BLOCKKD", "--variants", "SOLVER.AMP=bf16",
+                            "BLOCKKD.STONES=last:2,SOLVER.AMP=bf16,SOLVER.CHANNELS_LAST=True", "--batch-size", "2",
+                            "--warmup", "0", "--steps", "1", "--threads", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "precision" in table and "x fp32" in table
+    rows = {(r["distiller"], r["variant"], r["precision"], r["channels_last"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {("KD", "", "fp32", False), ("BLOCKKD", "", "fp32", False), ("KD", "", "bf16", False),
+                         ("BLOCKKD", "", "bf16", False), ("BLOCKKD", "last:2", "bf16", True)}
+    ms = {k: r["ms_per_step"] for k, r in rows.items()}
+    for (kind, variant, prec, cl), r in rows.items():
+        kd = ms[("KD", "", prec, cl)] if ("KD", "", prec, cl) in ms else None
+        assert r["ratio_to_kd"] == (None if kd is None else pytest.approx(r["ms_per_step"] / kd, rel=1e-3))
+        twin = ms.get((kind, variant, "fp32", cl))
+        want = None if prec == "fp32" or twin is None else pytest.approx(r["ms_per_step"] / twin, rel=1e-3)
+        assert r["ratio_to_fp32"] == want
+    assert rows[("BLOCKKD", "", "bf16", False)]["ratio_to_fp32"] is not None
 
 
 def test_benchmark_help():
@@ -374,3 +399,32 @@ def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, ca
         report.main(["--root", str(root), "--cost", str(bench)])
     with pytest.raises(UserError, match="not found"):
         report.main(["--root", str(root), "--cost", str(tmp_path / "nope.json")])
+
+
+def test_step_profile_splits_a_blockkd_step_into_its_parts(bench_tool):
+    """Every part of a Block-KD step gets time; KD has no stones; the teacher forward holds no backward."""
+    import argparse
+
+    import torch
+
+    args = argparse.Namespace(device="cpu", batch_size=4, image_size=32, num_classes=10, seed=0)
+    runner = bench_tool.Runner(args)
+    parts = {}
+    for kind in ("KD", "BLOCKKD"):
+        cfg = load_cfg(None, ["DISTILLER.TYPE", kind, "DISTILLER.TEACHER", "resnet8", "DISTILLER.STUDENT", "resnet8"])
+        e = bench_tool.Entry("resnet8", "resnet8", kind, "", cfg, "test")
+        runner.build(e)
+        runner.step(e)
+        parts[kind] = runner.profile(e, steps=1)
+    kd, bk = parts["KD"], parts["BLOCKKD"]
+    for part in ("student forward", "student backward", "teacher forward", "optimizer"):
+        assert kd[part] > 0 and bk[part] > 0, part
+    for part in ("stones forward", "stones backward", "connectors forward", "connectors backward", "losses forward"):
+        assert bk[part] > 0 and part not in kd or part.startswith("losses"), part
+    assert "teacher backward" not in bk and "teacher backward" not in kd
+    # the teacher's own pass is one forward of the same modules the stones run with autograd on
+    assert set(bk) <= {f"{p} {d}" for p in ("student", "teacher", "stones", "connectors", "losses")
+                       for d in ("forward", "backward")} | {"optimizer", "backward other"}
+    # the wrapped staged methods are restored: no instance attribute is left behind
+    assert "forward_block" not in vars(e.model.student)
+    assert torch.is_grad_enabled()

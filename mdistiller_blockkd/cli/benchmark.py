@@ -4,7 +4,7 @@ For every (teacher -> student pair, distiller, variant) entry the tool builds th
 distiller with randomly initialised models (no checkpoint: timing only), an SGD
 optimiser over ``get_learnable_parameters()``, and one fixed random batch
 (``--batch-size`` images of ``3 x --image-size x --image-size``, labels in
-``[0, --num-classes)``). A *step* is exactly what the trainer does:
+``[0, --num-classes)``). A *step* is what the trainer does:
 ``forward_train`` -> sum of the loss terms -> ``backward`` -> ``SGD.step`` ->
 ``zero_grad``.
 
@@ -24,9 +24,13 @@ Procedure
        timed step is one whole cycle of K steps (one with stones, K-1 without),
        divided by K, so its median is the mean cost per step.
 
-Reported per entry: median ms/step, images/s (``batch / median``), peak memory (MiB)
-and ``ratio_to_kd``, the median divided by the median of plain ``KD`` on the same
-pair (``null`` when KD was not run).
+Reported per entry: its precision (``fp32``, ``bf16``, ``fp16``; `` CL`` for
+channels-last), median ms/step, images/s (``batch / median``), peak memory (MiB),
+``ratio_to_kd``, the median divided by the median of plain ``KD`` on the same pair at
+the same precision and layout, and ``ratio_to_fp32``, the median divided by that of the
+entry's own fp32 twin (``null`` where the reference entry was not run). Entries of
+every precision are timed in the same interleaved rounds, so these ratios come from one
+process.
 
 Entries
     ``--cfg FILE ...``        one entry per YAML config (its pair, DISTILLER.TYPE and
@@ -40,7 +44,13 @@ Entries
                               ``--cfg`` files, whose settings are then kept;
     ``--variants SPEC ...``   extra entries per pair: ``NODE.KEY=VALUE[,NODE.KEY=VALUE]``
                               with NODE a distiller, e.g. ``BLOCKKD.STONES=sample:1``
-                              (reported with variant ``sample:1``);
+                              (reported with variant ``sample:1``), optionally with the
+                              step settings ``SOLVER.AMP`` and ``SOLVER.CHANNELS_LAST``
+                              (``BLOCKKD.STONES=last:2,SOLVER.AMP=bf16``); a spec of step
+                              settings alone (``SOLVER.AMP=bf16``) adds a twin of every
+                              other entry with those settings;
+    ``--amp``, ``--channels-last``  ``SOLVER.AMP`` / ``SOLVER.CHANNELS_LAST`` of every entry
+                              (default: each config's own);
     trailing ``KEY=VALUE``    config overrides applied to every entry.
     With neither ``--cfg`` nor ``--pairs``: ``--pairs resnet56:resnet20``.
 
@@ -64,6 +74,8 @@ Examples (from the repository root, no installation needed)::
     mdistiller-blockkd-benchmark --pairs resnet56:resnet20 resnet32x4:resnet8x4 \\
         --distillers NONE KD DKD REVIEWKD BLOCKKD --variants BLOCKKD.STONES=sample:1 \\
         --device cuda --amp bf16 --channels-last --json bench.json
+    mdistiller-blockkd-benchmark --pairs resnet56:resnet20 --distillers KD BLOCKKD \\
+        --variants SOLVER.AMP=bf16 BLOCKKD.STONES=last:2,SOLVER.AMP=bf16 --threads 1   # fp32 vs bf16
     mdistiller-blockkd-benchmark --cfg detection/fmnist_det/{kd,vanilla,dkd,blockkd} \\
         --batch-size 8 --image-size 96 --num-classes 11 --threads 1   # detection (DATASET.TYPE coco)
     mdistiller-blockkd-benchmark --cfg cifar100/blockkd/res56_res20 \\
@@ -87,12 +99,15 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.profiler import record_function
 
 from ..detection.task import DetectionTask, benchmark_batch, build_detection_distiller, is_detection
 from ..distillers import distiller_dict
 from ..config import load_cfg
 from ..errors import ConfigError, run_cli
 from ..models import build_model, list_models
+from ..bench.profile import PARTS, profile_step
+from ..utils.precision import AMP_CHOICES, AMP_DTYPES, autocast, precision_name, resolve_amp
 from .common import (
     BARE_LABEL_KEYS,
     atomic_write_text,
@@ -102,6 +117,8 @@ from .common import (
 )
 
 DEFAULT_DISTILLERS = ("NONE", "KD", "DKD", "REVIEWKD", "BLOCKKD")
+#: Solver keys a ``--variants`` entry may set: they change what a step computes, not the model.
+STEP_KEYS = ("SOLVER.AMP", "SOLVER.CHANNELS_LAST")
 DEFAULT_PAIR = ("resnet56", "resnet20")
 MIB = 2.0 ** 20
 _PAIR_RE = re.compile(r"^(timm:[^:]+|[^:]+):(timm:[^:]+|[^:]+)$")
@@ -126,15 +143,26 @@ class Entry:
     epoch: float = 240.0
     times_ms: List[float] = field(default_factory=list)
     peak_mem_mb: Optional[float] = None
+    amp: str = "off"  # the explicit SOLVER.AMP setting of the entry (auto resolved on the device)
+    channels_last: bool = False
 
     @property
-    def key(self) -> Tuple[str, str, str, str]:
-        return self.teacher, self.student, self.distiller, self.variant
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        return AMP_DTYPES[self.amp]
+
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16``, with `` CL`` for channels-last."""
+        return precision_name(self.amp) + (" CL" if self.channels_last else "")
+
+    @property
+    def key(self) -> Tuple[str, str, str, str, str]:
+        return self.teacher, self.student, self.distiller, self.variant, self.precision
 
     @property
     def name(self) -> str:
         v = f" [{self.variant}]" if self.variant else ""
-        return f"{self.distiller}{v} {self.teacher}->{self.student}"
+        return f"{self.distiller}{v} ({self.precision}) {self.teacher}->{self.student}"
 
 
 def parse_pair(text: str) -> Tuple[str, str]:
@@ -145,26 +173,34 @@ def parse_pair(text: str) -> Tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def parse_variant(spec: str) -> Tuple[str, List[str], str]:
-    """``"BLOCKKD.STONES=sample:1"`` -> ``("BLOCKKD", ["BLOCKKD.STONES", "sample:1"], "sample:1")``.
+def parse_variant(spec: str) -> Tuple[Optional[str], List[str], str]:
+    """``"BLOCKKD.STONES=last:2,SOLVER.AMP=bf16"`` -> ``("BLOCKKD", [KEY, VALUE, ...], "last:2")``.
 
-    Several overrides are separated by commas (outside brackets); they must all be keys
-    of one distiller's node. The label is the bare value for the keys the report tool
-    labels by (``BLOCKKD.STONES``, ``BLOCKKD.LOGIT_LOSS``, ``BLOCKKD.CONNECTOR``), else
-    ``KEY=value`` with the last key component.
+    Several overrides are separated by commas (outside brackets). Keys are those of at most
+    one distiller's node (the variant is an entry of that distiller alone) and the
+    step-changing solver keys :data:`STEP_KEYS` (``SOLVER.AMP``, ``SOLVER.CHANNELS_LAST``). A
+    variant without a distiller key is an entry of every benchmarked distiller (``None``).
+    The label names the distiller keys: the bare value for the keys the report tool labels by
+    (``BLOCKKD.STONES``, ``BLOCKKD.LOGIT_LOSS``, ``BLOCKKD.CONNECTOR``), else ``KEY=value`` with
+    the last key component; the precision and layout have their own column.
     """
     parts = split_top_level(spec, ",")
     if not parts or any("=" not in p for p in parts):
         raise ConfigError(f"--variants entry '{spec}' must read NODE.KEY=VALUE[,NODE.KEY=VALUE], "
-                          "e.g. BLOCKKD.STONES=sample:1")
+                          "e.g. BLOCKKD.STONES=sample:1 or SOLVER.AMP=bf16")
     flat = split_overrides(parts)
-    nodes = {k.split(".", 1)[0].upper() for k in flat[0::2]}
-    if len(nodes) != 1 or next(iter(nodes)) not in distiller_dict:
-        raise ConfigError(f"--variants entry '{spec}': every key must belong to one registered distiller's node "
-                          f"({', '.join(sorted(distiller_dict))}); put other keys in the trailing KEY=VALUE overrides")
-    node = nodes.pop()
+    keys = [k.upper() for k in flat[0::2]]
+    step = [k for k in keys if k in STEP_KEYS]
+    nodes = {k.split(".", 1)[0] for k in keys if k not in STEP_KEYS}
+    if len(nodes) > 1 or (nodes and next(iter(nodes)) not in distiller_dict):
+        raise ConfigError(f"--variants entry '{spec}': keys must belong to one registered distiller's node "
+                          f"({', '.join(sorted(distiller_dict))}) or be step settings ({', '.join(STEP_KEYS)}); "
+                          "put other keys in the trailing KEY=VALUE overrides")
+    node = nodes.pop() if nodes else None
     labels = []
     for key, value in zip(flat[0::2], flat[1::2]):
+        if key.upper() in step:
+            continue
         labels.append(value if key in BARE_LABEL_KEYS else f"{key.rsplit('.', 1)[-1]}={value}")
     return node, flat, " ".join(labels)
 
@@ -193,6 +229,10 @@ def build_entries(args, overrides: List[str]) -> List[Entry]:
         seen.add(entry.key)
         entries.append(entry)
 
+    def entry(t, s, kind, label, cfg, source) -> Entry:
+        return Entry(t, s, kind, label, cfg, source, amp=resolve_amp(cfg.SOLVER.AMP, args.device),
+                     channels_last=bool(cfg.SOLVER.CHANNELS_LAST))
+
     def pair_opts(kind, t, s):
         return ["DISTILLER.TYPE", kind, "DISTILLER.TEACHER", t, "DISTILLER.STUDENT", s]
 
@@ -206,7 +246,7 @@ def build_entries(args, overrides: List[str]) -> List[Entry]:
         base_of.setdefault(pair, path)
         if pair not in pairs:
             pairs.append(pair)
-        add(Entry(pair[0], pair[1], kind, variant_label(cfg), cfg, path))
+        add(entry(pair[0], pair[1], kind, variant_label(cfg), cfg, path))
 
     for text in args.pairs or []:
         pair = parse_pair(text)
@@ -238,14 +278,23 @@ def build_entries(args, overrides: List[str]) -> List[Entry]:
         base = base_of.get((t, s))
         for kind in names:
             cfg = _make_cfg(base, pair_opts(kind, t, s) + overrides, args.image_size, args.num_classes)
-            add(Entry(t, s, kind, variant_label(cfg), cfg, base or "--pairs"))
+            add(entry(t, s, kind, variant_label(cfg), cfg, base or "--pairs"))
 
+    base_entries = list(entries)
     for spec in args.variants or []:
         kind, flat, label = parse_variant(spec)
+        if kind is None:  # step settings only: a twin of every entry so far, its own settings kept
+            for b in base_entries:
+                cfg = b.cfg.clone()
+                cfg.defrost()
+                cfg.merge_from_list(list(flat))
+                cfg.freeze()
+                add(entry(b.teacher, b.student, b.distiller, b.variant, cfg, f"--variants {spec}"))
+            continue
         for t, s in pairs:
             base = base_of.get((t, s))
             cfg = _make_cfg(base, pair_opts(kind, t, s) + overrides + flat, args.image_size, args.num_classes)
-            add(Entry(t, s, kind, label, cfg, f"--variants {spec}"))
+            add(entry(t, s, kind, label, cfg, f"--variants {spec}"))
     if not entries:
         raise ConfigError("nothing to benchmark: give --cfg FILE, or --pairs T:S with --distillers")
     return entries
@@ -316,24 +365,23 @@ class Runner:
             torch.backends.cudnn.benchmark = True
         elif self.device.type != "cpu":
             raise ConfigError(f"--device '{args.device}' is not supported; use cpu or cuda[:N]")
-        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-        self.channels_last = args.channels_last
         self.batch_size, self.image_size, self.num_classes = args.batch_size, args.image_size, args.num_classes
         self.seed = args.seed
 
-    def prime(self):
+    def prime(self, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False):
         """One small convolutional training step, so one-time library set-up (kernel caches,
-        thread pools, CUDA context) is not charged to the first entry's memory or time."""
+        thread pools, CUDA context) is not charged to the first entry's memory or time.
+        Run once per precision and layout of the entries."""
         torch.manual_seed(self.seed)
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, self.num_classes))
         net.to(self.device)
         x = torch.randn(2, 3, self.image_size, self.image_size, device=self.device)
-        if self.channels_last:
+        if channels_last:
             net.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        with self.autocast():
+        with autocast(self.device, amp_dtype):
             loss = torch.nn.functional.cross_entropy(net(x), torch.zeros(2, dtype=torch.long, device=self.device))
         loss.backward()
         opt.step()
@@ -344,8 +392,9 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+    def autocast(self, e: Entry):
+        """Autocast with ``e``'s precision."""
+        return autocast(self.device, e.amp_dtype)
 
     def build(self, e: Entry):
         """Build ``e``'s models, distiller, optimiser and batch on the device."""
@@ -357,17 +406,17 @@ class Runner:
             teacher = None if e.distiller == "NONE" else build_model(e.teacher, num_classes=self.num_classes)
             model = distiller_dict[e.distiller](student, teacher, e.cfg, input_size=self.image_size)
         model.to(self.device)
-        if self.channels_last:
+        if e.channels_last:
             model.to(memory_format=torch.channels_last)
         model.train()
         sol = e.cfg.SOLVER
         e.opt = torch.optim.SGD(model.get_learnable_parameters(), lr=float(sol.LR), momentum=float(sol.MOMENTUM),
                                 weight_decay=float(sol.WEIGHT_DECAY))
-        e.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        e.scaler = torch.amp.GradScaler(self.device.type, enabled=e.amp == "fp16")
         g = torch.Generator().manual_seed(self.seed + 1)
         x = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=g)
         y = torch.randint(0, self.num_classes, (self.batch_size,), generator=g)
-        e.x = x.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        e.x = x.to(self.device, memory_format=torch.channels_last if e.channels_last else torch.contiguous_format)
         e.y = y.to(self.device)
         if is_detection(e.cfg):
             images, targets = benchmark_batch(self.batch_size, self.image_size, self.num_classes, self.seed)
@@ -376,15 +425,24 @@ class Runner:
         e.model = model
 
     def step(self, e: Entry) -> torch.Tensor:
-        """One training step: forward_train, sum of losses, backward, SGD step, zero_grad."""
-        with self.autocast():
+        """One training step: forward_train, sum of losses, backward, SGD step, zero_grad (each in a
+        ``record_function`` scope that :mod:`mdistiller_blockkd.bench.profile` reads)."""
+        with record_function("part:forward"), self.autocast(e):
             _, losses = e.model.forward_train(image=e.x, target=e.y, epoch=e.epoch)
             loss = sum(losses.values())
-        e.scaler.scale(loss).backward()
-        e.scaler.step(e.opt)
-        e.scaler.update()
-        e.opt.zero_grad(set_to_none=True)
+        with record_function("part:backward"):
+            e.scaler.scale(loss).backward()
+        with record_function("part:optimizer"):
+            e.scaler.step(e.opt)
+            e.scaler.update()
+            e.opt.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def profile(self, e: Entry, steps: int) -> Dict[str, float]:
+        """Milliseconds per step of each part of ``e``'s step (:func:`~mdistiller_blockkd.bench.profile.profile_step`)."""
+        teacher = getattr(e.model, "teacher", None)
+        tex = e.model.teacher_model(e.x) if teacher is not None and hasattr(e.model, "teacher_model") else None
+        return profile_step(lambda: self.step(e), e.model, tex, steps=steps)
 
     def timed_step(self, e: Entry) -> float:
         """Mean ms of one step over a whole cycle of the entry's schedule (Block-KD ``every:K``: K steps)."""
@@ -455,20 +513,20 @@ def cost_model(runner: Runner, e: Entry, reps: int = 5) -> dict:
         raise ConfigError(f"--cost-model needs a Block-KD distiller; {e.distiller} has no stepping stones")
     tmodel = m.teacher_model(x)
     tview = tmodel.staged_view()
-    with runner.autocast():
+    with runner.autocast(e):
         outs = m.sview.block_outputs(x)
     pieces: List[Tuple[str, Callable[[], object]]] = [("student", lambda: m.student(x)), ("teacher", lambda: tmodel(x))]
     for k, (i, j) in enumerate(m.pairs):
         h = outs[i]
         conn = m.connectors[k]
-        with runner.autocast():
+        with runner.autocast(e):
             c = conn(h)
         pieces.append((f"connector{k + 1}", lambda conn=conn, h=h: conn(h)))
         pieces.append((f"tail{k + 1}", lambda c=c, j=j: tview.forward_from(c, j + 1)))
     flops, times = {}, {}
     for name, fn in pieces:
         def run(fn=fn):
-            with runner.autocast():
+            with runner.autocast(e):
                 return fn()
         flops[name] = count_flops(run)
         times[name] = runner.time_forward(run, reps)
@@ -477,7 +535,7 @@ def cost_model(runner: Runner, e: Entry, reps: int = 5) -> dict:
     names_t = [f"tail{k + 1}" for k in range(n)]
     names_c = [f"connector{k + 1}" for k in range(n)]
     out = {
-        "teacher": e.teacher, "student": e.student, "variant": e.variant, "stones": f"{m.mode}:{m.k}" if m.mode != "all" else "all",
+        "teacher": e.teacher, "student": e.student, "variant": e.variant, "precision": e.precision, "stones": f"{m.mode}:{m.k}" if m.mode != "all" else "all",
         "num_stones": n, "pairs": [[i + 1, j + 1] for i, j in m.pairs],
         "forward_ms": {k: round(v, 4) for k, v in times.items()},
         "forward_gflops": None, "flops_ratio_to_kd": None,
@@ -516,20 +574,46 @@ def device_description(device: torch.device) -> str:
 
 
 def results_of(entries: List[Entry], batch_size: int) -> List[dict]:
-    """One result dict per entry (the ``--json`` schema)."""
-    kd = {(e.teacher, e.student): statistics.median(e.times_ms) for e in entries
-          if e.distiller == "KD" and not e.variant}
+    """One result dict per entry (the ``--json`` schema).
+
+    ``ratio_to_kd``: the median over plain ``KD``'s on the same pair *at the same precision and
+    layout*; ``ratio_to_fp32``: over the entry's fp32 twin (same pair, distiller, variant and
+    layout, ``SOLVER.AMP off``); ``None`` where that entry was not run.
+    """
+    med = {e.key: statistics.median(e.times_ms) for e in entries}
     out = []
     for e in entries:
-        ms = statistics.median(e.times_ms)
-        ref = kd.get((e.teacher, e.student))
+        ms = med[e.key]
+        kd = med.get((e.teacher, e.student, "KD", "", e.precision))
+        fp32 = med.get((e.teacher, e.student, e.distiller, e.variant, "fp32" + (" CL" if e.channels_last else "")))
         out.append({
             "teacher": e.teacher, "student": e.student, "distiller": e.distiller, "variant": e.variant,
+            "precision": precision_name(e.amp), "channels_last": e.channels_last,
             "batch_size": batch_size, "ms_per_step": round(ms, 4), "images_per_s": round(batch_size / (ms / 1000.0), 2),
             "peak_mem_mb": None if e.peak_mem_mb is None else round(e.peak_mem_mb, 2),
-            "ratio_to_kd": None if ref is None else round(ms / ref, 4),
+            "ratio_to_kd": None if kd is None else round(ms / kd, 4),
+            "ratio_to_fp32": None if fp32 is None or e.amp == "off" else round(ms / fp32, 4),
         })
     return out
+
+
+def profile_table(profiles: List[dict]) -> str:
+    """One row per part (forward and backward of each), one column per profiled entry: ms and share."""
+    order = [f"{p} {d}" for p in PARTS[:5] for d in ("forward", "backward")] + ["optimizer", "backward other"]
+    seen = {k for p in profiles for k in p["parts_ms"]}
+    order += sorted(seen - set(order))
+    header = ["part"] + [f"{p['distiller']}{' ' + p['variant'] if p['variant'] else ''} ({p['precision']})" for p in profiles]
+    rows = []
+    for part in order:
+        if part not in seen:
+            continue
+        row = [part]
+        for p in profiles:
+            v = p["parts_ms"].get(part)
+            row.append("-" if v is None else f"{v:.1f} ({100 * v / p['profiled_ms']:.0f}%)")
+        rows.append(row)
+    rows.append(["total"] + [f"{p['profiled_ms']:.1f}" for p in profiles])
+    return format_table(rows, header)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -551,11 +635,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per entry before timing (default 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per entry, interleaved round-robin (default 10)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast dtype (fp16 adds a grad scaler)")
-    p.add_argument("--channels-last", action="store_true", help="models and batch in channels_last memory format")
+    p.add_argument("--amp", choices=AMP_CHOICES, default=None,
+                   help="SOLVER.AMP of every entry (default: each config's; fp16 adds a grad scaler; a --variants "
+                        "entry with SOLVER.AMP=... keeps its own)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="SOLVER.CHANNELS_LAST True for every entry: models and batch in channels_last memory format")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and batch (default 0)")
     p.add_argument("--cost-model", action="store_true", help="print the Block-KD cost-model ratio to KD (FLOPs and times)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steps of every entry (torch.profiler) and print where a step's time goes: "
+                        "student, teacher, stones, connectors, losses (forward and backward), optimizer")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides applied to every entry")
     return p
@@ -575,14 +665,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"--threads is {args.threads}; it must be >= 1")
         torch.set_num_threads(args.threads)
     overrides = split_overrides(args.opts)
+    if args.amp is not None:
+        overrides += ["SOLVER.AMP", args.amp]
+    if args.channels_last:
+        overrides += ["SOLVER.CHANNELS_LAST", "True"]
     runner = Runner(args)
     entries = build_entries(args, overrides)
 
     print(f"device {device_description(runner.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}x3x{args.image_size}x{args.image_size}, amp {args.amp}"
-          f"{', channels_last' if args.channels_last else ''}; {len(entries)} entries, "
+          f"batch {args.batch_size}x3x{args.image_size}x{args.image_size}; {len(entries)} entries, "
           f"{args.warmup} warm-up + {args.steps} interleaved steps each")
-    runner.prime()
+    for amp, cl in dict.fromkeys((e.amp_dtype, e.channels_last) for e in entries):
+        runner.prime(amp, cl)
     mem = PeakMemory(runner.device)
     for e in entries:  # warm-up pass, one entry at a time (memory measured here)
         mem.start()
@@ -602,18 +696,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             e.times_ms.append(runner.timed_step(e))
 
     results = results_of(entries, args.batch_size)
-    header = ["teacher", "student", "distiller", "variant", "batch", "ms/step", "images/s", "peak MiB", "x KD"]
-    rows = [[r["teacher"], r["student"], r["distiller"], r["variant"] or "-", r["batch_size"], _fmt(r["ms_per_step"], 2),
-             _fmt(r["images_per_s"], 1), _fmt(r["peak_mem_mb"], 1), _fmt(r["ratio_to_kd"], 2)] for r in results]
+    header = ["teacher", "student", "distiller", "variant", "precision", "batch", "ms/step", "images/s", "peak MiB",
+              "x KD", "x fp32"]
+    rows = [[r["teacher"], r["student"], r["distiller"], r["variant"] or "-", e.precision, r["batch_size"],
+             _fmt(r["ms_per_step"], 2), _fmt(r["images_per_s"], 1), _fmt(r["peak_mem_mb"], 1), _fmt(r["ratio_to_kd"], 2),
+             _fmt(r["ratio_to_fp32"], 2)] for r, e in zip(results, entries)]
     print()
     print(format_table(rows, header))
-    print(f"(median of {args.steps} steps; peak memory: "
+    print(f"(median of {args.steps} steps; x KD: against KD at the same precision and layout; x fp32: against the "
+          f"entry's own fp32 twin; peak memory: "
           f"{'CUDA max_memory_allocated' if runner.device.type == 'cuda' else 'approximate RSS growth'})")
 
     costs = None
     if args.cost_model:
         costs = []
-        measured = {(r["teacher"], r["student"], r["distiller"], r["variant"]): r["ratio_to_kd"] for r in results}
+        measured = {e.key: r["ratio_to_kd"] for r, e in zip(results, entries)}
         for e in entries:
             if e.distiller == "BLOCKKD":
                 c = cost_model(runner, e)
@@ -629,13 +726,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for c in costs:
                 g = c["forward_gflops"]
                 tails = [k for k in c["forward_ms"] if k.startswith("tail")]
-                crow.append([c["teacher"], c["student"], c["variant"] or "-", c["stones"],
+                crow.append([c["teacher"], c["student"], c["variant"] or "-", c["precision"], c["stones"],
                              "-" if g is None else f"{g['student']:.3f}", "-" if g is None else f"{g['teacher']:.3f}",
                              "-" if g is None else " ".join(f"{g[k]:.3f}" for k in tails),
                              _fmt(c["flops_ratio_to_kd"], 2), _fmt(c["time_ratio_to_kd"], 2),
                              _fmt(c["measured_ratio_to_kd"], 2)])
-            print(format_table(crow, ["teacher", "student", "variant", "stones", "GFLOP S", "GFLOP T",
+            print(format_table(crow, ["teacher", "student", "variant", "precision", "stones", "GFLOP S", "GFLOP T",
                                       "GFLOP tails", "x KD (FLOPs)", "x KD (fwd times)", "x KD (measured)"]))
+
+    profiles = None
+    if args.profile > 0:
+        profiles = []
+        for e in entries:
+            parts = runner.profile(e, args.profile)
+            total = sum(parts.values())
+            profiles.append({"teacher": e.teacher, "student": e.student, "distiller": e.distiller,
+                             "variant": e.variant, "precision": e.precision, "profiled_ms": round(total, 3),
+                             "parts_ms": {k: round(v, 3) for k, v in parts.items()}})
+        print()
+        print(profile_table(profiles))
+        print(f"(torch.profiler over {args.profile} steps per entry: self CPU time of each part, ms per step and share "
+              "of the profiled step; the profiler's overhead inflates small ops, so read shares and ratios)")
 
     if args.json:
         doc = {
@@ -647,6 +758,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
         if costs is not None:
             doc["cost_model"] = costs
+        if profiles is not None:
+            doc["profile"] = profiles
         atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
