@@ -428,3 +428,62 @@ def test_step_profile_splits_a_blockkd_step_into_its_parts(bench_tool):
     # the wrapped staged methods are restored: no instance attribute is left behind
     assert "forward_block" not in vars(e.model.student)
     assert torch.is_grad_enabled()
+
+
+def test_report_plots_stay_readable_with_many_methods(report, tmp_path):
+    """20 methods on one pair: at most MAX_SERIES series a panel, distinct colour and marker within a panel,
+    legends outside the axes, panels wrapping at PANELS_PER_ROW, no PNG over 2400 px."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from PIL import Image
+
+    root = tmp_path / "runs"
+    stones = ["all", "last:1", "last:2", "sample:1", "sample:2", "every:2", "every:3"]
+    variants = [("KD", []), ("DKD", []), ("LSKD", []), ("NONE", []), ("KD", ["SOLVER.EPOCHS", 6])]
+    variants += [("BLOCKKD", ["BLOCKKD.STONES", s]) for s in stones]
+    variants += [("BLOCKKD", [f"BLOCKKD.{k}", v]) for k, v in [("T", 2.0), ("BETA", 2.0), ("BETA", 0.5), ("GAMMA", 0.0),
+                                                               ("WARMUP", 0), ("WARMUP", 4), ("STONE_WEIGHTS", "uniform"),
+                                                               ("LOGIT_LOSS", "dkd")]]
+    for i, (kind, extra) in enumerate(variants):
+        write_run(root, f"m{i}", kind, 0, [50.0 + i, 60.0 + i, 61.0 + i / 2], extra=extra, stones=3 * (kind == "BLOCKKD"))
+    costs = tmp_path / "bench.json"
+    rows = []
+    for kind, extra in variants:
+        cfg = load_cfg(None, ["DISTILLER.TYPE", kind] + [str(v) for v in extra])
+        rows.append({"teacher": "resnet56", "student": "resnet20", "distiller": kind,
+                     "variant": variant_label(cfg), "ratio_to_kd": 1.0 + len(rows) / 10})
+    costs.write_text(json.dumps({"results": rows}))
+    plots = tmp_path / "plots"
+    seen_axes = []
+    import matplotlib.figure
+
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):
+        seen_axes.extend(ax for ax in fig.axes if ax.get_visible())
+        return real_savefig(fig, *a, **k)
+
+    matplotlib.figure.Figure.savefig = spy
+    try:
+        assert report.main(["--root", str(root), "--plots", str(plots), "--cost", str(costs)]) == 0
+    finally:
+        matplotlib.figure.Figure.savefig = real_savefig
+    pngs = sorted(plots.glob("*.png"))
+    assert {p.name for p in pngs} == {"test_acc.png", "cost_acc.png", "stones_resnet56_resnet20.png"}
+    for p in pngs:
+        w, h = Image.open(p).size
+        assert w <= 2400 and h <= 2400, (p.name, w, h)
+    assert seen_axes
+    for ax in seen_axes:
+        series = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        series += [c for c in ax.containers]  # errorbar points
+        named = [s for s in series if not s.get_label().startswith(("Pareto", "_"))]
+        assert len(named) <= report.MAX_SERIES, ax.get_title()
+        styles = [(str(getattr(s, "get_color", lambda: s.lines[0].get_color())()),
+                   getattr(s, "get_marker", lambda: s.lines[0].get_marker())()) for s in named]
+        assert len(set(styles)) == len(styles), ax.get_title()  # distinct colour and marker within a panel
+        legend = ax.get_legend()
+        assert legend is not None and legend.get_bbox_to_anchor().y0 < ax.get_window_extent().y0  # below the axes
+    assert max(len([a for a in seen_axes if a.get_figure() is f]) for f in {a.get_figure() for a in seen_axes}) >= 5
+    assert all(a.get_subplotspec().colspan.start < report.PANELS_PER_ROW for a in seen_axes)
