@@ -3,7 +3,7 @@
     0  utilities      errors, registry, config, utils.*
     1  models, data   (models.* and data.* do not import each other)
     2  distillers     (stand on models)
-    3  assembler      engine.build; detection.* (its own group)
+    3  assembler      engine.build; detection.* (its own group); results.* (its own group)
     4  trainer        engine.trainer, bench.*
     5  commands       cli.*, __main__, plugin, integrations.*
 
@@ -31,7 +31,8 @@ LAYERS = [
     (f"{PKG}.distillers", 2, "distillers"),
     (f"{PKG}.engine", 3, "engine"),  # the package's __init__ (empty)
     (f"{PKG}.engine.build", 3, "assembler"),
-    (f"{PKG}.detection", 3, "detection"),  # detection task: data, models, distillers, COCO mAP (beside the assembler)
+    (f"{PKG}.detection", 3, "detection"),
+    (f"{PKG}.results", 3, "results"),  # run labels (from the distiller registry) and seed statistics  # detection task: data, models, distillers, COCO mAP (beside the assembler)
     (f"{PKG}.engine.trainer", 4, "trainer"),
     (f"{PKG}.bench", 4, "trainer"),  # benchmark library: step profiles (times the trainer's pieces)
     (f"{PKG}.cli", 5, "commands"),

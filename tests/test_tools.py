@@ -12,7 +12,9 @@ import pytest
 from mdistiller_blockkd.distillers import distiller_dict
 from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError, UserError
-from mdistiller_blockkd.cli.common import mean_std, read_metrics, split_overrides, split_top_level, variant_label
+from mdistiller_blockkd.results.labels import variant_label
+from mdistiller_blockkd.results.stats import mean_std, read_metrics
+from mdistiller_blockkd.utils.overrides import split_overrides, split_top_level
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"teacher", "student", "distiller", "variant", "precision", "channels_last", "batch_size", "ms_per_step",
@@ -487,3 +489,50 @@ def test_report_plots_stay_readable_with_many_methods(report, tmp_path):
         assert legend is not None and legend.get_bbox_to_anchor().y0 < ax.get_window_extent().y0  # below the axes
     assert max(len([a for a in seen_axes if a.get_figure() is f]) for f in {a.get_figure() for a in seen_axes}) >= 5
     assert all(a.get_subplotspec().colspan.start < report.PANELS_PER_ROW for a in seen_axes)
+
+
+@pytest.fixture
+def outside_distiller():
+    """A distiller registered from outside the package (as a plugin would), removed afterwards."""
+    from mdistiller_blockkd.distillers import KD
+    from mdistiller_blockkd.registry import DISTILLERS, register_distiller
+
+    @register_distiller("TESTKD")
+    class TestKD(KD):
+        """KD under another name, labelled by KD.TEMPERATURE (an option of its own config node)."""
+
+        type_name = "TESTKD"
+        config_node = "KD"
+        label_keys = ("KD.TEMPERATURE",)
+        table_order = 45
+
+    try:
+        yield TestKD
+    finally:
+        DISTILLERS.pop("TESTKD")
+
+
+def test_an_outside_distiller_shows_in_the_report_and_the_benchmark(outside_distiller, bench_tool, report, tmp_path,
+                                                                     capsys):
+    from mdistiller_blockkd.results.labels import label_keys, method_sort_key
+
+    assert "KD.TEMPERATURE" in label_keys() and "TESTKD" in bench_tool.default_distillers()
+    assert method_sort_key("KD") < method_sort_key("TESTKD") < method_sort_key("BLOCKKD")
+    # benchmark: in the default list of distillers, timed beside KD
+    out = tmp_path / "b.json"
+    assert bench_tool.main(["--pairs", "resnet8:resnet8", "--batch-size", "2", "--warmup", "0", "--steps", "1",
+                            "--threads", "1", "--json", str(out)]) == 0
+    kinds = {r["distiller"]: r for r in json.loads(out.read_text())["results"]}
+    assert "TESTKD" in kinds and kinds["TESTKD"]["ratio_to_kd"] is not None
+    # report: its own row, its option labels a variant, ordered by its table_order
+    root = tmp_path / "runs"
+    write_run(root, "kd", "KD", 0, [60.0, 61.0])
+    write_run(root, "t", "TESTKD", 0, [62.0, 63.0])
+    write_run(root, "t2", "TESTKD", 0, [64.0, 65.0], extra=["KD.TEMPERATURE", 2])
+    write_run(root, "b", "BLOCKKD", 0, [66.0, 67.0], stones=3)
+    capsys.readouterr()
+    assert report.main(["--root", str(root)]) == 0
+    text = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "±" not in line]
+    first = [r for r in rows if r in ("KD", "TESTKD", "TESTKD TEMPERATURE=2", "BLOCKKD")]
+    assert first[:4] == ["KD", "TESTKD", "TESTKD TEMPERATURE=2", "BLOCKKD"], rows

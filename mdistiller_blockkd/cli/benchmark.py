@@ -39,8 +39,9 @@ Entries
                               distiller (random teacher) on random images with 1-3
                               random boxes each, labels in [1, --num-classes);
     ``--pairs T:S ...``       pairs, each run with every ``--distillers`` name
-                              (default: every registered one of NONE KD DKD REVIEWKD
-                              BLOCKKD); ``--distillers`` also applies to the pairs of
+                              (default: every registered distiller, NONE KD LSKD DKD
+                              REVIEWKD BLOCKKD and those of outside packages);
+                              ``--distillers`` also applies to the pairs of
                               ``--cfg`` files, whose settings are then kept;
     ``--variants SPEC ...``   extra entries per pair: ``NODE.KEY=VALUE[,NODE.KEY=VALUE]``
                               with NODE a distiller, e.g. ``BLOCKKD.STONES=sample:1``
@@ -108,15 +109,10 @@ from ..errors import ConfigError, run_cli
 from ..models import build_model, list_models
 from ..bench.profile import PARTS, profile_step
 from ..utils.precision import AMP_CHOICES, AMP_DTYPES, autocast, precision_name, resolve_amp
-from .common import (
-    BARE_LABEL_KEYS,
-    atomic_write_text,
-    split_overrides,
-    split_top_level,
-    variant_label,
-)
+from ..results.labels import bare_label_keys, method_sort_key, variant_label
+from ..utils.fileio import atomic_write_text
+from ..utils.overrides import split_overrides, split_top_level
 
-DEFAULT_DISTILLERS = ("NONE", "KD", "DKD", "REVIEWKD", "BLOCKKD")
 #: Solver keys a ``--variants`` entry may set: they change what a step computes, not the model.
 STEP_KEYS = ("SOLVER.AMP", "SOLVER.CHANNELS_LAST")
 DEFAULT_PAIR = ("resnet56", "resnet20")
@@ -165,6 +161,11 @@ class Entry:
         return f"{self.distiller}{v} ({self.precision}) {self.teacher}->{self.student}"
 
 
+def default_distillers() -> List[str]:
+    """Every registered distiller, in table order (outside packages' included)."""
+    return sorted(distiller_dict, key=method_sort_key)
+
+
 def parse_pair(text: str) -> Tuple[str, str]:
     """``"resnet56:resnet20"`` -> ``("resnet56", "resnet20")`` (``timm:<name>`` allowed on either side)."""
     m = _PAIR_RE.match(text.strip())
@@ -201,7 +202,7 @@ def parse_variant(spec: str) -> Tuple[Optional[str], List[str], str]:
     for key, value in zip(flat[0::2], flat[1::2]):
         if key.upper() in step:
             continue
-        labels.append(value if key in BARE_LABEL_KEYS else f"{key.rsplit('.', 1)[-1]}={value}")
+        labels.append(value if key in bare_label_keys() else f"{key.rsplit('.', 1)[-1]}={value}")
     return node, flat, " ".join(labels)
 
 
@@ -267,10 +268,7 @@ def build_entries(args, overrides: List[str]) -> List[Entry]:
             raise ConfigError(f"--distillers: {', '.join(unknown)} not registered; "
                               f"use some of {', '.join(sorted(distiller_dict))}")
     elif args.pairs or not args.cfg:
-        names = [d for d in DEFAULT_DISTILLERS if d in distiller_dict]
-        missing = [d for d in DEFAULT_DISTILLERS if d not in distiller_dict]
-        if missing:
-            print(f"note: {', '.join(missing)} not registered in this checkout; skipped")
+        names = default_distillers()
     else:
         names = []
 
@@ -626,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", nargs="+", metavar="FILE", help="YAML configs, one entry each")
     p.add_argument("--pairs", nargs="+", metavar="T:S", help="teacher:student pairs, e.g. resnet56:resnet20")
     p.add_argument("--distillers", nargs="+", metavar="NAME",
-                   help="distillers run on every pair (default with --pairs or no --cfg: NONE KD DKD REVIEWKD BLOCKKD)")
+                   help="distillers run on every pair (default with --pairs or no --cfg: every registered distiller, "
+                        "outside packages' included)")
     p.add_argument("--variants", nargs="+", metavar="SPEC", default=[],
                    help="extra entries per pair, NODE.KEY=VALUE[,NODE.KEY=VALUE], e.g. BLOCKKD.STONES=sample:1")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")

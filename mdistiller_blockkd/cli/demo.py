@@ -65,7 +65,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml  # noqa: E402
 
 from ..errors import ConfigError, UserError, run_cli  # noqa: E402
-from .common import atomic_write_text, read_metrics  # noqa: E402
+from ..results.stats import read_metrics  # noqa: E402
+from ..results.labels import label_keys  # noqa: E402
+from ..utils.fileio import atomic_write_text  # noqa: E402
 
 DEFAULT_OUT = os.path.join("output", "demo")
 QUICK_OUT = os.path.join("output", "demo_quick")
@@ -384,7 +386,7 @@ def make_plots(out: str) -> str:
     for stage in STAGES:
         folder = run_dir(out, stage)
         if os.path.isfile(os.path.join(folder, "metrics.jsonl")):
-            run = report.load_run(folder, report.DEFAULT_LABEL_KEYS)
+            run = report.load_run(folder, label_keys())
             if run is not None:
                 runs.append(run)
     if not runs:

@@ -63,17 +63,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..errors import UserError, run_cli
-from .common import (
-    DEFAULT_LABEL_KEYS,
-    atomic_write_bytes_from,
-    atomic_write_text,
-    cfg_get,
-    default_value,
-    mean_std,
-    method_label,
-    read_metrics,
-    variant_label,
-)
+from ..results.labels import (cfg_get, default_value, distiller_nodes, label_keys as registry_label_keys, method_label,
+                              method_sort_key, report_label_keys, variant_label)
+from ..results.stats import mean_std, read_metrics, welch
+from ..utils.fileio import atomic_write_bytes_from, atomic_write_text
 
 METRICS, CONFIG = "metrics.jsonl", "config.yaml"
 #: Column order: mdistiller's CIFAR-100 pairs first, then the others in order of appearance.
@@ -84,13 +77,6 @@ UPSTREAM_PAIRS = [
     ("vgg13", "MobileNetV2"), ("wrn_40_2", "ShuffleV1"),
     ("ResNet34", "ResNet18"), ("ResNet50", "MobileNetV1"),
 ]
-METHOD_ORDER = ["NONE", "KD", "LSKD", "DKD", "REVIEWKD", "BLOCKKD"]
-#: Hyper-parameters that also name a variant, but only where a run differs from the others
-#: of the report (see :func:`relabel_against_majority`).
-HYPER_LABEL_KEYS = ("SOLVER.EPOCHS", "BLOCKKD.DENSE_EPOCHS", "BLOCKKD.ALPHA", "BLOCKKD.BETA", "BLOCKKD.GAMMA", "BLOCKKD.T",
-                    "BLOCKKD.WARMUP", "BLOCKKD.DETACH_ENSEMBLE", "BLOCKKD.WEIGHT_CROSS", "BLOCKKD.DKD_BETA",
-                    "LSKD.T", "LSKD.CE_WEIGHT", "LSKD.KD_WEIGHT")
-REPORT_LABEL_KEYS = tuple(DEFAULT_LABEL_KEYS) + HYPER_LABEL_KEYS
 
 Pair = Tuple[str, Optional[str], str]  # (dataset, teacher or None for plain training, student)
 
@@ -113,7 +99,7 @@ class Run:
     planned_epochs: int
     records: List[dict] = field(default_factory=list)
     cfg: dict = field(default_factory=dict, repr=False)
-    #: variant by :data:`DEFAULT_LABEL_KEYS` against the package defaults (what the benchmark names)
+    #: variant by the registry's label keys (``results.labels.label_keys``) against the package defaults (what the benchmark names)
     cost_variant: str = ""
 
     @property
@@ -244,7 +230,7 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
         student=str(cfg_get(cfg, "DISTILLER.STUDENT", "?")),
         kind=kind,
         variant=variant_label(cfg, label_keys),
-        cost_variant=variant_label(cfg, DEFAULT_LABEL_KEYS),
+        cost_variant=variant_label(cfg),
         cfg=cfg,
         seed=int(seed) if isinstance(seed, (int, float)) else 0,
         planned_epochs=int(cfg_get(cfg, "SOLVER.EPOCHS", 240) or 240),
@@ -260,9 +246,9 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
 
 def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> None:
     """Name each run's variant by its label keys: method options against the package defaults,
-    hyper-parameters (:data:`HYPER_LABEL_KEYS`) against the majority of the report's runs.
+    hyper-parameters (``results.labels.hyper_label_keys``) against the majority of the report's runs.
 
-    The keys of :data:`DEFAULT_LABEL_KEYS` (``STONES``, ``LOGIT_LOSS``...) always count
+    The distillers' label keys (``STONES``, ``LOGIT_LOSS``...) always count
     against the package default, so a report of ``sample:1`` runs alone still says so.
     For the other keys the reference value is the most common value among the runs it
     concerns. For a distiller's own options (``BLOCKKD.*``, ``LSKD.*``) those are that
@@ -276,14 +262,16 @@ def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> 
     from collections import Counter
 
     refs: Dict[tuple, object] = {}
+    method_keys = set(registry_label_keys())
+    nodes = set(distiller_nodes())
 
     def reference_for(run: Run):
         def reference(key: str, kind: str):
-            if key in DEFAULT_LABEL_KEYS:
+            if key in method_keys:
                 return default_value(key)
             node = key.split(".", 1)[0].upper()
             # a method's options: the whole dataset; a recipe key (SOLVER.EPOCHS): each student's pair alone
-            scope = (run.dataset, kind, None) if node == kind else (run.dataset, "*", run.student)
+            scope = (run.dataset, kind, None) if node in nodes else (run.dataset, "*", run.student)
             if (key, scope) not in refs:
                 peers = [r for r in runs if r.dataset == scope[0] and scope[1] in ("*", r.kind)
                          and scope[2] in (None, r.student)]
@@ -338,13 +326,8 @@ def column_pairs(groups) -> List[Pair]:
 
 
 def method_rows(groups) -> List[str]:
-    methods = {m for (_p, m) in groups}
-
-    def key(m):
-        kind, _, variant = m.partition(" ")
-        return (METHOD_ORDER.index(kind) if kind in METHOD_ORDER else len(METHOD_ORDER), kind, variant != "", variant)
-
-    return sorted(methods, key=key)
+    """Method labels in table order (the registry's ``table_order``, then name and variant)."""
+    return sorted({m for (_p, m) in groups}, key=method_sort_key)
 
 
 def cell_runs(groups, pair: Pair, method: str) -> List[Run]:
@@ -410,12 +393,10 @@ def difference_table(groups, baseline: str, what: str = "best") -> Optional[str]
             if not a or not b:
                 cells.append("–")
                 continue
-            (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-            d = ma - mb
+            d, se = welch(a, b)
             if len(a) < 2 or len(b) < 2:
                 cells.append(f"{d:+.2f}")
                 continue
-            se = math.sqrt(sa * sa / len(a) + sb * sb / len(b))
             cells.append(f"{d:+.2f} ± {se:.2f} ({d / se:+.1f})" if se > 0 else f"{d:+.2f} ± 0.00")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -472,7 +453,7 @@ def run_cost(run: Run, costs) -> Optional[float]:
     dense_cfg = copy.deepcopy(run.cfg)
     dense_cfg["BLOCKKD"]["STONES"] = "all"
     dense_cfg["BLOCKKD"]["STONE_SCALE"] = default_value("BLOCKKD.STONE_SCALE")
-    full = costs.get((run.teacher, run.student, kind, variant_label(dense_cfg, DEFAULT_LABEL_KEYS)))
+    full = costs.get((run.teacher, run.student, kind, variant_label(dense_cfg)))
     if full is None:
         return None
     n = min(dense, run.planned_epochs)
@@ -880,10 +861,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="append", metavar="METHOD",
                    help="method the difference tables compare against (repeatable; default KD; e.g. 'NONE', "
                         "'BLOCKKD')")
-    p.add_argument("--label-keys", nargs="+", metavar="KEY", default=list(REPORT_LABEL_KEYS),
+    keys = report_label_keys()
+    p.add_argument("--label-keys", nargs="+", metavar="KEY", default=list(keys),
                    help="config keys whose values name a method variant: method options when they differ from "
                         "the package default, hyper-parameters when they differ from most runs of the report "
-                        f"(default: {' '.join(REPORT_LABEL_KEYS)})")
+                        f"(default, from the registered distillers: {' '.join(keys)})")
     p.add_argument("--cost", metavar="BENCH.json",
                    help="a benchmark --json file: adds step-cost ratios and KD-epochs to the cost table and, with "
                         "--plots, cost_acc.png (accuracy against training cost)")

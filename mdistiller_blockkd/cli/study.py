@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from ..errors import ConfigError, UserError, run_cli
-from .common import read_metrics
+from ..results.stats import read_metrics
 
 
 @dataclass

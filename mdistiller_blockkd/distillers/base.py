@@ -99,6 +99,18 @@ class Distiller(nn.Module):
     #: True when some learnable parameters may get no gradient in a step (for DDP).
     has_unused_parameters = False
 
+    # -- what the tools know of a method (report, benchmark, study read these; see results.labels) --
+    #: The config node of the method's own options (``"BLOCKKD"``), or None when it has none.
+    config_node: str | None = None
+    #: Keys of that node whose non-default value names a variant (``BLOCKKD.STONES`` -> ``BLOCKKD sample:1``).
+    label_keys: tuple = ()
+    #: Those of :attr:`label_keys` shown by their value alone (``sample:1``); others read ``NAME=value``.
+    bare_label_keys: tuple = ()
+    #: Hyper-parameters that name a variant only where a run differs from most runs of a report.
+    hyper_keys: tuple = ()
+    #: Position of the method in tables (lower first); outside methods come after the built-in ones.
+    table_order: int = 100
+
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg, input_size: int | None = None):
         super().__init__()
         if cfg is None:
@@ -212,6 +224,8 @@ class Distiller(nn.Module):
 @register_distiller("NONE")
 class Vanilla(Distiller):
     """``NONE``: plain training of the student with cross-entropy."""
+
+    table_order = 0
 
     def __init__(self, student, teacher, cfg, **kwargs):
         super().__init__(student, None, cfg, **kwargs)

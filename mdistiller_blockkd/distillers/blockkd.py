@@ -222,6 +222,14 @@ def parse_stones(spec: str, n) -> Tuple[str, int]:
 class BlockKD(Distiller):
     """Block-wise logit distillation (``DISTILLER.TYPE: BLOCKKD``); see the module docstring."""
 
+    config_node = "BLOCKKD"
+    label_keys = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "BLOCKKD.CONNECTOR", "BLOCKKD.STONE_SCALE",
+                  "BLOCKKD.STONE_WEIGHTS")
+    bare_label_keys = ("BLOCKKD.STONES", "BLOCKKD.LOGIT_LOSS", "BLOCKKD.CONNECTOR")
+    hyper_keys = ("BLOCKKD.DENSE_EPOCHS", "BLOCKKD.ALPHA", "BLOCKKD.BETA", "BLOCKKD.GAMMA", "BLOCKKD.T", "BLOCKKD.WARMUP",
+                  "BLOCKKD.DETACH_ENSEMBLE", "BLOCKKD.WEIGHT_CROSS", "BLOCKKD.DKD_BETA")
+    table_order = 50
+
     def __init__(self, student, teacher, cfg, **kwargs):
         super().__init__(student, teacher, cfg, **kwargs)
         if teacher is None:

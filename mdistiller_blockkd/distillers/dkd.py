@@ -35,6 +35,9 @@ class DKD(Distiller):
     over the first ``WARMUP`` epochs). No connector parameters.
     """
 
+    config_node = "DKD"
+    table_order = 30
+
     def __init__(self, student, teacher, cfg, **kwargs):
         super().__init__(student, teacher, cfg, **kwargs)
         if teacher is None:

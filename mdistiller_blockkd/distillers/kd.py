@@ -25,6 +25,8 @@ class KD(Distiller):
 
     #: the registered type name, in messages
     type_name = "KD"
+    config_node = "KD"
+    table_order = 10
 
     def __init__(self, student, teacher, cfg, **kwargs):
         super().__init__(student, teacher, cfg, **kwargs)

@@ -20,6 +20,9 @@ class LSKD(KD):
     """Logit-standardised KD (registered as ``LSKD``): :class:`KD` with z-scored logits and ``CFG.LSKD``."""
 
     type_name = "LSKD"
+    config_node = "LSKD"
+    hyper_keys = ("LSKD.T", "LSKD.CE_WEIGHT", "LSKD.KD_WEIGHT")
+    table_order = 20
 
     @classmethod
     def check_cfg(cls, cfg) -> None:

@@ -127,6 +127,9 @@ class ReviewKD(Distiller):
     is required: the level geometry is measured with one dummy forward at that size.
     """
 
+    config_node = "REVIEWKD"
+    table_order = 40
+
     @classmethod
     def check_cfg(cls, cfg) -> None:
         """ReviewKD's ABFs hold BatchNorms on a 1x1 map (the pooled vector): a batch of 1 cannot train them."""
