@@ -12,13 +12,15 @@ import pytest
 from mdistiller_blockkd.distillers import distiller_dict
 from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError, UserError
+from mdistiller_blockkd import bench as bench_lib
+from mdistiller_blockkd.bench import cost as bench_cost, entries as bench_entries
 from mdistiller_blockkd.results.labels import variant_label
 from mdistiller_blockkd.results.stats import mean_std, read_metrics
 from mdistiller_blockkd.utils.overrides import split_overrides, split_top_level
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"teacher", "student", "distiller", "variant", "precision", "channels_last", "batch_size", "ms_per_step",
-               "images_per_s", "peak_mem_mb", "ratio_to_kd", "ratio_to_fp32"}
+               "images_per_s", "peak_mem_mb", "mem_ratio_to_kd", "ratio_to_kd", "ratio_to_fp32"}
 TOP_KEYS = {"results", "device", "torch", "threads", "command"}
 
 
@@ -62,25 +64,25 @@ def test_overrides_and_labels():
 
 
 def test_benchmark_parsing(bench_tool):
-    assert bench_tool.parse_pair("resnet56:resnet20") == ("resnet56", "resnet20")
-    assert bench_tool.parse_pair("timm:resnet34:timm:resnet18") == ("timm:resnet34", "timm:resnet18")
+    assert bench_entries.parse_pair("resnet56:resnet20") == ("resnet56", "resnet20")
+    assert bench_entries.parse_pair("timm:resnet34:timm:resnet18") == ("timm:resnet34", "timm:resnet18")
     with pytest.raises(ConfigError, match="TEACHER:STUDENT"):
-        bench_tool.parse_pair("resnet56")
-    assert bench_tool.parse_variant("BLOCKKD.STONES=sample:1") == ("BLOCKKD", ["BLOCKKD.STONES", "sample:1"], "sample:1")
-    kind, flat, label = bench_tool.parse_variant("BLOCKKD.STONES=last:2,BLOCKKD.T=2.0")
+        bench_entries.parse_pair("resnet56")
+    assert bench_entries.parse_variant("BLOCKKD.STONES=sample:1") == ("BLOCKKD", ["BLOCKKD.STONES", "sample:1"], "sample:1")
+    kind, flat, label = bench_entries.parse_variant("BLOCKKD.STONES=last:2,BLOCKKD.T=2.0")
     assert (kind, label) == ("BLOCKKD", "last:2 T=2.0") and flat == ["BLOCKKD.STONES", "last:2", "BLOCKKD.T", "2.0"]
     with pytest.raises(ConfigError, match="distiller's node"):
-        bench_tool.parse_variant("SOLVER.LR=0.1")
+        bench_entries.parse_variant("SOLVER.LR=0.1")
     with pytest.raises(ConfigError, match="distiller's node"):
-        bench_tool.parse_variant("KD.TEMPERATURE=2,BLOCKKD.T=2")
+        bench_entries.parse_variant("KD.TEMPERATURE=2,BLOCKKD.T=2")
     # step settings: alone (an entry of every distiller) or with one distiller's keys; not in the label
-    assert bench_tool.parse_variant("SOLVER.AMP=bf16") == (None, ["SOLVER.AMP", "bf16"], "")
-    assert bench_tool.parse_variant("BLOCKKD.STONES=last:2,SOLVER.AMP=bf16") == (
+    assert bench_entries.parse_variant("SOLVER.AMP=bf16") == (None, ["SOLVER.AMP", "bf16"], "")
+    assert bench_entries.parse_variant("BLOCKKD.STONES=last:2,SOLVER.AMP=bf16") == (
         "BLOCKKD", ["BLOCKKD.STONES", "last:2", "SOLVER.AMP", "bf16"], "last:2")
     # cost model arithmetic: 3F(S) + F(T) (+ 2 F(tail) + 3 F(C) per stone, expected share for sample:K)
-    assert bench_tool.stone_share("sample", 1, 4) == [0.25] * 4
-    assert bench_tool.stone_share("last", 2, 3) == [0.0, 1.0, 1.0]
-    kd, bk = bench_tool.blockkd_costs(1.0, 3.0, [2.0, 1.0], [0.1, 0.1], [1.0, 1.0])
+    assert bench_cost.stone_share("sample", 1, 4) == [0.25] * 4
+    assert bench_cost.stone_share("last", 2, 3) == [0.0, 1.0, 1.0]
+    kd, bk = bench_cost.blockkd_costs(1.0, 3.0, [2.0, 1.0], [0.1, 0.1], [1.0, 1.0])
     assert kd == pytest.approx(6.0) and bk == pytest.approx(6.0 + 4.0 + 0.3 + 2.0 + 0.3)
 
 
@@ -88,7 +90,7 @@ def test_benchmark_cli_json_and_cost_model(tmp_path):
     out = tmp_path / "bench.json"
     names = ["NONE", "BLOCKKD", "KD"]
     cmd = [sys.executable, "-m", "mdistiller_blockkd", "benchmark", "--pairs", "resnet20:resnet8", "--distillers", *names,
-           "--variants", "BLOCKKD.STONES=sample:1", "--batch-size", "4", "--warmup", "1", "--steps", "2",
+           "--variants", "BLOCKKD.STONES=sample:1", "--batch-size", "4", "--warmup", "1", "--steps", "2", "--memory", "off",
            "--threads", "1", "--cost-model", "--json", str(out), "BLOCKKD.WARMUP=0"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=checkout_env())
     assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -101,7 +103,7 @@ def test_benchmark_cli_json_and_cost_model(tmp_path):
     for r in doc["results"]:
         assert set(r) == RESULT_KEYS
         assert (r["teacher"], r["student"], r["batch_size"]) == ("resnet20", "resnet8", 4)
-        assert r["ms_per_step"] > 0 and r["peak_mem_mb"] >= 0
+        assert r["ms_per_step"] > 0 and r["peak_mem_mb"] is None and r["mem_ratio_to_kd"] is None
         assert r["images_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1000), rel=1e-3)
         kd_ms = rows[("KD", "")]["ms_per_step"]
         assert r["ratio_to_kd"] == pytest.approx(r["ms_per_step"] / kd_ms, rel=1e-3)
@@ -145,7 +147,7 @@ def test_benchmark_compares_precisions_in_one_process(bench_tool, tmp_path, caps
     out = tmp_path / "p.json"
     assert bench_tool.main(["--pairs", "resnet8:resnet8", "--distillers", "KD", "BLOCKKD", "--variants", "SOLVER.AMP=bf16",
                             "BLOCKKD.STONES=last:2,SOLVER.AMP=bf16,SOLVER.CHANNELS_LAST=True", "--batch-size", "2",
-                            "--warmup", "0", "--steps", "1", "--threads", "1", "--json", str(out)]) == 0
+                            "--warmup", "0", "--steps", "1", "--threads", "1", "--memory", "off", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "precision" in table and "x fp32" in table
     rows = {(r["distiller"], r["variant"], r["precision"], r["channels_last"]): r for r in json.loads(out.read_text())["results"]}
@@ -159,6 +161,24 @@ def test_benchmark_compares_precisions_in_one_process(bench_tool, tmp_path, caps
         want = None if prec == "fp32" or twin is None else pytest.approx(r["ms_per_step"] / twin, rel=1e-3)
         assert r["ratio_to_fp32"] == want
     assert rows[("BLOCKKD", "", "bf16", False)]["ratio_to_fp32"] is not None
+
+
+def test_benchmark_memory_is_measured_per_entry_in_isolation(tmp_path):
+    """An entry's peak memory does not depend on the entries measured before it (each has a fresh process):
+    in one process, a small entry after a large one reused the memory the large one freed and read near 0."""
+    from mdistiller_blockkd.bench.memory import isolated_peak_mib, max_batch
+
+    args = __import__("argparse").Namespace(device="cpu", batch_size=32, image_size=32, num_classes=10, seed=0)
+    small = bench_lib.Entry("resnet8", "resnet8", "NONE", "", load_cfg(None, ["DISTILLER.TYPE", "NONE"]), "test")
+    large = bench_lib.Entry("resnet20", "resnet8", "BLOCKKD", "", load_cfg(None, ["DISTILLER.TYPE", "BLOCKKD"]), "test")
+    alone = isolated_peak_mib(small, args, steps=1, threads=1)
+    big = isolated_peak_mib(large, args, steps=1, threads=1)
+    after = isolated_peak_mib(small, args, steps=1, threads=1)
+    assert alone > 1.0 and big > alone
+    assert after == pytest.approx(alone, rel=0.25)
+    # the largest batch within a budget, from two batch sizes (linear in the batch)
+    assert max_batch(100.0, 64, 180.0, 128, 500.0) == 384
+    assert max_batch(100.0, 64, 90.0, 128, 500.0) is None
 
 
 def test_benchmark_help():
@@ -410,11 +430,11 @@ def test_step_profile_splits_a_blockkd_step_into_its_parts(bench_tool):
     import torch
 
     args = argparse.Namespace(device="cpu", batch_size=4, image_size=32, num_classes=10, seed=0)
-    runner = bench_tool.Runner(args)
+    runner = bench_lib.Runner(args)
     parts = {}
     for kind in ("KD", "BLOCKKD"):
         cfg = load_cfg(None, ["DISTILLER.TYPE", kind, "DISTILLER.TEACHER", "resnet8", "DISTILLER.STUDENT", "resnet8"])
-        e = bench_tool.Entry("resnet8", "resnet8", kind, "", cfg, "test")
+        e = bench_lib.Entry("resnet8", "resnet8", kind, "", cfg, "test")
         runner.build(e)
         runner.step(e)
         parts[kind] = runner.profile(e, steps=1)
@@ -516,11 +536,11 @@ def test_an_outside_distiller_shows_in_the_report_and_the_benchmark(outside_dist
                                                                      capsys):
     from mdistiller_blockkd.results.labels import label_keys, method_sort_key
 
-    assert "KD.TEMPERATURE" in label_keys() and "TESTKD" in bench_tool.default_distillers()
+    assert "KD.TEMPERATURE" in label_keys() and "TESTKD" in bench_entries.default_distillers()
     assert method_sort_key("KD") < method_sort_key("TESTKD") < method_sort_key("BLOCKKD")
     # benchmark: in the default list of distillers, timed beside KD
     out = tmp_path / "b.json"
-    assert bench_tool.main(["--pairs", "resnet8:resnet8", "--batch-size", "2", "--warmup", "0", "--steps", "1",
+    assert bench_tool.main(["--pairs", "resnet8:resnet8", "--batch-size", "2", "--warmup", "0", "--steps", "1", "--memory", "off",
                             "--threads", "1", "--json", str(out)]) == 0
     kinds = {r["distiller"]: r for r in json.loads(out.read_text())["results"]}
     assert "TESTKD" in kinds and kinds["TESTKD"]["ratio_to_kd"] is not None

@@ -9,14 +9,14 @@ optimiser over ``get_learnable_parameters()``, and one fixed random batch
 ``zero_grad``.
 
 Procedure
-    1. Warm-up pass, one entry after the other: build the entry, run ``--warmup``
-       steps (the first step also builds the BN-folded teacher copy), and record its
-       peak memory. CUDA: ``torch.cuda.max_memory_allocated`` above the memory in use
-       before the entry was built. CPU: the growth of the process's peak resident set
-       size over its resident size before the entry was built (Linux resets the peak
-       through ``/proc/self/clear_refs``; elsewhere ``getrusage().ru_maxrss`` is used,
-       which cannot be reset). The CPU number is approximate: the allocator reuses
-       memory freed by earlier entries, and thread pools grow once.
+    0. Peak memory, each entry in isolation (``--memory isolated``, the default): on
+       CPU a fresh process per entry builds it and runs ``--warmup`` steps (at least
+       one), and reports the growth of its peak resident set size over its size after
+       the build; on CUDA the allocator's ``max_memory_allocated`` above the memory
+       allocated after the build, reset per entry (see
+       :mod:`mdistiller_blockkd.bench.memory`). ``--memory off`` skips it.
+    1. Warm-up pass, one entry after the other: build the entry and run ``--warmup``
+       steps (the first step also builds the BN-folded teacher copy).
     2. Timed pass: ``--steps`` rounds; each round runs ONE step of every entry in turn
        (round-robin, starting one entry later each round), so drift of the machine
        (clock boost, thermal throttling, other processes) hits every entry alike.
@@ -25,7 +25,8 @@ Procedure
        divided by K, so its median is the mean cost per step.
 
 Reported per entry: its precision (``fp32``, ``bf16``, ``fp16``; `` CL`` for
-channels-last), median ms/step, images/s (``batch / median``), peak memory (MiB),
+channels-last), median ms/step, images/s (``batch / median``), peak memory (MiB) and
+its ratio to KD's at the same precision (``mem_ratio_to_kd``),
 ``ratio_to_kd``, the median divided by the median of plain ``KD`` on the same pair at
 the same precision and layout, and ``ratio_to_fp32``, the median divided by that of the
 entry's own fp32 twin (``null`` where the reference entry was not run). Entries of
@@ -86,532 +87,17 @@ Examples (from the repository root, no installation needed)::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import platform
-import re
-import shlex
-import statistics
 import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
-from torch.autograd.profiler import record_function
 
-from ..detection.task import DetectionTask, benchmark_batch, build_detection_distiller, is_detection
-from ..distillers import distiller_dict
-from ..config import load_cfg
-from ..errors import ConfigError, run_cli
-from ..models import build_model, list_models
-from ..bench.profile import PARTS, profile_step
-from ..utils.precision import AMP_CHOICES, AMP_DTYPES, autocast, precision_name, resolve_amp
-from ..results.labels import bare_label_keys, method_sort_key, variant_label
+from ..bench import check_options, run_benchmark
+from ..errors import run_cli
 from ..utils.fileio import atomic_write_text
-from ..utils.overrides import split_overrides, split_top_level
-
-#: Solver keys a ``--variants`` entry may set: they change what a step computes, not the model.
-STEP_KEYS = ("SOLVER.AMP", "SOLVER.CHANNELS_LAST")
-DEFAULT_PAIR = ("resnet56", "resnet20")
-MIB = 2.0 ** 20
-_PAIR_RE = re.compile(r"^(timm:[^:]+|[^:]+):(timm:[^:]+|[^:]+)$")
-
-
-# -- entries ------------------------------------------------------------------------
-@dataclass
-class Entry:
-    """One timed configuration and, once built, its distiller, optimiser and batch."""
-
-    teacher: str
-    student: str
-    distiller: str
-    variant: str
-    cfg: object
-    source: str
-    model: Optional[torch.nn.Module] = None
-    opt: Optional[torch.optim.Optimizer] = None
-    scaler: Optional[object] = None
-    x: Optional[torch.Tensor] = None
-    y: Optional[torch.Tensor] = None
-    epoch: float = 240.0
-    times_ms: List[float] = field(default_factory=list)
-    peak_mem_mb: Optional[float] = None
-    amp: str = "off"  # the explicit SOLVER.AMP setting of the entry (auto resolved on the device)
-    channels_last: bool = False
-
-    @property
-    def amp_dtype(self) -> Optional[torch.dtype]:
-        return AMP_DTYPES[self.amp]
-
-    @property
-    def precision(self) -> str:
-        """``fp32``, ``bf16`` or ``fp16``, with `` CL`` for channels-last."""
-        return precision_name(self.amp) + (" CL" if self.channels_last else "")
-
-    @property
-    def key(self) -> Tuple[str, str, str, str, str]:
-        return self.teacher, self.student, self.distiller, self.variant, self.precision
-
-    @property
-    def name(self) -> str:
-        v = f" [{self.variant}]" if self.variant else ""
-        return f"{self.distiller}{v} ({self.precision}) {self.teacher}->{self.student}"
-
-
-def default_distillers() -> List[str]:
-    """Every registered distiller, in table order (outside packages' included)."""
-    return sorted(distiller_dict, key=method_sort_key)
-
-
-def parse_pair(text: str) -> Tuple[str, str]:
-    """``"resnet56:resnet20"`` -> ``("resnet56", "resnet20")`` (``timm:<name>`` allowed on either side)."""
-    m = _PAIR_RE.match(text.strip())
-    if not m:
-        raise ConfigError(f"--pairs entry '{text}' must read TEACHER:STUDENT, e.g. resnet56:resnet20")
-    return m.group(1), m.group(2)
-
-
-def parse_variant(spec: str) -> Tuple[Optional[str], List[str], str]:
-    """``"BLOCKKD.STONES=last:2,SOLVER.AMP=bf16"`` -> ``("BLOCKKD", [KEY, VALUE, ...], "last:2")``.
-
-    Several overrides are separated by commas (outside brackets). Keys are those of at most
-    one distiller's node (the variant is an entry of that distiller alone) and the
-    step-changing solver keys :data:`STEP_KEYS` (``SOLVER.AMP``, ``SOLVER.CHANNELS_LAST``). A
-    variant without a distiller key is an entry of every benchmarked distiller (``None``).
-    The label names the distiller keys: the bare value for the keys the report tool labels by
-    (``BLOCKKD.STONES``, ``BLOCKKD.LOGIT_LOSS``, ``BLOCKKD.CONNECTOR``), else ``KEY=value`` with
-    the last key component; the precision and layout have their own column.
-    """
-    parts = split_top_level(spec, ",")
-    if not parts or any("=" not in p for p in parts):
-        raise ConfigError(f"--variants entry '{spec}' must read NODE.KEY=VALUE[,NODE.KEY=VALUE], "
-                          "e.g. BLOCKKD.STONES=sample:1 or SOLVER.AMP=bf16")
-    flat = split_overrides(parts)
-    keys = [k.upper() for k in flat[0::2]]
-    step = [k for k in keys if k in STEP_KEYS]
-    nodes = {k.split(".", 1)[0] for k in keys if k not in STEP_KEYS}
-    if len(nodes) > 1 or (nodes and next(iter(nodes)) not in distiller_dict):
-        raise ConfigError(f"--variants entry '{spec}': keys must belong to one registered distiller's node "
-                          f"({', '.join(sorted(distiller_dict))}) or be step settings ({', '.join(STEP_KEYS)}); "
-                          "put other keys in the trailing KEY=VALUE overrides")
-    node = nodes.pop() if nodes else None
-    labels = []
-    for key, value in zip(flat[0::2], flat[1::2]):
-        if key.upper() in step:
-            continue
-        labels.append(value if key in bare_label_keys() else f"{key.rsplit('.', 1)[-1]}={value}")
-    return node, flat, " ".join(labels)
-
-
-def _make_cfg(base: Optional[str], opts: List, image_size: int, num_classes: int):
-    """Load ``base`` + ``opts``, then set the dataset sizes so shape-deriving distillers (ReviewKD) see the batch."""
-    cfg = load_cfg(base, opts)
-    extra = ["DATASET.IMAGE_SIZE", image_size, "DATASET.SYNTHETIC.IMAGE_SIZE", image_size,
-             "DATASET.SYNTHETIC.NUM_CLASSES", num_classes]
-    if image_size != 32 and str(cfg.DATASET.TYPE).lower() not in ("imagenet", "synthetic", "coco"):
-        extra += ["DATASET.TYPE", "synthetic"]
-    return load_cfg(base, list(opts) + extra)
-
-
-def build_entries(args, overrides: List[str]) -> List[Entry]:
-    """Every entry asked for by ``--cfg``, ``--pairs`` x ``--distillers`` and ``--variants`` (duplicates dropped)."""
-    entries: List[Entry] = []
-    seen = set()
-    base_of: Dict[Tuple[str, str], str] = {}
-    pairs: List[Tuple[str, str]] = []
-
-    def add(entry: Entry):
-        if entry.key in seen:
-            print(f"note: {entry.name} from {entry.source} is already listed; measured once")
-            return
-        seen.add(entry.key)
-        entries.append(entry)
-
-    def entry(t, s, kind, label, cfg, source) -> Entry:
-        return Entry(t, s, kind, label, cfg, source, amp=resolve_amp(cfg.SOLVER.AMP, args.device),
-                     channels_last=bool(cfg.SOLVER.CHANNELS_LAST))
-
-    def pair_opts(kind, t, s):
-        return ["DISTILLER.TYPE", kind, "DISTILLER.TEACHER", t, "DISTILLER.STUDENT", s]
-
-    for path in args.cfg or []:
-        cfg = _make_cfg(path, overrides, args.image_size, args.num_classes)
-        kind = str(cfg.DISTILLER.TYPE).upper()
-        if kind not in distiller_dict:
-            raise ConfigError(f"{path}: DISTILLER.TYPE '{cfg.DISTILLER.TYPE}' is not registered; "
-                              f"use one of {', '.join(sorted(distiller_dict))}")
-        pair = (str(cfg.DISTILLER.TEACHER), str(cfg.DISTILLER.STUDENT))
-        base_of.setdefault(pair, path)
-        if pair not in pairs:
-            pairs.append(pair)
-        add(entry(pair[0], pair[1], kind, variant_label(cfg), cfg, path))
-
-    for text in args.pairs or []:
-        pair = parse_pair(text)
-        if pair not in pairs:
-            pairs.append(pair)
-    if not pairs:
-        pairs.append(DEFAULT_PAIR)
-    known = set(list_models())
-    for name in {n for pair in pairs for n in pair}:
-        if not name.startswith(("timm:", "fasterrcnn_")) and name not in known:  # fasterrcnn_*: detection configs
-            raise ConfigError(f"unknown model '{name}'; known CIFAR models: {', '.join(sorted(known))}, "
-                              "or 'timm:<timm model name>'")
-
-    if args.distillers is not None:
-        names = [d.upper() for d in args.distillers]
-        unknown = [d for d in names if d not in distiller_dict]
-        if unknown:
-            raise ConfigError(f"--distillers: {', '.join(unknown)} not registered; "
-                              f"use some of {', '.join(sorted(distiller_dict))}")
-    elif args.pairs or not args.cfg:
-        names = default_distillers()
-    else:
-        names = []
-
-    for t, s in pairs:
-        base = base_of.get((t, s))
-        for kind in names:
-            cfg = _make_cfg(base, pair_opts(kind, t, s) + overrides, args.image_size, args.num_classes)
-            add(entry(t, s, kind, variant_label(cfg), cfg, base or "--pairs"))
-
-    base_entries = list(entries)
-    for spec in args.variants or []:
-        kind, flat, label = parse_variant(spec)
-        if kind is None:  # step settings only: a twin of every entry so far, its own settings kept
-            for b in base_entries:
-                cfg = b.cfg.clone()
-                cfg.defrost()
-                cfg.merge_from_list(list(flat))
-                cfg.freeze()
-                add(entry(b.teacher, b.student, b.distiller, b.variant, cfg, f"--variants {spec}"))
-            continue
-        for t, s in pairs:
-            base = base_of.get((t, s))
-            cfg = _make_cfg(base, pair_opts(kind, t, s) + overrides + flat, args.image_size, args.num_classes)
-            add(entry(t, s, kind, label, cfg, f"--variants {spec}"))
-    if not entries:
-        raise ConfigError("nothing to benchmark: give --cfg FILE, or --pairs T:S with --distillers")
-    return entries
-
-
-# -- memory -------------------------------------------------------------------------
-def _proc_status_kib(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _ru_maxrss_bytes() -> int:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r) if sys.platform == "darwin" else int(r) * 1024
-
-
-class PeakMemory:
-    """Peak memory of the code run between :meth:`start` and :meth:`stop`, in MiB (see the module docstring)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.base = 0
-
-    def start(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        self.reset_ok = False
-        try:  # Linux: reset the peak RSS (VmHWM) to the current RSS
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.reset_ok = _proc_status_kib("VmHWM") is not None
-        except OSError:
-            pass
-        rss = _proc_status_kib("VmRSS")
-        self.base = rss * 1024 if rss is not None else _ru_maxrss_bytes()
-
-    def stop(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base) / MIB
-        peak = _proc_status_kib("VmHWM") * 1024 if self.reset_ok else _ru_maxrss_bytes()
-        return max(0, peak - self.base) / MIB
-
-
-# -- steps --------------------------------------------------------------------------
-class Runner:
-    """Builds entries and runs their training steps with the chosen device / AMP / layout."""
-
-    def __init__(self, args):
-        self.device = torch.device(args.device)
-        if self.device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ConfigError("--device cuda asked for but CUDA is not available; use --device cpu")
-            if self.device.index is None:
-                self.device = torch.device("cuda", torch.cuda.current_device())
-            torch.backends.cudnn.benchmark = True
-        elif self.device.type != "cpu":
-            raise ConfigError(f"--device '{args.device}' is not supported; use cpu or cuda[:N]")
-        self.batch_size, self.image_size, self.num_classes = args.batch_size, args.image_size, args.num_classes
-        self.seed = args.seed
-
-    def prime(self, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False):
-        """One small convolutional training step, so one-time library set-up (kernel caches,
-        thread pools, CUDA context) is not charged to the first entry's memory or time.
-        Run once per precision and layout of the entries."""
-        torch.manual_seed(self.seed)
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, self.num_classes))
-        net.to(self.device)
-        x = torch.randn(2, 3, self.image_size, self.image_size, device=self.device)
-        if channels_last:
-            net.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        with autocast(self.device, amp_dtype):
-            loss = torch.nn.functional.cross_entropy(net(x), torch.zeros(2, dtype=torch.long, device=self.device))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.sync()
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def autocast(self, e: Entry):
-        """Autocast with ``e``'s precision."""
-        return autocast(self.device, e.amp_dtype)
-
-    def build(self, e: Entry):
-        """Build ``e``'s models, distiller, optimiser and batch on the device."""
-        torch.manual_seed(self.seed)
-        if is_detection(e.cfg):  # torchvision Faster R-CNN: random teacher, fixed random boxes (timing only)
-            model = build_detection_distiller(e.cfg, self.num_classes, load_teacher=False)
-        else:
-            student = build_model(e.student, num_classes=self.num_classes)
-            teacher = None if e.distiller == "NONE" else build_model(e.teacher, num_classes=self.num_classes)
-            model = distiller_dict[e.distiller](student, teacher, e.cfg, input_size=self.image_size)
-        model.to(self.device)
-        if e.channels_last:
-            model.to(memory_format=torch.channels_last)
-        model.train()
-        sol = e.cfg.SOLVER
-        e.opt = torch.optim.SGD(model.get_learnable_parameters(), lr=float(sol.LR), momentum=float(sol.MOMENTUM),
-                                weight_decay=float(sol.WEIGHT_DECAY))
-        e.scaler = torch.amp.GradScaler(self.device.type, enabled=e.amp == "fp16")
-        g = torch.Generator().manual_seed(self.seed + 1)
-        x = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=g)
-        y = torch.randint(0, self.num_classes, (self.batch_size,), generator=g)
-        e.x = x.to(self.device, memory_format=torch.channels_last if e.channels_last else torch.contiguous_format)
-        e.y = y.to(self.device)
-        if is_detection(e.cfg):
-            images, targets = benchmark_batch(self.batch_size, self.image_size, self.num_classes, self.seed)
-            e.x, e.y = DetectionTask(None).to_device(images, targets, self.device)
-        e.epoch = float(max(int(e.cfg.SOLVER.EPOCHS), 1))  # past every warm-up: all loss terms active
-        e.model = model
-
-    def step(self, e: Entry) -> torch.Tensor:
-        """One training step: forward_train, sum of losses, backward, SGD step, zero_grad (each in a
-        ``record_function`` scope that :mod:`mdistiller_blockkd.bench.profile` reads)."""
-        with record_function("part:forward"), self.autocast(e):
-            _, losses = e.model.forward_train(image=e.x, target=e.y, epoch=e.epoch)
-            loss = sum(losses.values())
-        with record_function("part:backward"):
-            e.scaler.scale(loss).backward()
-        with record_function("part:optimizer"):
-            e.scaler.step(e.opt)
-            e.scaler.update()
-            e.opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def profile(self, e: Entry, steps: int) -> Dict[str, float]:
-        """Milliseconds per step of each part of ``e``'s step (:func:`~mdistiller_blockkd.bench.profile.profile_step`)."""
-        teacher = getattr(e.model, "teacher", None)
-        tex = e.model.teacher_model(e.x) if teacher is not None and hasattr(e.model, "teacher_model") else None
-        return profile_step(lambda: self.step(e), e.model, tex, steps=steps)
-
-    def timed_step(self, e: Entry) -> float:
-        """Mean ms of one step over a whole cycle of the entry's schedule (Block-KD ``every:K``: K steps)."""
-        cycle = e.model.k if getattr(e.model, "mode", None) == "every" else 1
-        self.sync()
-        t0 = time.perf_counter()
-        for _ in range(cycle):
-            self.step(e)
-        self.sync()
-        return (time.perf_counter() - t0) * 1000.0 / cycle
-
-    def time_forward(self, fn: Callable[[], object], reps: int) -> float:
-        """Median wall time (ms) of ``fn`` after one untimed call."""
-        fn()
-        out = []
-        for _ in range(reps):
-            self.sync()
-            t0 = time.perf_counter()
-            fn()
-            self.sync()
-            out.append((time.perf_counter() - t0) * 1000.0)
-        return statistics.median(out)
-
-
-# -- cost model ---------------------------------------------------------------------
-def count_flops(fn: Callable[[], object]) -> Optional[int]:
-    """Forward FLOPs of ``fn()`` by ``FlopCounterMode`` (None when it cannot count)."""
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-    except ImportError:  # pragma: no cover - very old torch
-        return None
-    try:
-        with FlopCounterMode(display=False) as fc:
-            fn()
-        return int(fc.get_total_flops())
-    except Exception as exc:  # noqa: BLE001 - counting is best-effort; timing still reported
-        print(f"note: FLOP counting failed ({type(exc).__name__}: {exc}); cost model from times only")
-        return None
-
-
-def stone_share(mode: str, k: int, n: int) -> List[float]:
-    """Expected number of times each of the ``n`` stones runs per step under ``STONES`` = ``mode:k``."""
-    if mode == "all":
-        return [1.0] * n
-    if mode == "last":
-        return [0.0] * (n - k) + [1.0] * k
-    if mode == "sample":
-        return [k / n] * n
-    if mode == "every":
-        return [1.0 / k] * n
-    raise ValueError(f"unknown stone mode '{mode}'")
-
-
-def blockkd_costs(F_s: float, F_t: float, tails: Sequence[float], conns: Sequence[float],
-                  share: Sequence[float]) -> Tuple[float, float]:
-    """``(cost(KD), cost(BLOCKKD))`` from forward costs: see the module docstring."""
-    kd = 3.0 * F_s + F_t
-    extra = sum(p * (2.0 * tl + 3.0 * c) for p, tl, c in zip(share, tails, conns))
-    return kd, kd + extra
-
-
-@torch.no_grad()
-def cost_model(runner: Runner, e: Entry, reps: int = 5) -> dict:
-    """Cost-model numbers of a BLOCKKD entry, measured on its batch (forward only, no autograd)."""
-    m = e.model
-    x = e.x
-    if not hasattr(m, "pairs") or not hasattr(m, "connectors"):
-        raise ConfigError(f"--cost-model needs a Block-KD distiller; {e.distiller} has no stepping stones")
-    tmodel = m.teacher_model(x)
-    tview = tmodel.staged_view()
-    with runner.autocast(e):
-        outs = m.sview.block_outputs(x)
-    pieces: List[Tuple[str, Callable[[], object]]] = [("student", lambda: m.student(x)), ("teacher", lambda: tmodel(x))]
-    for k, (i, j) in enumerate(m.pairs):
-        h = outs[i]
-        conn = m.connectors[k]
-        with runner.autocast(e):
-            c = conn(h)
-        pieces.append((f"connector{k + 1}", lambda conn=conn, h=h: conn(h)))
-        pieces.append((f"tail{k + 1}", lambda c=c, j=j: tview.forward_from(c, j + 1)))
-    flops, times = {}, {}
-    for name, fn in pieces:
-        def run(fn=fn):
-            with runner.autocast(e):
-                return fn()
-        flops[name] = count_flops(run)
-        times[name] = runner.time_forward(run, reps)
-    n = len(m.pairs)
-    share = stone_share(m.mode, m.k, n)
-    names_t = [f"tail{k + 1}" for k in range(n)]
-    names_c = [f"connector{k + 1}" for k in range(n)]
-    out = {
-        "teacher": e.teacher, "student": e.student, "variant": e.variant, "precision": e.precision, "stones": f"{m.mode}:{m.k}" if m.mode != "all" else "all",
-        "num_stones": n, "pairs": [[i + 1, j + 1] for i, j in m.pairs],
-        "forward_ms": {k: round(v, 4) for k, v in times.items()},
-        "forward_gflops": None, "flops_ratio_to_kd": None,
-    }
-    kd_t, bk_t = blockkd_costs(times["student"], times["teacher"], [times[k] for k in names_t],
-                               [times[k] for k in names_c], share)
-    out["time_ratio_to_kd"] = bk_t / kd_t if kd_t > 0 else None
-    if all(v is not None for v in flops.values()):
-        kd_f, bk_f = blockkd_costs(flops["student"], flops["teacher"], [flops[k] for k in names_t],
-                                   [flops[k] for k in names_c], share)
-        out["forward_gflops"] = {k: v / 1e9 for k, v in flops.items()}
-        out["flops_ratio_to_kd"] = bk_f / kd_f if kd_f > 0 else None
-    return out
-
-
-# -- output -------------------------------------------------------------------------
-def _fmt(v, nd=1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def format_table(rows: List[List[str]], header: List[str]) -> str:
-    """Plain fixed-width table."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.machine() or 'unknown'}, {os.cpu_count()} logical cores)"
-
-
-def results_of(entries: List[Entry], batch_size: int) -> List[dict]:
-    """One result dict per entry (the ``--json`` schema).
-
-    ``ratio_to_kd``: the median over plain ``KD``'s on the same pair *at the same precision and
-    layout*; ``ratio_to_fp32``: over the entry's fp32 twin (same pair, distiller, variant and
-    layout, ``SOLVER.AMP off``); ``None`` where that entry was not run.
-    """
-    med = {e.key: statistics.median(e.times_ms) for e in entries}
-    out = []
-    for e in entries:
-        ms = med[e.key]
-        kd = med.get((e.teacher, e.student, "KD", "", e.precision))
-        fp32 = med.get((e.teacher, e.student, e.distiller, e.variant, "fp32" + (" CL" if e.channels_last else "")))
-        out.append({
-            "teacher": e.teacher, "student": e.student, "distiller": e.distiller, "variant": e.variant,
-            "precision": precision_name(e.amp), "channels_last": e.channels_last,
-            "batch_size": batch_size, "ms_per_step": round(ms, 4), "images_per_s": round(batch_size / (ms / 1000.0), 2),
-            "peak_mem_mb": None if e.peak_mem_mb is None else round(e.peak_mem_mb, 2),
-            "ratio_to_kd": None if kd is None else round(ms / kd, 4),
-            "ratio_to_fp32": None if fp32 is None or e.amp == "off" else round(ms / fp32, 4),
-        })
-    return out
-
-
-def profile_table(profiles: List[dict]) -> str:
-    """One row per part (forward and backward of each), one column per profiled entry: ms and share."""
-    order = [f"{p} {d}" for p in PARTS[:5] for d in ("forward", "backward")] + ["optimizer", "backward other"]
-    seen = {k for p in profiles for k in p["parts_ms"]}
-    order += sorted(seen - set(order))
-    header = ["part"] + [f"{p['distiller']}{' ' + p['variant'] if p['variant'] else ''} ({p['precision']})" for p in profiles]
-    rows = []
-    for part in order:
-        if part not in seen:
-            continue
-        row = [part]
-        for p in profiles:
-            v = p["parts_ms"].get(part)
-            row.append("-" if v is None else f"{v:.1f} ({100 * v / p['profiled_ms']:.0f}%)")
-        rows.append(row)
-    rows.append(["total"] + [f"{p['profiled_ms']:.1f}" for p in profiles])
-    return format_table(rows, header)
+from ..utils.overrides import split_overrides
+from ..utils.precision import AMP_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -645,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N steps of every entry (torch.profiler) and print where a step's time goes: "
                         "student, teacher, stones, connectors, losses (forward and backward), optimizer")
+    p.add_argument("--memory", choices=("isolated", "off"), default="isolated",
+                   help="peak memory per entry: isolated (CPU: a fresh process per entry; CUDA: the allocator's peak, "
+                        "reset per entry) or off")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides applied to every entry")
     return p
@@ -654,115 +143,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; returns the exit status (errors in the input raise ``UserError``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "num_classes", "image_size", "steps"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be >= 1")
-    if args.warmup < 0:
-        raise ConfigError(f"--warmup is {args.warmup}; it must be >= 0")
+    check_options(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads is {args.threads}; it must be >= 1")
         torch.set_num_threads(args.threads)
     overrides = split_overrides(args.opts)
     if args.amp is not None:
         overrides += ["SOLVER.AMP", args.amp]
     if args.channels_last:
         overrides += ["SOLVER.CHANNELS_LAST", "True"]
-    runner = Runner(args)
-    entries = build_entries(args, overrides)
-
-    print(f"device {device_description(runner.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}x3x{args.image_size}x{args.image_size}; {len(entries)} entries, "
-          f"{args.warmup} warm-up + {args.steps} interleaved steps each")
-    for amp, cl in dict.fromkeys((e.amp_dtype, e.channels_last) for e in entries):
-        runner.prime(amp, cl)
-    mem = PeakMemory(runner.device)
-    for e in entries:  # warm-up pass, one entry at a time (memory measured here)
-        mem.start()
-        runner.build(e)
-        loss = None
-        for _ in range(args.warmup):
-            loss = runner.step(e)
-        runner.sync()
-        e.peak_mem_mb = mem.stop()
-        if loss is not None and not torch.isfinite(loss).all():
-            print(f"note: {e.name}: non-finite loss during warm-up (random weights); timing continues")
-        print(f"  built {e.name} (from {e.source}), peak memory {e.peak_mem_mb:.1f} MiB")
-    gc.collect()
-    n = len(entries)
-    for s in range(args.steps):  # round-robin, rotating the first entry each round
-        for e in entries[s % n:] + entries[: s % n]:
-            e.times_ms.append(runner.timed_step(e))
-
-    results = results_of(entries, args.batch_size)
-    header = ["teacher", "student", "distiller", "variant", "precision", "batch", "ms/step", "images/s", "peak MiB",
-              "x KD", "x fp32"]
-    rows = [[r["teacher"], r["student"], r["distiller"], r["variant"] or "-", e.precision, r["batch_size"],
-             _fmt(r["ms_per_step"], 2), _fmt(r["images_per_s"], 1), _fmt(r["peak_mem_mb"], 1), _fmt(r["ratio_to_kd"], 2),
-             _fmt(r["ratio_to_fp32"], 2)] for r, e in zip(results, entries)]
-    print()
-    print(format_table(rows, header))
-    print(f"(median of {args.steps} steps; x KD: against KD at the same precision and layout; x fp32: against the "
-          f"entry's own fp32 twin; peak memory: "
-          f"{'CUDA max_memory_allocated' if runner.device.type == 'cuda' else 'approximate RSS growth'})")
-
-    costs = None
-    if args.cost_model:
-        costs = []
-        measured = {e.key: r["ratio_to_kd"] for r, e in zip(results, entries)}
-        for e in entries:
-            if e.distiller == "BLOCKKD":
-                c = cost_model(runner, e)
-                c["measured_ratio_to_kd"] = measured[e.key]
-                costs.append(c)
-        print()
-        if not costs:
-            print("cost model: no BLOCKKD entry to model")
-        else:
-            print("cost model (forward pieces on the batch): cost(KD) = 3F(S) + F(T); "
-                  "BLOCKKD adds 2F(teacher tail + head) + 3F(connector) per stone (expected value for sample:K)")
-            crow = []
-            for c in costs:
-                g = c["forward_gflops"]
-                tails = [k for k in c["forward_ms"] if k.startswith("tail")]
-                crow.append([c["teacher"], c["student"], c["variant"] or "-", c["precision"], c["stones"],
-                             "-" if g is None else f"{g['student']:.3f}", "-" if g is None else f"{g['teacher']:.3f}",
-                             "-" if g is None else " ".join(f"{g[k]:.3f}" for k in tails),
-                             _fmt(c["flops_ratio_to_kd"], 2), _fmt(c["time_ratio_to_kd"], 2),
-                             _fmt(c["measured_ratio_to_kd"], 2)])
-            print(format_table(crow, ["teacher", "student", "variant", "precision", "stones", "GFLOP S", "GFLOP T",
-                                      "GFLOP tails", "x KD (FLOPs)", "x KD (fwd times)", "x KD (measured)"]))
-
-    profiles = None
-    if args.profile > 0:
-        profiles = []
-        for e in entries:
-            parts = runner.profile(e, args.profile)
-            total = sum(parts.values())
-            profiles.append({"teacher": e.teacher, "student": e.student, "distiller": e.distiller,
-                             "variant": e.variant, "precision": e.precision, "profiled_ms": round(total, 3),
-                             "parts_ms": {k: round(v, 3) for k, v in parts.items()}})
-        print()
-        print(profile_table(profiles))
-        print(f"(torch.profiler over {args.profile} steps per entry: self CPU time of each part, ms per step and share "
-              "of the profiled step; the profiler's overhead inflates small ops, so read shares and ratios)")
-
+    doc = run_benchmark(args, overrides, echo=lambda m: print(m, flush=True),
+                        command=["mdistiller-blockkd-benchmark"] + argv)
     if args.json:
-        doc = {
-            "results": results,
-            "device": device_description(runner.device),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "command": shlex.join(["mdistiller-blockkd-benchmark"] + argv),
-        }
-        if costs is not None:
-            doc["cost_model"] = costs
-        if profiles is not None:
-            doc["profile"] = profiles
         atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
-
 
 
 def cli(argv=None) -> int:

@@ -1,0 +1,135 @@
+"""The benchmark's step runner: builds an entry on the device and runs its training steps."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+from torch.autograd.profiler import record_function
+
+from ..detection.task import DetectionTask, benchmark_batch, build_detection_distiller, is_detection
+from ..distillers import distiller_dict
+from ..errors import ConfigError
+from ..models import build_model
+from ..utils.precision import autocast
+from .entries import Entry
+from .profile import profile_step
+
+__all__ = ["Runner"]
+
+
+class Runner:
+    """Builds entries and runs their training steps with the chosen device / AMP / layout."""
+
+    def __init__(self, args):
+        self.device = torch.device(args.device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda asked for but CUDA is not available; use --device cpu")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.backends.cudnn.benchmark = True
+        elif self.device.type != "cpu":
+            raise ConfigError(f"--device '{args.device}' is not supported; use cpu or cuda[:N]")
+        self.batch_size, self.image_size, self.num_classes = args.batch_size, args.image_size, args.num_classes
+        self.seed = args.seed
+
+    def prime(self, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False):
+        """One small convolutional training step, so one-time library set-up (kernel caches,
+        thread pools, CUDA context) is not charged to the first entry's memory or time.
+        Run once per precision and layout of the entries."""
+        torch.manual_seed(self.seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, self.num_classes))
+        net.to(self.device)
+        x = torch.randn(2, 3, self.image_size, self.image_size, device=self.device)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        with autocast(self.device, amp_dtype):
+            loss = torch.nn.functional.cross_entropy(net(x), torch.zeros(2, dtype=torch.long, device=self.device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.sync()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self, e: Entry):
+        """Autocast with ``e``'s precision."""
+        return autocast(self.device, e.amp_dtype)
+
+    def build(self, e: Entry):
+        """Build ``e``'s models, distiller, optimiser and batch on the device."""
+        torch.manual_seed(self.seed)
+        if is_detection(e.cfg):  # torchvision Faster R-CNN: random teacher, fixed random boxes (timing only)
+            model = build_detection_distiller(e.cfg, self.num_classes, load_teacher=False)
+        else:
+            student = build_model(e.student, num_classes=self.num_classes)
+            teacher = None if e.distiller == "NONE" else build_model(e.teacher, num_classes=self.num_classes)
+            model = distiller_dict[e.distiller](student, teacher, e.cfg, input_size=self.image_size)
+        model.to(self.device)
+        if e.channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.train()
+        sol = e.cfg.SOLVER
+        e.opt = torch.optim.SGD(model.get_learnable_parameters(), lr=float(sol.LR), momentum=float(sol.MOMENTUM),
+                                weight_decay=float(sol.WEIGHT_DECAY))
+        e.scaler = torch.amp.GradScaler(self.device.type, enabled=e.amp == "fp16")
+        g = torch.Generator().manual_seed(self.seed + 1)
+        x = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=g)
+        y = torch.randint(0, self.num_classes, (self.batch_size,), generator=g)
+        e.x = x.to(self.device, memory_format=torch.channels_last if e.channels_last else torch.contiguous_format)
+        e.y = y.to(self.device)
+        if is_detection(e.cfg):
+            images, targets = benchmark_batch(self.batch_size, self.image_size, self.num_classes, self.seed)
+            e.x, e.y = DetectionTask(None).to_device(images, targets, self.device)
+        e.epoch = float(max(int(e.cfg.SOLVER.EPOCHS), 1))  # past every warm-up: all loss terms active
+        e.model = model
+
+    def step(self, e: Entry) -> torch.Tensor:
+        """One training step: forward_train, sum of losses, backward, SGD step, zero_grad (each in a
+        ``record_function`` scope that :mod:`mdistiller_blockkd.bench.profile` reads)."""
+        with record_function("part:forward"), self.autocast(e):
+            _, losses = e.model.forward_train(image=e.x, target=e.y, epoch=e.epoch)
+            loss = sum(losses.values())
+        with record_function("part:backward"):
+            e.scaler.scale(loss).backward()
+        with record_function("part:optimizer"):
+            e.scaler.step(e.opt)
+            e.scaler.update()
+            e.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def profile(self, e: Entry, steps: int) -> Dict[str, float]:
+        """Milliseconds per step of each part of ``e``'s step (:func:`~mdistiller_blockkd.bench.profile.profile_step`)."""
+        teacher = getattr(e.model, "teacher", None)
+        tex = e.model.teacher_model(e.x) if teacher is not None and hasattr(e.model, "teacher_model") else None
+        return profile_step(lambda: self.step(e), e.model, tex, steps=steps)
+
+    def timed_step(self, e: Entry) -> float:
+        """Mean ms of one step over a whole cycle of the entry's schedule (Block-KD ``every:K``: K steps)."""
+        cycle = e.model.k if getattr(e.model, "mode", None) == "every" else 1
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(cycle):
+            self.step(e)
+        self.sync()
+        return (time.perf_counter() - t0) * 1000.0 / cycle
+
+    def time_forward(self, fn: Callable[[], object], reps: int) -> float:
+        """Median wall time (ms) of ``fn`` after one untimed call."""
+        fn()
+        out = []
+        for _ in range(reps):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            out.append((time.perf_counter() - t0) * 1000.0)
+        return statistics.median(out)
