@@ -556,3 +556,25 @@ def test_an_outside_distiller_shows_in_the_report_and_the_benchmark(outside_dist
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "±" not in line]
     first = [r for r in rows if r in ("KD", "TESTKD", "TESTKD TEMPERATURE=2", "BLOCKKD")]
     assert first[:4] == ["KD", "TESTKD", "TESTKD TEMPERATURE=2", "BLOCKKD"], rows
+
+
+def test_saved_tensor_breakdown_names_the_stones():
+    """KD saves for its student only; Block-KD adds the stones' passes through the teacher and the connectors;
+    last:2 keeps fewer stone tensors than all."""
+    import argparse
+
+    args = argparse.Namespace(device="cpu", batch_size=8, image_size=32, num_classes=10, seed=0)
+    runner = bench_lib.Runner(args)
+    saved = {}
+    for kind, extra in [("KD", []), ("BLOCKKD", []), ("BLOCKKD", ["BLOCKKD.STONES", "last:2"])]:
+        cfg = load_cfg(None, ["DISTILLER.TYPE", kind, "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8"] + extra)
+        e = bench_lib.Entry("resnet20", "resnet8", kind, "", cfg, "test")
+        runner.build(e)
+        runner.step(e)
+        saved[(kind, tuple(extra))] = runner.saved_tensors(e)
+    kd, full, last2 = saved[("KD", ())], saved[("BLOCKKD", ())], saved[("BLOCKKD", ("BLOCKKD.STONES", "last:2"))]
+    assert set(kd) <= {"student", "losses"} and kd["student"]["bytes"] > 0
+    assert full["stones"]["bytes"] > 0 and full["connectors"]["bytes"] > 0
+    assert 0 < last2["stones"]["bytes"] < full["stones"]["bytes"]
+    assert full["student"]["bytes"] == pytest.approx(kd["student"]["bytes"], rel=0.05)  # the same student pass
+    assert "teacher" not in full  # the teacher's own pass saves nothing (no autograd)

@@ -24,7 +24,7 @@ from .cost import cost_model
 from .entries import Entry, build_entries
 from .memory import PeakMemory, isolated_peak_mib
 from .runner import Runner
-from .tables import cost_table, device_description, profile_table, results_of, results_table
+from .tables import cost_table, device_description, profile_table, results_of, results_table, saved_table
 
 __all__ = ["run_benchmark", "Entry", "Runner"]
 
@@ -96,6 +96,15 @@ def run_benchmark(args, overrides: Sequence[str], echo: Callable[[str], None] = 
                  "BLOCKKD adds 2F(teacher tail + head) + 3F(connector) per stone (expected value for sample:K)")
             echo(cost_table(costs))
         doc["cost_model"] = costs
+
+    if getattr(args, "saved_tensors", False):
+        saved = [{"teacher": e.teacher, "student": e.student, "distiller": e.distiller, "variant": e.variant,
+                  "precision": e.precision, "parts": runner.saved_tensors(e)} for e in entries]
+        echo("")
+        echo(saved_table(saved))
+        echo("(bytes of the tensors autograd saves for backward in one forward_train, by the part whose modules saved "
+             "them; a storage saved twice counts once)")
+        doc["saved_tensors"] = saved
 
     if args.profile > 0:
         profiles = []

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 
-__all__ = ["PARTS", "profile_step", "attribute"]
+__all__ = ["PARTS", "profile_step", "attribute", "saved_tensor_bytes"]
 
 PARTS = ("student", "teacher", "stones", "connectors", "losses", "optimizer", "backward other")
 _SCOPE = "part:"
@@ -46,6 +46,7 @@ class _PartHooks:
         self.stack: List[object] = []  # open record_function scopes
         self.depth = 0
         self.wrapped: List[tuple] = []  # (model, method name) set on the instance
+        self.part: Optional[str] = None  # the part whose modules run now (None: outside every part)
 
     def add(self, modules: Iterable[nn.Module], part: Callable[[], str]):
         for m in modules:
@@ -76,12 +77,14 @@ class _PartHooks:
             scope = record_function(_SCOPE + part)
             scope.__enter__()
             self.stack.append(scope)
+            self.part = part
         self.depth += 1
 
     def _exit(self):
         self.depth -= 1
         if self.depth == 0:
             self.stack.pop().__exit__(None, None, None)
+            self.part = None
 
     def remove(self):
         for h in self.handles:
@@ -140,6 +143,51 @@ def attribute(events) -> Dict[str, float]:
     return dict(out)
 
 
+def _scoped(distiller: nn.Module, teacher_exec: Optional[nn.Module]) -> _PartHooks:
+    hooks = _PartHooks()
+    hooks.wrap(distiller.student, lambda: "student")
+    connectors = getattr(distiller, "connectors", None)
+    if isinstance(connectors, nn.Module):
+        hooks.add(connectors.modules(), lambda: "connectors")
+    if teacher_exec is not None:
+        hooks.wrap(teacher_exec, lambda: "stones" if torch.is_grad_enabled() else "teacher")
+    return hooks
+
+
+def saved_tensor_bytes(forward: Callable[[], object], distiller: nn.Module, teacher_exec: Optional[nn.Module]) -> Dict[str, dict]:
+    """What autograd keeps for backward in one ``forward()`` call, per part (see the module docstring).
+
+    Returns ``{part: {"bytes": activations saved, "param_bytes": parameters saved, "tensors": count}}``
+    for the parts ``student``, ``stones`` (the teacher's modules with autograd on), ``connectors``
+    and ``losses`` (everything else in the forward). A storage saved twice counts once, in the part
+    that saved it first; parameters (the weights every step keeps anyway) are counted apart.
+    """
+    hooks = _scoped(distiller, teacher_exec)
+    params = {p.untyped_storage().data_ptr() for m in (distiller, teacher_exec) if m is not None for p in m.parameters()}
+    seen = set()
+    out: Dict[str, dict] = defaultdict(lambda: {"bytes": 0, "param_bytes": 0, "tensors": 0})
+    keep = []  # the saved tensors stay alive until the forward's graph is dropped, so no data_ptr is reused
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in seen and t.device.type != "meta":
+            seen.add(ptr)
+            row = out[hooks.part or "losses"]
+            row["param_bytes" if ptr in params else "bytes"] += storage.nbytes()
+            row["tensors"] += 1
+        keep.append(t)
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = forward()
+    finally:
+        hooks.remove()
+    del result, keep
+    return {k: dict(v) for k, v in out.items()}
+
+
 def profile_step(step_parts: Callable[[], None], distiller: nn.Module, teacher_exec: Optional[nn.Module],
                  steps: int = 3) -> Dict[str, float]:
     """Mean milliseconds per step of each part over ``steps`` profiled calls of ``step_parts``.
@@ -149,13 +197,7 @@ def profile_step(step_parts: Callable[[], None], distiller: nn.Module, teacher_e
     ``teacher_exec`` is the module that computes the teacher (the BN-folded copy, see
     ``Distiller.teacher_model``), or None for a distiller without a teacher.
     """
-    hooks = _PartHooks()
-    hooks.wrap(distiller.student, lambda: "student")
-    connectors = getattr(distiller, "connectors", None)
-    if isinstance(connectors, nn.Module):
-        hooks.add(connectors.modules(), lambda: "connectors")
-    if teacher_exec is not None:
-        hooks.wrap(teacher_exec, lambda: "stones" if torch.is_grad_enabled() else "teacher")
+    hooks = _scoped(distiller, teacher_exec)
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(steps):

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..models import build_model
 from ..utils.precision import autocast
 from .entries import Entry
-from .profile import profile_step
+from .profile import profile_step, saved_tensor_bytes
 
 __all__ = ["Runner"]
 
@@ -111,6 +111,17 @@ class Runner:
         teacher = getattr(e.model, "teacher", None)
         tex = e.model.teacher_model(e.x) if teacher is not None and hasattr(e.model, "teacher_model") else None
         return profile_step(lambda: self.step(e), e.model, tex, steps=steps)
+
+    def saved_tensors(self, e: Entry) -> Dict[str, dict]:
+        """What autograd keeps for backward in one of ``e``'s forward passes, per part
+        (:func:`~mdistiller_blockkd.bench.profile.saved_tensor_bytes`)."""
+        teacher = getattr(e.model, "teacher", None)
+        tex = e.model.teacher_model(e.x) if teacher is not None and hasattr(e.model, "teacher_model") else None
+
+        def forward():
+            with self.autocast(e):
+                return e.model.forward_train(image=e.x, target=e.y, epoch=e.epoch)
+        return saved_tensor_bytes(forward, e.model, tex)
 
     def timed_step(self, e: Entry) -> float:
         """Mean ms of one step over a whole cycle of the entry's schedule (Block-KD ``every:K``: K steps)."""

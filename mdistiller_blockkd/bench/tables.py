@@ -84,6 +84,18 @@ def profile_table(profiles: List[dict]) -> str:
     return format_table(rows, header)
 
 
+def saved_table(saved: List[dict]) -> str:
+    """Bytes autograd keeps for backward, per part (rows) and entry (columns), in MiB."""
+    parts = [p for p in ("student", "connectors", "stones", "losses") if any(p in s["parts"] for s in saved)]
+    header = ["saved for backward (MiB)"] + [f"{s['distiller']}{' ' + s['variant'] if s['variant'] else ''} ({s['precision']})"
+                                             for s in saved]
+    rows = [[part] + [_fmt(s["parts"].get(part, {}).get("bytes", 0) / 2 ** 20, 1) for s in saved] for part in parts]
+    rows.append(["total activations"] + [_fmt(sum(v["bytes"] for v in s["parts"].values()) / 2 ** 20, 1) for s in saved])
+    rows.append(["(parameters, kept anyway)"] + [_fmt(sum(v["param_bytes"] for v in s["parts"].values()) / 2 ** 20, 2)
+                                                 for s in saved])
+    return format_table(rows, header)
+
+
 def results_table(results: List[dict]) -> str:
     """The main table: one row per entry with its precision, time, throughput, memory and ratios."""
     header = ["teacher", "student", "distiller", "variant", "precision", "batch", "ms/step", "images/s", "peak MiB",

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N steps of every entry (torch.profiler) and print where a step's time goes: "
                         "student, teacher, stones, connectors, losses (forward and backward), optimizer")
+    p.add_argument("--saved-tensors", action="store_true",
+                   help="also print what autograd keeps for backward per part (student, connectors, stones, losses)")
     p.add_argument("--memory", choices=("isolated", "off"), default="isolated",
                    help="peak memory per entry: isolated (CPU: a fresh process per entry; CUDA: the allocator's peak, "
                         "reset per entry) or off")
