@@ -184,7 +184,8 @@ def saved_tensor_bytes(forward: Callable[[], object], distiller: nn.Module, teac
             result = forward()
     finally:
         hooks.remove()
-    del result, keep
+    del result
+    keep.clear()
     return {k: dict(v) for k, v in out.items()}
 
 
