@@ -578,3 +578,20 @@ def test_saved_tensor_breakdown_names_the_stones():
     assert 0 < last2["stones"]["bytes"] < full["stones"]["bytes"]
     assert full["student"]["bytes"] == pytest.approx(kd["student"]["bytes"], rel=0.05)  # the same student pass
     assert "teacher" not in full  # the teacher's own pass saves nothing (no autograd)
+
+
+def test_report_twin_table_compares_each_method_with_its_fp32_twin(report, tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        for kind in ("KD", "BLOCKKD"):
+            write_run(root, f"{kind}_fp32_s{seed}", kind, seed, [60.0, 70.0 + seed], val=[61.0, 71.0 + seed])
+            write_run(root, f"{kind}_bf16_s{seed}", kind, seed, [60.0, 70.5 + seed], val=[61.0, 70.0 + seed],
+                      extra=["SOLVER.AMP", "bf16"])
+    assert report.main(["--root", str(root), "--twin", "AMP=bf16"]) == 0
+    text = capsys.readouterr().out
+    section = text.split("## Validation top-1 (last epoch): AMP=bf16 minus the same method without it")[1]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in section.splitlines()[:12]
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert rows["KD"].startswith("-1.00 ± 0.00") or rows["KD"].startswith("-1.00")
+    assert set(rows) >= {"KD", "BLOCKKD"}
+    assert "KD AMP=bf16" in text  # the bf16 runs are their own rows, not mixed with fp32 seeds

@@ -401,6 +401,39 @@ def difference_table(groups, baseline: str, what: str = "best") -> Optional[str]
     return "\n".join(lines)
 
 
+def twin_table(groups, label: str, what: str) -> Optional[str]:
+    """Per method, the runs labelled ``label`` (``AMP=bf16``) minus their twin without it, with Welch's standard error.
+
+    A twin is the method whose label is the same without the word ``label`` (``KD AMP=bf16`` -> ``KD``).
+    ``None`` when no method has a twin.
+    """
+    cols = column_pairs(groups)
+    rows = []
+    for method in method_rows(groups):
+        words = method.split(" ")
+        if label not in words:
+            continue
+        twin = " ".join(w for w in words if w != label)
+        cells, found = [], False
+        for pair in cols:
+            a = _values(cell_runs(groups, pair, method), what)
+            b = _values(cell_runs(groups, pair, twin), what)
+            if not a or not b:
+                cells.append("–")
+                continue
+            found = True
+            d, se = welch(a, b)
+            cells.append(f"{d:+.2f}" if len(a) < 2 or len(b) < 2 else
+                         f"{d:+.2f} ± {se:.2f} ({d / se:+.1f})" if se > 0 else f"{d:+.2f} ± 0.00")
+        if found:
+            rows.append(f"| {twin} | " + " | ".join(cells) + " |")
+    if not rows:
+        return None
+    ds = several_datasets(groups)
+    return "\n".join(["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |", "|---|" + "---|" * len(cols)]
+                     + rows)
+
+
 def mean_of_records(runs: Sequence[Run], key: str, last_only: bool = False) -> Optional[float]:
     """Mean of ``key`` over the runs' scored records (or each run's last record holding it)."""
     vals = []
@@ -549,8 +582,9 @@ def validation_sections(groups, baselines: Sequence[str]) -> List[str]:
     return out
 
 
-def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None) -> str:
-    """The whole report as markdown; ``baseline`` is one method or a list of them."""
+def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None, twins: Sequence[str] = ()) -> str:
+    """The whole report as markdown; ``baseline`` is one method or a list of them; ``twins``: labels
+    (``AMP=bf16``) whose runs are compared with their twins without the label, method by method."""
     baselines = [baseline] if isinstance(baseline, str) else list(baseline)
     partial = sum(not r.complete for r in runs)
     out = [
@@ -581,6 +615,11 @@ def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None) -> st
             diff = difference_table(groups, base)
             if diff:
                 out += [f"## Best top-1 minus {base} (points)", "", _SE_NOTE, "", diff, ""]
+    for label in twins:
+        for what, title in (("val_last", "Validation top-1 (last epoch)"), ("last", "Test top-1 (last epoch)")):
+            table = twin_table(groups, label, what)
+            if table and (what != "val_last" or any(r.has_val for r in runs)):
+                out += [f"## {title}: {label} minus the same method without it (points)", "", _SE_NOTE, "", table, ""]
     det = detection_table(groups)
     if det:
         out += ["## Detection: COCO box mAP (%) at the best-AP epoch", "",
@@ -865,6 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config keys whose values name a method variant: method options when they differ from "
                         "the package default, hyper-parameters when they differ from most runs of the report "
                         f"(default, from the registered distillers: {' '.join(keys)})")
+    p.add_argument("--twin", action="append", default=[], metavar="LABEL",
+                   help="compare the runs whose label has the word LABEL (e.g. AMP=bf16) with the same method "
+                        "without it, method by method (repeatable)")
     p.add_argument("--cost", metavar="BENCH.json",
                    help="a benchmark --json file: adds step-cost ratios and KD-epochs to the cost table and, with "
                         "--plots, cost_acc.png (accuracy against training cost)")
@@ -898,7 +940,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     relabel_against_majority(runs, args.label_keys)
     costs = load_costs(args.cost) if args.cost else None
     groups = group_runs(runs)
-    text = build_markdown(runs, groups, args.baseline or ["KD"], costs)
+    text = build_markdown(runs, groups, args.baseline or ["KD"], costs, args.twin)
     print(text, end="")
     if args.out:
         atomic_write_text(args.out, text)

@@ -50,9 +50,13 @@ def bare_label_keys() -> Tuple[str, ...]:
     return _union("bare_label_keys")
 
 
+#: Recipe keys that name a variant where a run differs from most runs of a report.
+RECIPE_LABEL_KEYS = ("SOLVER.EPOCHS", "SOLVER.AMP")
+
+
 def hyper_label_keys() -> Tuple[str, ...]:
-    """``SOLVER.EPOCHS`` and every registered distiller's ``hyper_keys``."""
-    return ("SOLVER.EPOCHS",) + _union("hyper_keys")
+    """:data:`RECIPE_LABEL_KEYS` (``SOLVER.EPOCHS``, ``SOLVER.AMP``) and every registered distiller's ``hyper_keys``."""
+    return RECIPE_LABEL_KEYS + _union("hyper_keys")
 
 
 def report_label_keys() -> Tuple[str, ...]:
