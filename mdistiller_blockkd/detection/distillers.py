@@ -211,6 +211,8 @@ class DetBlockKD(DetectionDistiller):
     blockkd_loss = BlockKD.blockkd_loss
     distance = BlockKD.distance
     _active_stones = BlockKD._active_stones
+    _count_step = BlockKD._count_step
+    _draw_stones = BlockKD._draw_stones
     step_plan = BlockKD.step_plan
     get_extra_state = BlockKD.get_extra_state
     set_extra_state = BlockKD.set_extra_state
