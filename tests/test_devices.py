@@ -163,3 +163,26 @@ def test_more_processes_than_gpus_is_a_clear_error(gpus, monkeypatch, count, vis
     with pytest.raises(ConfigError, match=rf"LOCAL_RANK is 3 but only {count} CUDA device\(s\) are visible; use "
                                           rf"--nproc_per_node {count} or fewer, or give each process its own GPU"):
         du.init_distributed()
+
+
+# -- tools/gpu_check.sh ----------------------------------------------------------------------
+def test_gpu_check_script_parses_and_stops_clearly_without_cuda(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    script = os.path.join(ROOT, "tools", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script).read()
+    snippets = re.findall(r"<<'PY'[^\n]*\n(.*?)\nPY\n", text, re.S)
+    assert len(snippets) == 4
+    for code in snippets:
+        compile(code, script, "exec")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the script would run")
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: gpu_check needs a CUDA GPU"), lines
+    assert open(tmp_path / "log").read().strip() == lines[0]
