@@ -259,7 +259,7 @@ class Distiller(nn.Module):
             if note and not self._shared.fold_warned:
                 self._shared.fold_warned = True
                 warnings.warn(f"{type(self).__name__}: the teacher runs without BatchNorm folding ({note}); "
-                              "training is exact but slower (set DISTILLER.FOLD_TEACHER_BN False to silence this)",
+                              "the losses are the same, the steps slower (DISTILLER.FOLD_TEACHER_BN False turns folding off)",
                               stacklevel=3)
             return moved
         if x.device.type == "cpu" or self.channels_last:

@@ -39,9 +39,10 @@ Stones (``STONES``)
     ``sample:K`` the cross terms use the ensemble of the drawn stones (the exact ``Y^E``
     needs every stone). When K divides n the draws walk a random permutation (every
     stone once per n/K steps: each step's draw is still uniform, with less variance
-    across steps). ``DENSE_EPOCHS`` N > 0 runs every stone on every step while
-    ``epoch <= N`` (the draw state untouched), the cheap schedule after. ``STONE_WEIGHTS``: ``halving`` (``w_i = 1/2^(n-i)``, the paper's) or
-    ``uniform`` (``w_i = 1``).
+    across steps). A step draws once: the replicas of a DataParallel step share its
+    draw. ``DENSE_EPOCHS`` N > 0 runs every stone on every step while ``epoch <= N``
+    (the draw state untouched), the cheap schedule after. ``STONE_WEIGHTS``:
+    ``halving`` (``w_i = 1/2^(n-i)``, the paper's) or ``uniform`` (``w_i = 1``).
 
 Block pairing (``PAIRS``)
     Empty: pair student and teacher blocks of equal output stride (within a stride,
