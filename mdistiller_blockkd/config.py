@@ -30,7 +30,7 @@ CFG.EXPERIMENT.PROJECT = "distill"
 CFG.EXPERIMENT.NAME = ""
 CFG.EXPERIMENT.TAG = "default"
 CFG.EXPERIMENT.SEED = 0  # added
-CFG.EXPERIMENT.DETERMINISTIC = False  # added: cudnn deterministic kernels
+CFG.EXPERIMENT.DETERMINISTIC = False  # added: deterministic kernels (utils.misc.set_deterministic), for bit-exact resume on CUDA
 
 # Dataset
 CFG.DATASET = CN()

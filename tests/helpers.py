@@ -1,7 +1,13 @@
 """Helpers shared by several test files (imported as ``from helpers import ...``; pytest puts
 this folder on ``sys.path``)."""
 
+import os
+import sys
+
 import torch
+
+#: The stand-in for upstream mdistiller (its model classes, config and distiller table).
+MDISTILLER_STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mdistiller_standin")
 
 
 def randomize_bn(model: torch.nn.Module, seed: int = 3, shift: float = 0.2) -> None:
@@ -18,3 +24,9 @@ def randomize_bn(model: torch.nn.Module, seed: int = 3, shift: float = 0.2) -> N
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * shift)
+
+
+def drop_fake_mdistiller() -> None:
+    """Forget every imported ``mdistiller`` module (the stand-in's), so the next import is fresh."""
+    for name in [m for m in sys.modules if m == "mdistiller" or m.startswith("mdistiller.")]:
+        del sys.modules[name]

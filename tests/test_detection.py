@@ -270,6 +270,36 @@ def test_one_training_step_each_distiller(kind, coco_root, teacher_file, tmp_pat
         assert "stone4" in d.describe()
 
 
+@pytest.mark.parametrize("kind", ["DKD", "BLOCKKD"])
+def test_step_warmup_never_reads_the_device(kind, coco_root, teacher_file, tmp_path):
+    """The warm-up's step count is a Python int: reading the buffer would sync the host with the GPU each step."""
+
+    class Watched(torch.Tensor):
+        reads = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.item, torch.Tensor.__float__,
+                        torch.Tensor.tolist, torch.Tensor.__bool__):
+                cls.reads.append(func.__name__)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", kind, "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
+                  "DISTILLER.TEACHER_CKPT", teacher_file, "DETECTION.DISTILL_WARMUP_STEPS", "4")
+    train_set, _, n = build_detection_datasets(cfg)
+    torch.manual_seed(0)
+    d = build_detection_distiller(cfg, n).train()
+    d._buffers["num_steps"] = d.num_steps.as_subclass(Watched)
+    images, targets = collate([train_set[i] for i in range(2)])
+    for _ in range(2):
+        d(image=images, target=targets, epoch=1)
+    assert Watched.reads == []
+    assert d.warm(1, 0) == pytest.approx(0.5)
+    e = build_detection_distiller(cfg, n)  # the count survives a checkpoint
+    e.load_state_dict(d.state_dict())
+    assert e.warm(1, 0) == pytest.approx(0.5) and int(e.num_steps) == 2
+
+
 def test_blockkd_last_stone_with_identity_connectors_equals_teacher(coco_root, teacher_file, tmp_path):
     """Splicing check: the teacher's own body through identity connectors gives the teacher's logits."""
     cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",

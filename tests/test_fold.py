@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mdistiller_blockkd.models import build_model
+from mdistiller_blockkd.models import fold as fold_mod
 from mdistiller_blockkd.models.fold import fold_frozen_bn
 
 from helpers import randomize_bn
@@ -72,3 +73,63 @@ def test_fold_declines_when_a_conv_output_is_reused():
     m = Reuse().eval()
     randomize_bn(m)
     assert fold_frozen_bn(m, torch.randn(2, 3, 8, 8)) is None
+
+
+# -- TF32 and the refusal message ----------------------------------------------------------
+def _tf32_switches():
+    """The settings deciding TF32 in convolutions and matrix products, as a comparable tuple."""
+    b = torch.backends
+    if hasattr(getattr(b.cudnn, "conv", None), "fp32_precision"):
+        return b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision
+    return b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
+
+
+def _tf32_on():
+    conv, _ = _tf32_switches()
+    return conv in ("tf32", True)
+
+
+def test_check_runs_without_tf32_and_restores_the_settings(monkeypatch):
+    """On Ampere and newer GPUs fp32 convolutions use TF32 by default (torch's default setting,
+    which this CPU build reports too); its rounding (~1e-3) fails the 1e-4 check. Simulated: the
+    check sees a 1e-3 difference whenever TF32 is on."""
+    assert _tf32_on()  # torch's default
+    before = _tf32_switches()
+    real = fold_mod._difference
+    monkeypatch.setattr(fold_mod, "_difference", lambda ref, outs: 1e-3 if _tf32_on() else real(ref, outs))
+    m = build_model("resnet8", num_classes=10).eval()
+    randomize_bn(m)
+    folded, note = fold_mod.try_fold_frozen_bn(m, torch.randn(2, 3, 32, 32))
+    assert folded is not None and note.endswith("conv->BN pairs folded")
+    assert _tf32_switches() == before
+    with pytest.raises(ZeroDivisionError):  # restored on errors too
+        with fold_mod.exact_fp32():
+            assert not _tf32_on()
+            1 / 0
+    assert _tf32_switches() == before
+
+
+def test_a_refused_fold_is_said_once(monkeypatch):
+    import warnings
+
+    from mdistiller_blockkd.config import load_cfg
+    from mdistiller_blockkd.distillers import distiller_dict
+
+    monkeypatch.setattr(fold_mod, "_difference", lambda ref, outs: 0.5)
+    torch.manual_seed(0)
+    cfg = load_cfg(None, ["DISTILLER.TYPE", "KD"])
+    d = distiller_dict["KD"](build_model("resnet8", num_classes=10), build_model("resnet20", num_classes=10), cfg)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    assert d.teacher_folded is None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        d.train()
+        for _ in range(2):
+            d(image=x, target=y, epoch=1)
+        d.load_state_dict(d.state_dict())  # the executor is rebuilt, and refused again
+        d(image=x, target=y, epoch=1)
+    said = [str(w.message) for w in seen if "BatchNorm folding" in str(w.message)]
+    assert len(said) == 1, said
+    assert "KD: the teacher runs without BatchNorm folding (none of its" in said[0]
+    assert "changed the outputs by up to 0.5 (relative; the limit is 0.0001)" in said[0]
+    assert d.teacher_folded is False and d.teacher_model(x) is d.teacher

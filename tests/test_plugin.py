@@ -14,6 +14,8 @@ from mdistiller_blockkd.errors import ConfigError
 from mdistiller_blockkd.models import build_model
 from mdistiller_blockkd.models.staged import StagedModel
 
+from helpers import drop_fake_mdistiller
+
 
 class Plain(nn.Module):
     """An "upstream" model: same children (hence state-dict keys) as ``impl``, but not a StagedModel."""
@@ -30,12 +32,6 @@ class Plain(nn.Module):
         return logits * self.scale, feats
 
 
-def _drop_fake_modules():
-    for name in [m for m in sys.modules if m == "mdistiller" or m.startswith("mdistiller.")]:
-        del sys.modules[name]
-
-
-STANDIN = os.path.join(os.path.dirname(__file__), "mdistiller_standin")
 MANIFEST = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "cifar_models_mdistiller.json")))
 
 #: mdistiller's CIFAR-100 pairs (teacher, student) and its ImageNet ResNet pair.
@@ -44,18 +40,6 @@ CIFAR_PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4
                ("resnet32x4", "ShuffleV2"), ("ResNet50", "MobileNetV2"), ("vgg13", "MobileNetV2"),
                ("wrn_40_2", "ShuffleV1")]
 IMAGENET_PAIRS = [("ResNet34", "ResNet18")]
-
-
-@pytest.fixture
-def fake_mdistiller(monkeypatch):
-    """The stand-in upstream ``mdistiller`` (tests/mdistiller_standin), freshly imported."""
-    _drop_fake_modules()
-    monkeypatch.syspath_prepend(STANDIN)
-    import mdistiller
-
-    assert os.path.dirname(mdistiller.__file__) == os.path.join(STANDIN, "mdistiller")
-    yield mdistiller
-    _drop_fake_modules()
 
 
 def test_register_adds_distiller_and_cfg_node(fake_mdistiller):
@@ -80,7 +64,7 @@ def test_register_adds_distiller_and_cfg_node(fake_mdistiller):
 
 
 def test_register_without_mdistiller_raises_import_error(monkeypatch):
-    _drop_fake_modules()
+    drop_fake_mdistiller()
     monkeypatch.setitem(sys.modules, "mdistiller", None)  # makes `import mdistiller` fail
     with pytest.raises(ImportError, match="mdistiller is not importable; install it from its repository, "
                                           "or use this toolbox's own tools/train.py"):

@@ -186,7 +186,7 @@ def test_misconfigurations_are_one_line_config_errors():
     with pytest.raises(ConfigError, match="found no BlockKDTeacher with that link"):  # links are weak
         td.BlockKDStudent(student, DEVICE, None, False, link="x")
     loss = td.BlockKDLoss(warmup=5)
-    out = td.BlockKDOutput(torch.zeros(2, 10), [torch.zeros(2, 10)], [1.0], 1.0)
+    out = td.BlockKDOutput(torch.zeros(2, 10), [torch.zeros(2, 10)], torch.tensor([[1.0, 1.0, 1.0]]))
     with pytest.raises(ConfigError, match="never given the epoch; set train.pre_epoch_process"):
         loss({".": {"output": out}}, {".": {"output": torch.zeros(2, 10)}}, torch.tensor([0, 1]))
     with pytest.raises(ConfigError, match="from the BlockKDStudent auxiliary wrapper"):
@@ -194,6 +194,40 @@ def test_misconfigurations_are_one_line_config_errors():
                                  torch.tensor([0, 1]))
     with pytest.raises(ConfigError, match="logit_loss is 'l2'"):
         td.BlockKDLoss(logit_loss="l2")
+
+
+def test_ddp_needs_find_unused_parameters_with_sampled_stones(tmp_path):
+    """torchdistill turns DDP's find_unused_parameters on only for frozen student parameters; with
+    sample:K / every:K the skipped connectors would fail DDP at the second step: one clear error instead."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mdistiller_blockkd.integrations import torchdistill as td
+
+    config = load_config()
+    teacher, student = models(config)
+    teacher_side = td.BlockKDTeacher(teacher, DEVICE, link="ddp")
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+
+    def two_steps(stones, find_unused_parameters):
+        wrapper = td.BlockKDStudent(copy.deepcopy(student), DEVICE, None, True, link="ddp", stones=stones).train()
+        # what torchdistill's wrap_model builds for train.student.wrapper: 'DistributedDataParallel'
+        ddp = DistributedDataParallel(wrapper, device_ids=None, find_unused_parameters=find_unused_parameters)
+        for _ in range(2):
+            out = ddp(x)
+            td.BlockKDLoss(warmup=0)({".": {"output": out}}, {".": {"output": teacher_side(x)}}, y).backward()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for stones in ("sample:1", "every:2"):
+            with pytest.raises(ConfigError, match=r"stones '(sample:1|every:2)' .* set train.student.wrapper: "
+                                                  r"\{key: 'DistributedDataParallel', kwargs: "
+                                                  r"\{find_unused_parameters: True\}\} in the YAML"):
+                two_steps(stones, False)
+            two_steps(stones, True)
+        two_steps("all", False)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_imagenet_yaml_names_torchvision_resnets_and_the_integration(tmp_path):

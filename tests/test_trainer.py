@@ -190,6 +190,7 @@ def test_distiller_with_teacher_and_connectors(tmp_path):
     row = read_metrics(cfg)[0]
     stones = [k for k in row if k.startswith("acc_stone")]
     assert stones and "acc_teacher" in row and "loss_kd" in row
+    assert row["teacher_folded"] is True  # the teacher ran BN-folded (Distiller.teacher_model)
     out = run_dir(cfg)
     student = load_checkpoint(os.path.join(out, "student_latest"))["model"]
     assert set(student) == set(trainer.distiller.student.state_dict())

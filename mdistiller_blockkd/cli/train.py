@@ -64,7 +64,7 @@ def main(argv=None):
     from ..engine.trainer import Trainer, check_fresh_start, experiment_name, output_dir
     from ..registry import import_modules
     from ..utils import dist as du
-    from ..utils.misc import seed_everything
+    from ..utils.misc import seed_everything, set_deterministic
 
     import_modules(args.imports)
     cfg = load_cfg(args.cfg, args.opts)
@@ -76,6 +76,8 @@ def main(argv=None):
     (check_detection_config if detection else check_distiller_config)(cfg)  # before any data is read or downloaded
     if not args.resume:  # the trainer checks again under the folder's lock
         check_fresh_start(output_dir(cfg), int(cfg.SOLVER.EPOCHS), args.overwrite)
+    if cfg.EXPERIMENT.DETERMINISTIC:  # before CUDA starts: cuBLAS reads its workspace setting then
+        set_deterministic(True)
     info = du.init_distributed()
     try:
         def say(msg):

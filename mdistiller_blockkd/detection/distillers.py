@@ -51,7 +51,9 @@ Block-KD
 Warm-up
     DKD and Block-KD ramp their distillation terms over ``DKD.WARMUP`` /
     ``BLOCKKD.WARMUP`` epochs, or over ``DETECTION.DISTILL_WARMUP_STEPS`` optimiser steps
-    when that is > 0 (a step counter saved with the distiller, so resume continues it).
+    when that is > 0 (a step counter saved with the distiller, so resume continues it; kept
+    as a Python int, mirrored into the ``num_steps`` buffer that checkpoints hold, so
+    reading it never waits for the GPU).
 
 The teacher is frozen (``eval()``, no gradients; FrozenBatchNorm) and excluded from
 ``get_learnable_parameters`` and checkpoints; the exported student is the plain
@@ -70,7 +72,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from ..distillers import losses
-from ..distillers.base import Distiller
+from ..distillers.base import Distiller, shared_attribute
 from ..distillers.blockkd import BlockKD, Connector, check_options
 from ..distillers.dkd import DKD
 from ..distillers.kd import KD
@@ -93,13 +95,20 @@ class DetectionDistiller(Distiller):
         super().__init__(student, teacher, cfg)
         self.fold_teacher_bn = False  # torchvision detectors: FrozenBatchNorm teacher, nothing to fold
         self.warmup_steps = int(cfg.DETECTION.DISTILL_WARMUP_STEPS) if cfg is not None else 0
-        self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))  # _steps, as checkpoints hold it
         if teacher is not None:
             ns, nt = int(student.num_classes), int(teacher.num_classes)
             if ns != nt:
                 raise ConfigError(f"the teacher detector classifies {nt} classes but the student {ns} (background "
                                   "included); teacher and data must have the same categories")
         # BatchNorm statistics of the teacher are frozen; detection uses FrozenBatchNorm2d there
+
+    #: training steps taken (the warm-up's step count): a Python int, so reading it needs no device sync
+    _steps = shared_attribute("det_steps", int, int)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._steps = int(self.num_steps)  # one host read, when a checkpoint is loaded
 
     # -- contract ---------------------------------------------------------------------
     def forward_test(self, image):
@@ -109,7 +118,7 @@ class DetectionDistiller(Distiller):
     def warm(self, epoch, warmup_epochs) -> float:
         """The warm-up factor: by steps when ``DISTILL_WARMUP_STEPS`` > 0, else by epochs."""
         if self.warmup_steps > 0:
-            return losses.warmup_factor(int(self.num_steps), self.warmup_steps)
+            return losses.warmup_factor(self._steps, self.warmup_steps)
         return losses.warmup_factor(epoch, warmup_epochs)
 
     # -- the student step ---------------------------------------------------------------
@@ -122,7 +131,8 @@ class DetectionDistiller(Distiller):
         """
         m = self.student
         if self.training:
-            self.num_steps += 1
+            self._steps += 1
+            self.num_steps.fill_(self._steps)  # queued on the device; no host sync
         images_t, targets_t = m.transform(images, targets)
         x = images_t.tensors
         body = m.backbone.body(x)
@@ -211,6 +221,8 @@ class DetBlockKD(DetectionDistiller):
     blockkd_loss = BlockKD.blockkd_loss
     distance = BlockKD.distance
     _active_stones = BlockKD._active_stones
+    _count_step = BlockKD._count_step
+    _draw_stones = BlockKD._draw_stones
     step_plan = BlockKD.step_plan
     get_extra_state = BlockKD.get_extra_state
     set_extra_state = BlockKD.set_extra_state
@@ -260,7 +272,7 @@ class DetBlockKD(DetectionDistiller):
         s = self.student_step(image, target)
         t_logits = self.teacher_logits(s)
         stones = self.stone_logits(s, active)
-        epoch = int(self.num_steps) if self.warmup_steps > 0 else kwargs.get("epoch", math.inf)
+        epoch = self._steps if self.warmup_steps > 0 else kwargs.get("epoch", math.inf)
         out = self.blockkd_loss(s.logits, stones, t_logits, s.labels, weights, cross_weights, epoch, student_cross)
         det = dict(s.losses)
         det.pop("loss_classifier")  # inside loss_ce (Block-KD's task term)

@@ -27,21 +27,32 @@ teacher itself.
 
 DataParallel (mdistiller's ``tools/train.py`` always wraps the distiller in it) builds
 shallow replicas at every forward: each replica gets a copy of the module's ``__dict__``,
-so an attribute *assigned* on a replica is lost after the step. State that must outlive
-a step therefore lives in :class:`SharedState` (``self._shared``), one plain object that
-every replica references: the BN-folded teacher (one per device and dtype, folded once)
-and method state such as Block-KD's ``sample:K`` deck, changed under its lock.
+so an attribute *assigned* on a replica is lost after the step, and every plain
+(non-module, non-tensor) attribute is *shared* by all replicas. So a forward reaches
+modules and tensors only through registered submodules (``self.student``...: the
+replica's own, on the replica's device), never through a plain attribute that holds a
+module. State that must outlive a step lives in :class:`SharedState` (``self._shared``),
+one plain object that every replica references: the module computing teacher outputs
+(one per device and dtype, built from the replica's own teacher) and method state such
+as Block-KD's ``sample:K`` walk, changed under its lock. The replicas of one
+DataParallel step share one *step*: :meth:`SharedState.once_per_step` runs a draw once
+for all of them, so they agree on it, and the draw state advances once per step, as
+without DataParallel.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
 import threading
-from typing import Dict, List, Optional
+import warnings
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..models.fold import fold_frozen_bn
+from ..models.fold import try_fold_frozen_bn
 from ..models.staged import StagedModel
 from ..registry import register_distiller
 
@@ -49,16 +60,24 @@ from ..registry import register_distiller
 class SharedState:
     """State of one distiller that its DataParallel replicas share (see the module docstring).
 
-    ``teacher_exec`` maps ``(device, dtype)`` to the module computing teacher outputs;
-    ``values`` holds method state (a dict the method owns); ``lock`` (re-entrant)
-    serialises changes made by replicas running in parallel threads. Deep copies and
-    pickles get their own holder with copied ``values`` and an empty teacher cache.
+    ``teacher_exec`` maps ``(device, dtype)`` to the module computing teacher outputs
+    (``None``: the calling replica's own teacher); ``fold_notes`` maps the same keys to
+    ``(folded, note)``, what folding the teacher's BatchNorms did; ``values`` holds method
+    state (a dict the method owns); ``lock`` (re-entrant) serialises changes made by
+    replicas running in parallel threads. Deep copies and pickles get their own holder
+    with copied ``values`` and empty caches.
     """
 
     def __init__(self, values=None):
         self.lock = threading.RLock()
         self.teacher_exec: Dict[tuple, Optional[nn.Module]] = {}
+        self.fold_notes: Dict[tuple, tuple] = {}
+        self.fold_warned = False
         self.values: dict = dict(values or {})
+        # DataParallel steps: replicas made by one replicate() call form one step (see once_per_step)
+        self.step_group = 0
+        self.step_group_ran = False
+        self.step_result: tuple = (None, None)
 
     def __getstate__(self):
         return {"values": self.values}
@@ -67,9 +86,34 @@ class SharedState:
         self.__init__(state["values"])
 
     def __deepcopy__(self, memo):
-        import copy
-
         return SharedState(copy.deepcopy(self.values, memo))
+
+    def new_replica_group(self) -> int:
+        """The step of a replica being made now: the current one until a replica of it has run
+        :meth:`once_per_step` (DataParallel makes every replica of a step before running any)."""
+        with self.lock:
+            if self.step_group_ran:
+                self.step_group, self.step_group_ran = self.step_group + 1, False
+            return self.step_group
+
+    def once_per_step(self, module: nn.Module, draw: Callable[[], object]):
+        """``draw()`` once per training step: the replicas of one DataParallel step get the first
+        replica's result; the module itself (no DataParallel, or one device) draws on every call."""
+        group = module.__dict__.get("_replica_group")
+        with self.lock:
+            if group is None:
+                return draw()
+            if group == self.step_group:
+                self.step_group_ran = True
+            if self.step_result[0] != group:
+                self.step_result = (group, draw())
+            return self.step_result[1]
+
+
+def _no_autocast(device_type: str):
+    """Autocast off inside, on device types that have it (``meta`` has none; torch < 2.4 cannot tell)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda _: True)(device_type)
+    return torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext()
 
 
 def shared_attribute(key: str, factory, cast):
@@ -175,37 +219,77 @@ class Distiller(nn.Module):
         """The module that computes teacher outputs for inputs like ``x``.
 
         A BN-folded copy of the frozen teacher, built on first use for ``x``'s device and
-        dtype (once for all DataParallel replicas: it is kept in ``self._shared``) and
-        rebuilt after ``load_state_dict`` / ``.to()``; the teacher itself when folding is
-        off, impossible, or changes any output. Never registered as a submodule, so it is
-        neither saved nor counted. The copy is channels-last on CPU (measured faster for
-        every CIFAR teacher, forward and input-gradient backward) and with
-        ``SOLVER.CHANNELS_LAST``.
+        dtype (once for all DataParallel replicas: it is kept in ``self._shared``, built
+        from the first replica's own teacher on that device) and rebuilt after
+        ``load_state_dict`` / ``.to()``; the teacher itself when folding is off, impossible,
+        or changes any output. A teacher that is not on ``x``'s device (one DataParallel
+        does not replicate: torchdistill's student wrapper keeps it outside its module tree)
+        is copied there first. Never registered as a submodule, so it is neither saved nor
+        counted. The copy is channels-last on CPU (measured faster for every CIFAR teacher,
+        forward and input-gradient backward) and with ``SOLVER.CHANNELS_LAST``.
         """
         key = (x.device, x.dtype)
         shared = self._shared
         if key not in shared.teacher_exec:
             with shared.lock:  # replicas on other devices wait; each (device, dtype) is folded once
                 if key not in shared.teacher_exec:
-                    shared.teacher_exec[key] = self._fold_teacher(x)
-        folded = shared.teacher_exec[key]
-        return self.teacher if folded is None else folded
+                    shared.teacher_exec[key] = self._build_teacher_exec(x)
+        built = shared.teacher_exec[key]
+        return self.teacher if built is None else built
 
-    def _fold_teacher(self, x: Tensor):
-        """The BN-folded teacher for inputs like ``x``, or None (use the teacher itself)."""
-        if not (self.fold_teacher_bn and isinstance(self.teacher, StagedModel)):
+    @property
+    def teacher_folded(self) -> Optional[bool]:
+        """Whether the teacher runs BN-folded: ``None`` before its first use (or without a teacher,
+        or with ``DISTILLER.FOLD_TEACHER_BN`` off), else True when every device's copy is folded."""
+        notes = list(self._shared.fold_notes.values())
+        return all(folded for folded, _ in notes) if notes else None
+
+    def _teacher_on(self, device: torch.device) -> Optional[nn.Module]:
+        """A copy of the teacher on ``device`` when some of its tensors are elsewhere, else ``None``.
+
+        A DataParallel replica's registered teacher is on the replica's device already (its
+        parameters are plain attributes there, so ``parameters()`` is empty; its buffers are not).
+        """
+        tensors = itertools.chain(self.teacher.parameters(), self.teacher.buffers())
+        if all(t.device == device for t in tensors):
             return None
-        with torch.autocast(x.device.type, enabled=False):
-            folded = fold_frozen_bn(self.teacher, x[:2].detach().float())
-        if folded is not None and (x.device.type == "cpu" or self.channels_last):
+        return copy.deepcopy(self.teacher).to(device)
+
+    def _build_teacher_exec(self, x: Tensor) -> Optional[nn.Module]:
+        """The module computing teacher outputs for inputs like ``x`` (``None``: ``self.teacher``)."""
+        if self.teacher is None:
+            return None
+        moved = self._teacher_on(x.device)
+        teacher = self.teacher if moved is None else moved
+        if not (self.fold_teacher_bn and isinstance(teacher, StagedModel)):
+            return moved
+        with _no_autocast(x.device.type):  # the fold and its check in float32
+            folded, note = try_fold_frozen_bn(teacher, x[:2].detach().float())
+        if note:  # nothing to fold leaves no note
+            self._shared.fold_notes[(x.device, x.dtype)] = (folded is not None, note)
+        if folded is None:
+            if note and not self._shared.fold_warned:
+                self._shared.fold_warned = True
+                warnings.warn(f"{type(self).__name__}: the teacher runs without BatchNorm folding ({note}); "
+                              "the losses are the same, the steps slower (DISTILLER.FOLD_TEACHER_BN False turns folding off)",
+                              stacklevel=3)
+            return moved
+        if x.device.type == "cpu" or self.channels_last:
             folded = folded.to(memory_format=torch.channels_last)
         return folded
+
+    def _replicate_for_data_parallel(self):
+        """A DataParallel replica, tagged with its step (see :meth:`SharedState.once_per_step`)."""
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__["_replica_group"] = self._shared.new_replica_group()
+        return replica
 
     def _invalidate_teacher_cache(self):
         shared = self.__dict__.get("_shared")
         if shared is not None:
             with shared.lock:
                 shared.teacher_exec.clear()
+                shared.fold_notes.clear()
 
     def _apply(self, fn, *args, **kwargs):
         self._invalidate_teacher_cache()

@@ -39,9 +39,10 @@ Stones (``STONES``)
     ``sample:K`` the cross terms use the ensemble of the drawn stones (the exact ``Y^E``
     needs every stone). When K divides n the draws walk a random permutation (every
     stone once per n/K steps: each step's draw is still uniform, with less variance
-    across steps). ``DENSE_EPOCHS`` N > 0 runs every stone on every step while
-    ``epoch <= N`` (the draw state untouched), the cheap schedule after. ``STONE_WEIGHTS``: ``halving`` (``w_i = 1/2^(n-i)``, the paper's) or
-    ``uniform`` (``w_i = 1``).
+    across steps). A step draws once: the replicas of a DataParallel step share its
+    draw. ``DENSE_EPOCHS`` N > 0 runs every stone on every step while ``epoch <= N``
+    (the draw state untouched), the cheap schedule after. ``STONE_WEIGHTS``:
+    ``halving`` (``w_i = 1/2^(n-i)``, the paper's) or ``uniform`` (``w_i = 1``).
 
 Block pairing (``PAIRS``)
     Empty: pair student and teacher blocks of equal output stride (within a stride,
@@ -236,13 +237,12 @@ class BlockKD(Distiller):
             raise ConfigError("BLOCKKD needs a teacher (DISTILLER.TEACHER)")
         c = cfg.BLOCKKD
         check_options(c)
-        self.sview: StagedView = student.staged_view()
-        self.tview: StagedView = teacher.staged_view()
-        pairs = pair_blocks(self.sview, self.tview, c.PAIRS)
+        sview, tview = student.staged_view(), teacher.staged_view()
+        pairs = pair_blocks(sview, tview, c.PAIRS)
         keep = self.setup_options(c, len(pairs))
         self.pairs = [pairs[k] for k in keep]
         self.connectors = nn.ModuleList(
-            Connector(self.sview.block_info[i], self.tview.block_info[j], c.CONNECTOR) for i, j in self.pairs)
+            Connector(sview.block_info[i], tview.block_info[j], c.CONNECTOR) for i, j in self.pairs)
         self.batch_stones = str(c.BATCH_STONES).lower()
 
     def setup_options(self, c, n: int) -> range:
@@ -278,14 +278,27 @@ class BlockKD(Distiller):
     def num_stones(self) -> int:
         return len(self.pairs)
 
+    # views are built from the registered modules at every use, never kept: a DataParallel
+    # replica must run its own student (on its device), not the module's
+    @property
+    def sview(self) -> StagedView:
+        """The student's staged view."""
+        return self.student.staged_view()
+
+    @property
+    def tview(self) -> StagedView:
+        """The (unfolded) teacher's staged view."""
+        return self.teacher.staged_view()
+
     # -- stones ---------------------------------------------------------------------
     def _student_forward(self, image: Tensor):
-        h = self.sview.stem(image)
+        view = self.sview
+        h = view.stem(image)
         outs = []
-        for i in range(self.sview.num_blocks):
-            h = self.sview.block(i, h)
+        for i in range(view.num_blocks):
+            h = view.block(i, h)
             outs.append(h)
-        return self.sview.head(h), outs
+        return view.head(h), outs
 
     def _stone_logits(self, outs: List[Tensor], active: Sequence[int], tview: StagedView) -> List[Tensor]:
         """Logits of the stones ``active`` (indices into ``self.pairs``) from student block outputs.
@@ -325,26 +338,34 @@ class BlockKD(Distiller):
         return self._forward(image, range(self.num_stones))
 
     def _active_stones(self) -> Tuple[List[int], float]:
-        """Indices of this step's stones and the factor applied to their terms (advances the draw state)."""
+        """Indices of this step's stones and the factor applied to their terms (advances the draw state
+        once per step: the replicas of one DataParallel step share the draw)."""
         n = self.num_stones
         unbiased = self.stone_scale == "unbiased"
         if self.mode in ("all", "last"):
             return list(range(n)), 1.0
         if self.mode == "every":
-            with self._shared.lock:
-                step, self._step = self._step, self._step + 1
-            if step % self.k:
+            if self._shared.once_per_step(self, self._count_step) % self.k:
                 return [], 1.0
             return list(range(n)), float(self.k) if unbiased else 1.0
+        return self._shared.once_per_step(self, self._draw_stones), n / self.k if unbiased else 1.0
+
+    def _count_step(self) -> int:
+        """``every:K``: this step's number (advances the count; called under the shared lock)."""
+        step, self._step = self._step, self._step + 1
+        return step
+
+    def _draw_stones(self) -> List[int]:
+        """``sample:K``: this step's K stones, sorted (advances the walk; called under the shared lock)."""
+        n = self.num_stones
         if n % self.k:
-            idx = torch.randperm(n)[: self.k].tolist()
-        else:  # stratified: walk a random permutation K stones at a time, every stone once per n/K steps
-            with self._shared.lock:  # DataParallel replicas draw one after the other from the shared walk
-                if self._pos == 0:
-                    self._deck = torch.randperm(n).tolist()
-                idx = self._deck[self._pos: self._pos + self.k]
-                self._pos = (self._pos + self.k) % n
-        return sorted(idx), n / self.k if unbiased else 1.0
+            return sorted(torch.randperm(n)[: self.k].tolist())
+        # stratified: walk a random permutation K stones at a time, every stone once per n/K steps
+        if self._pos == 0:
+            self._deck = torch.randperm(n).tolist()
+        idx = self._deck[self._pos: self._pos + self.k]
+        self._pos = (self._pos + self.k) % n
+        return sorted(idx)
 
     # the draw state (sample:K walk, every:K step count) lives in the distiller's SharedState,
     # so DataParallel replicas (shallow copies made at every forward) advance the module's own
@@ -428,9 +449,10 @@ class BlockKD(Distiller):
     def describe(self) -> str:
         """The base line, then one line per stone: which student block feeds which teacher block."""
         lines = [super().describe()]
-        nt = self.tview.num_blocks
+        sview, tview = self.sview, self.tview
+        nt = tview.num_blocks
         for sid, (i, j), w in zip(self.stone_ids, self.pairs, self.stone_weights):
-            si, ti = self.sview.block_info[i], self.tview.block_info[j]
+            si, ti = sview.block_info[i], tview.block_info[j]
             rest = "teacher head only" if j + 1 == nt else (
                 f"teacher block {nt} + head" if j + 2 == nt else f"teacher blocks {j + 2}..{nt} + head")
             lines.append(f"stone{sid}: student block {i + 1} ({si.num_chs}ch, /{si.reduction}) -> connector -> "

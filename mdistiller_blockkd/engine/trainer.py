@@ -12,7 +12,9 @@ Per epoch
     plus top-1 of every extra head ``distiller.eval_logits(image)`` returns (Block-KD's
     stepping stones, its teacher) as ``acc_<head>``; one JSON line in ``metrics.jsonl``
     (epoch, lr, train_loss, each loss term, train_acc, test_acc, test_acc_top5,
-    test_loss, the ``acc_<head>`` values, best_acc, epoch_time_s, ms_per_step); a block
+    test_loss, the ``acc_<head>`` values, best_acc, epoch_time_s, ms_per_step, and
+    ``teacher_folded`` when the distiller computes teacher outputs: whether its
+    BatchNorms were folded, :attr:`Distiller.teacher_folded`); a block
     in ``worklog.txt``; tensorboardX scalars (``train.events``; also every
     ``LOG.TENSORBOARD_FREQ`` steps; the x axis is the global step).
 
@@ -54,15 +56,31 @@ No lost runs
 
 Resume (``resume=True``)
     restores the distiller, optimizer, scaler, epoch, best accuracy and every RNG from
-    ``latest``, drops ``metrics.jsonl`` lines of later epochs and continues: a run killed
-    after epoch *k* and resumed ends with exactly the weights of an uninterrupted run
-    (with ``DATASET.NUM_WORKERS 0``, or with workers that are recreated each epoch;
-    persistent loader workers keep their own RNG streams, which a new process cannot
-    restore).
+    ``latest``, drops ``metrics.jsonl`` lines of later epochs and continues. Checkpoints
+    hold CPU tensors only (see :func:`~mdistiller_blockkd.utils.checkpoint.save_checkpoint`),
+    so they load on any machine. A run killed after epoch *k* and resumed ends with
+    exactly the weights of an uninterrupted run (bit for bit) when
+
+    * the data order is restorable: ``DATASET.NUM_WORKERS 0``, or workers that are
+      recreated each epoch (persistent loader workers keep their own RNG streams, which a
+      new process cannot restore);
+    * it resumes with the same number of processes;
+    * on CUDA, ``EXPERIMENT.DETERMINISTIC True``: :func:`~mdistiller_blockkd.utils.misc.set_deterministic`
+      (``torch.use_deterministic_algorithms``, deterministic cuDNN without its benchmark,
+      ``CUBLAS_WORKSPACE_CONFIG``, set by the train command before CUDA starts), and no
+      operation without a deterministic CUDA kernel ran: torch warns, naming each one
+      that did. Known ones: the backward of bilinear up-sampling (a Block-KD connector
+      whose student map is smaller than the teacher's; ``describe()`` gives each stone's
+      strides) and of torchvision's ``roi_align`` (detection). Without it, cuDNN picks its
+      kernels per process and atomic adds sum in any order: a resumed run continues the
+      same recipe, but not the same bits.
+
+    On the CPU the first two suffice.
 
 Mixed precision and layout
     ``SOLVER.AMP``: ``off``, ``bf16`` or ``fp16`` (``torch.autocast`` on the device type;
-    fp16 uses ``torch.amp.GradScaler``). ``SOLVER.CHANNELS_LAST`` converts the models
+    fp16 uses ``torch.amp.GradScaler``; bf16 on a GPU older than Ampere, which emulates
+    it, logs a warning). ``SOLVER.CHANNELS_LAST`` converts the models
     and every input batch to channels-last.
 
 Distributed (``torchrun``; see :mod:`.dist`)
@@ -105,6 +123,7 @@ from ..utils.misc import (
     atomic_write_text,
     correct_topk,
     get_rng_state,
+    set_deterministic,
     set_rng_state,
 )
 
@@ -177,6 +196,18 @@ def adjust_learning_rate(epoch: int, cfg, optimizer) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def _bf16_note(amp: str, device: torch.device) -> Optional[str]:
+    """A warning line when ``SOLVER.AMP`` bf16 runs on a CUDA GPU without native bf16 (before
+    Ampere, compute capability < 8.0: torch emulates it, slower than fp16), else ``None``."""
+    if amp != "bf16" or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return None
+    return (f"SOLVER.AMP bf16 on {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}): this GPU "
+            "has no native bf16 and emulates it, slower than fp16; use SOLVER.AMP fp16 on it")
 
 
 def _fmt(v: float) -> str:
@@ -293,10 +324,12 @@ class Trainer:
             raise ConfigError(f"SOLVER.AMP is '{cfg.SOLVER.AMP}'; use one of off, bf16, fp16")
         self.amp_dtype = _AMP_DTYPES.get(amp)
         self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST)
-        if self.device.type == "cuda":
-            deterministic = bool(cfg.EXPERIMENT.DETERMINISTIC)
-            torch.backends.cudnn.deterministic = deterministic
-            torch.backends.cudnn.benchmark = not deterministic
+        deterministic = bool(cfg.EXPERIMENT.DETERMINISTIC)
+        if deterministic or self.device.type == "cuda":
+            set_deterministic(deterministic)
+        note = _bf16_note(amp, self.device)
+        if note:
+            self.log(note, "WARN")
 
         n_val = len(val_loader.dataset) if hasattr(val_loader, "dataset") else None
         if n_val is not None and n_val < dist_info.world_size:
@@ -523,6 +556,9 @@ class Trainer:
             self.best_acc = max(self.best_acc, score)
         record = {"epoch": epoch, "lr": lr, **train, **test, **val, "best_acc": self.best_acc,
                   "epoch_time_s": time.perf_counter() - t_start, "ms_per_step": 1000.0 * t_train / steps}
+        folded = getattr(self.distiller, "teacher_folded", None)
+        if folded is not None:  # whether the teacher ran with its BatchNorms folded (Distiller.teacher_model)
+            record["teacher_folded"] = folded
         self.history.append(record)
         if self.is_main:
             self._write_logs(epoch, record, steps)

@@ -43,8 +43,10 @@ import os
 import weakref
 from typing import Dict, List, NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 try:
     from torchdistill.core.interfaces.pre_epoch_proc import default_pre_epoch_process_with_teacher
@@ -81,17 +83,35 @@ _TEACHERS: "weakref.WeakValueDictionary[str, BlockKDTeacher]" = weakref.WeakValu
 class BlockKDOutput(NamedTuple):
     """What :class:`BlockKDStudent` returns in training mode.
 
-    ``weights[i]`` scales stone ``i``'s task and distill terms (stone weight times
-    ``factor``: ``n/K`` for ``sample:K``, ``K`` for ``every:K`` with ``STONE_SCALE``
-    unbiased, else 1); ``student_cross`` scales the student's own cross term. A step of
-    ``every:K`` without stones has none.
+    ``logits`` (the student's) and ``stones`` (this step's stones' logits), and ``plan``, a
+    ``(1, 2 + len(stones))`` tensor on their device: ``factor``, ``student_cross``, then
+    the stones' ``weights``. ``weights[i]`` scales stone ``i``'s task and distill terms
+    (stone weight times ``factor``: ``n/K`` for ``sample:K``, ``K`` for ``every:K`` with
+    ``STONE_SCALE`` unbiased, else 1); ``student_cross`` scales the student's own cross
+    term. A step of ``every:K`` without stones has none.
+
+    Every field is a tensor or a list of tensors, so ``DataParallel`` (and torchdistill's
+    I/O dict) can gather the replicas' outputs: logits and stones are concatenated along
+    the batch, and ``plan`` gets one row per replica. The replicas of a step run the same
+    stones (:meth:`~mdistiller_blockkd.distillers.base.SharedState.once_per_step`), so the
+    rows are equal and the properties read the first.
     """
 
     logits: Tensor
     stones: List[Tensor]
-    weights: List[float]
-    factor: float
-    student_cross: float = 1.0
+    plan: Tensor
+
+    @property
+    def factor(self) -> Tensor:
+        return self.plan[0, 0]
+
+    @property
+    def student_cross(self) -> Tensor:
+        return self.plan[0, 1]
+
+    @property
+    def weights(self) -> List[Tensor]:
+        return list(self.plan[0, 2:])
 
 
 def _kwargs_error(owner: str, unknown, known) -> ConfigError:
@@ -203,11 +223,29 @@ class BlockKDStudent(BlockKD, AuxiliaryModelWrapper):
         """Training: :class:`BlockKDOutput` for this step's stones; eval: the student's logits."""
         if not self.training:
             return self.student(x)[0]
+        self._check_ddp()
         active, factor = self._active_stones()
         s_logits, outs = self._student_forward(x)
         stones = self._stone_logits(outs, active, self.teacher_model(x).staged_view())
-        weights = [self.stone_weights[k] * factor for k in active]
-        return BlockKDOutput(s_logits, stones, weights, factor, factor if self.mode == "every" else 1.0)
+        plan = [factor, factor if self.mode == "every" else 1.0] + [self.stone_weights[k] * factor for k in active]
+        # pageable host -> device copy without waiting for the device
+        plan = torch.tensor([plan], dtype=torch.float32).to(s_logits.device, non_blocking=True)
+        return BlockKDOutput(s_logits, stones, plan)
+
+    def _check_ddp(self) -> None:
+        """Refuse DistributedDataParallel without ``find_unused_parameters`` when some connectors skip steps.
+
+        torchdistill sets ``find_unused_parameters`` only when a student parameter is frozen;
+        with ``sample:K`` / ``every:K`` DDP would fail at the second step instead.
+        """
+        ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)  # the DDP running this forward
+        if (self.has_unused_parameters and ddp is not None and getattr(ddp, "module", None) is self
+                and not ddp.find_unused_parameters):
+            raise ConfigError(
+                f"BlockKDStudent with stones '{self.mode}:{self.k}' leaves the connectors of the stones it skips "
+                "without gradients on some steps, and DistributedDataParallel wraps it with "
+                "find_unused_parameters False; set train.student.wrapper: {key: 'DistributedDataParallel', kwargs: "
+                "{find_unused_parameters: True}} in the YAML (or use stones 'all' / 'last:K')")
 
 
 class _EpochAware(nn.Module):

@@ -11,19 +11,47 @@ large share of that cost on CPU).
 order of Conv2d / BatchNorm2d calls on a probe batch, and folds each BN whose input *is*
 the tensor the conv just produced, keeping a fold only if every output of the staged
 view on the probe batch is unchanged. With nothing folded it returns ``None`` and the
-caller keeps the unfolded model.
+caller keeps the unfolded model; :func:`try_fold_frozen_bn` also says why.
+
+The check runs in full fp32 precision (:func:`exact_fp32`: no TF32 in convolutions and
+matrix products, the settings restored after). On Ampere and newer GPUs torch computes
+fp32 convolutions in TF32 by default, whose rounding (about 1e-3) would fail the check
+and leave every teacher unfolded; the folded copy itself then runs with the user's settings.
+It only reads the model given, so it is safe on a DataParallel replica: the probe's
+forward hooks go on the copy, not on modules whose hook tables the replicas share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from .staged import StagedModel
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Convolutions and matrix products in full fp32 (no TF32) inside the block; the previous
+    settings are restored after. Uses torch's ``fp32_precision`` switches where they exist
+    (torch >= 2.9; mixing them with the legacy ``allow_tf32`` flags is an error there), else
+    the ``allow_tf32`` flags."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        switches, exact = [(conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")], "ieee"
+    else:
+        switches, exact = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")], False
+    saved = [getattr(obj, name) for obj, name in switches]
+    try:
+        for obj, name in switches:
+            setattr(obj, name, exact)
+        yield
+    finally:
+        for (obj, name), value in zip(switches, saved):
+            setattr(obj, name, value)
 
 
 def _conv_bn_pairs(model: nn.Module, probe: torch.Tensor):
@@ -61,9 +89,14 @@ def _outputs(model: StagedModel, probe: torch.Tensor):
     return outs
 
 
-def _same(ref, outs, rtol: float) -> bool:
-    return all(a.shape == b.shape and (a - b).abs().max().item() <= rtol * max(1.0, a.abs().max().item())
-               for a, b in zip(ref, outs))
+def _difference(ref, outs) -> float:
+    """The largest change of any output, relative to that output's largest magnitude (at least 1)."""
+    worst = 0.0
+    for a, b in zip(ref, outs):
+        if a.shape != b.shape:
+            return float("inf")
+        worst = max(worst, (a - b).abs().max().item() / max(1.0, a.abs().max().item()))
+    return worst
 
 
 @torch.no_grad()
@@ -72,17 +105,42 @@ def fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) 
 
     ``probe`` is a small input batch on the model's device. Folds are kept only if the
     staged outputs (stem, every block, logits) on ``probe`` stay within ``rtol``
-    (relative to each output's largest magnitude); a pair whose conv output is also used
-    elsewhere (e.g. by a residual add) fails that check and stays unfolded. All pairs are
-    tried at once first, then halves of a failing group (bisection), so a model with no
-    such pair costs one check.
-    The copy shares nothing with ``model``; its parameters do not require gradients.
+    (relative to each output's largest magnitude), computed in full fp32
+    (:func:`exact_fp32`); a pair whose conv output is also used elsewhere (e.g. by a
+    residual add) fails that check and stays unfolded. All pairs are tried at once first,
+    then halves of a failing group (bisection), so a model with no such pair costs one
+    check. The copy shares nothing with ``model``; its parameters do not require gradients.
     """
-    model = model.eval()
-    pairs = _conv_bn_pairs(model, probe)
-    if not pairs:
-        return None
-    folded = copy.deepcopy(model).eval().requires_grad_(False)
+    return try_fold_frozen_bn(model, probe, rtol)[0]
+
+
+@torch.no_grad()
+def try_fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) -> Tuple[Optional[StagedModel], str]:
+    """:func:`fold_frozen_bn`, and one line saying what it did.
+
+    The line is ``""`` when ``model`` has no conv->BN pair (nothing to fold), else how many
+    pairs were folded, or why none was: every fold changed the outputs beyond ``rtol`` (the
+    difference is given), or the model's code failed on the folded copy.
+    """
+    model.eval()
+    try:
+        folded = copy.deepcopy(model).eval().requires_grad_(False)
+        with exact_fp32():
+            pairs = _conv_bn_pairs(folded, probe)
+            if not pairs:
+                return None, ""
+            kept, first = _fold_pairs(folded, pairs, _outputs(model, probe), probe, rtol)
+    except Exception as e:  # a model whose code reads a folded BN's attributes directly
+        return None, f"folding failed on {type(model).__name__}: {type(e).__name__}: {e}"
+    if not kept:
+        return None, (f"none of its {len(pairs)} conv->BN pairs folds exactly: folding them changed the outputs by "
+                      f"up to {first:.2g} (relative; the limit is {rtol:g})")
+    return folded, f"{len(kept)} of {len(pairs)} conv->BN pairs folded"
+
+
+def _fold_pairs(folded: StagedModel, pairs, ref, probe: torch.Tensor, rtol: float):
+    """Fold the largest groups of ``pairs`` that keep ``folded``'s outputs within ``rtol`` of ``ref``
+    (bisection); return the folded pairs and the difference of folding them all at once."""
     mods = dict(folded.named_modules())
 
     def apply(pair):
@@ -101,15 +159,17 @@ def fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) 
     def revert(undo):
         conv, weight, bias, owner, attr, bn = undo
         conv.weight.copy_(weight)
+        if not (bias is None or isinstance(bias, nn.Parameter)):
+            del conv.bias  # a DataParallel replica holds its bias as a plain tensor attribute
         conv.bias = bias
         setattr(owner, attr, bn)
 
-    kept = []
+    kept, differences = [], []
 
     def search(group):
-        """Keep the largest sub-groups whose folding leaves the outputs unchanged (bisection)."""
         undos = [apply(p) for p in group]
-        if _same(ref, _outputs(folded, probe), rtol):
+        differences.append(_difference(ref, _outputs(folded, probe)))
+        if differences[-1] <= rtol:
             kept.extend(group)
             return
         for u in reversed(undos):
@@ -118,10 +178,5 @@ def fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) 
             search(group[: len(group) // 2])
             search(group[len(group) // 2:])
 
-    try:
-        ref = _outputs(model, probe)
-        search(pairs)
-    except Exception as e:  # a model whose code reads a folded BN's attributes directly
-        warnings.warn(f"BatchNorm folding skipped for {type(model).__name__}: {e}")
-        return None
-    return folded if kept else None
+    search(pairs)
+    return kept, differences[0]

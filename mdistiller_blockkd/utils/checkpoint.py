@@ -33,6 +33,7 @@ from .fileio import atomic_write
 
 __all__ = [
     "save_checkpoint",
+    "to_cpu",
     "load_checkpoint",
     "extract_state_dict",
     "read_state_dict",
@@ -51,11 +52,31 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 def save_checkpoint(obj, path: str) -> None:
     """Write ``obj`` with ``torch.save`` atomically: temporary file in ``path``'s folder, fsync, ``os.replace``.
 
+    Every tensor is written as a CPU tensor (:func:`to_cpu`): model and optimizer states
+    and RNG snapshots taken on a GPU load on any machine, without ``map_location``.
     A process killed while saving leaves the previous file (if any) untouched and no
     temporary file behind (unless killed by SIGKILL mid-write, which leaves a hidden
     ``.<name>.*.tmp`` that the next save of the same name ignores).
     """
+    obj = to_cpu(obj)
     atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def to_cpu(obj):
+    """``obj`` with every tensor in its dicts, lists and tuples replaced by a detached CPU copy
+    (CPU tensors are kept as they are); other values are returned unchanged."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)()
+        for k, v in obj.items():
+            out[k] = to_cpu(v)
+        if hasattr(obj, "_metadata"):  # a state dict's module versions
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str, map_location="cpu"):

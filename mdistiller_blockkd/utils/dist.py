@@ -71,8 +71,10 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Read torchrun's variables, start the process group when ``WORLD_SIZE > 1``, pick the device.
 
     Device: ``cuda:LOCAL_RANK`` when CUDA is available (that device is made current),
-    else ``cpu``. Backend: ``nccl`` on CUDA, ``gloo`` on CPU. A process group that is
-    already running is reused.
+    else ``cpu``; a process that sees one GPU while ``CUDA_VISIBLE_DEVICES`` is set (its
+    launcher gave it that GPU, e.g. Slurm ``--gpus-per-task=1``) uses ``cuda:0`` whatever
+    its ``LOCAL_RANK``. Backend: ``nccl`` on CUDA, ``gloo`` on CPU. A process group that
+    is already running is reused.
     """
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -81,12 +83,14 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         raise ConfigError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent; launch with torchrun")
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
-        if local >= count:
+        one_each = count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES", "") != ""
+        if local >= count and not one_each:
             raise ConfigError(
                 f"LOCAL_RANK is {local} but only {count} CUDA device(s) are visible; "
-                f"use --nproc_per_node {count} or fewer"
+                f"use --nproc_per_node {count} or fewer, or give each process its own GPU (CUDA_VISIBLE_DEVICES, "
+                "Slurm --gpus-per-task=1)"
             )
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", 0 if one_each else local)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

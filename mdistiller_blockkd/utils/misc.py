@@ -3,6 +3,7 @@
 * :class:`AverageMeter` -- running weighted average (mdistiller's name and fields).
 * :func:`accuracy` -- top-k accuracy in percent (mdistiller's signature).
 * :func:`seed_everything` -- seed python, numpy and torch (CPU and every CUDA device).
+* :func:`set_deterministic` -- deterministic kernels (``EXPERIMENT.DETERMINISTIC``).
 * :func:`get_rng_state` / :func:`set_rng_state` -- every random generator's state as a
   plain dict of tensors and numbers, so a checkpoint holding it loads with
   ``torch.load(..., weights_only=True)``.
@@ -29,6 +30,8 @@ __all__ = [
     "accuracy",
     "correct_topk",
     "seed_everything",
+    "set_deterministic",
+    "CUBLAS_WORKSPACE_CONFIG",
     "get_rng_state",
     "set_rng_state",
     "FILE_MODE",
@@ -86,6 +89,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+#: cuBLAS workspace setting that makes its matrix products deterministic (read when CUDA starts).
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def set_deterministic(deterministic: bool) -> None:
+    """Deterministic kernels on (``EXPERIMENT.DETERMINISTIC``) or off.
+
+    On: ``CUBLAS_WORKSPACE_CONFIG`` (unless set; cuBLAS reads it when CUDA starts, so call
+    this first), ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an operation
+    without a deterministic kernel, such as the CUDA backward of bilinear up-sampling or of
+    torchvision's ``roi_align``, runs anyway, and torch warns naming it: from there on a run
+    is not bit-exact), cuDNN deterministic and no cuDNN benchmark. Off: torch's defaults,
+    with the cuDNN benchmark (the fastest kernels, chosen per process).
+    """
+    deterministic = bool(deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 # -- RNG states as tensors ---------------------------------------------------------------
