@@ -52,8 +52,10 @@ def save_checkpoint(obj, path: str) -> None:
     """Write ``obj`` with ``torch.save`` atomically: temporary file in ``path``'s folder, fsync, ``os.replace``.
 
     A process killed while saving leaves the previous file (if any) untouched and no
-    temporary file behind (unless killed by SIGKILL mid-write, which leaves a hidden
-    ``.<name>.*.tmp`` that the next save of the same name ignores).
+    temporary file behind (SIGTERM too, in a command: :func:`~mdistiller_blockkd.errors.run_cli`
+    turns it into an exception); SIGKILL mid-write leaves a hidden ``.<name>.*.tmp``, which
+    the next save of the same name ignores and the trainer deletes when it next starts
+    (:func:`~mdistiller_blockkd.utils.fileio.remove_temporaries`).
     """
     atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
