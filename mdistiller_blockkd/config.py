@@ -186,6 +186,14 @@ def _check(cfg):
         raise ConfigError("SOLVER.EPOCHS and SOLVER.BATCH_SIZE must be >= 1")
     if int(cfg.LOG.EVAL_HEADS_FREQ) < 0:
         raise ConfigError(f"LOG.EVAL_HEADS_FREQ is {cfg.LOG.EVAL_HEADS_FREQ}; use 0 (never) or a positive number of epochs")
+    for key in ("PROJECT", "NAME", "TAG"):  # the run folder is LOG.PREFIX/<PROJECT>/<NAME or TAG>
+        value = str(cfg.EXPERIMENT[key])
+        parts = value.replace("\\", "/").split("/")
+        if os.path.isabs(value) or value.startswith(("/", "\\")) or ".." in parts:
+            raise ConfigError(
+                f"EXPERIMENT.{key} is '{value}'; it names a folder inside LOG.PREFIX, so it may not be an absolute "
+                "path or contain '..': give a plain name such as 'kd_res56_res20' (set LOG.PREFIX to write elsewhere)"
+            )
 
 
 def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:

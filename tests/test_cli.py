@@ -141,3 +141,84 @@ def test_two_process_gloo_run(tmp_path):
     assert "resumed from" in out and out.count("epoch 2/2") == 1 and "epoch 1/2" not in out
     assert [r["epoch"] for r in metrics(folder)] == [1, 2]
     assert torch.load(folder / "latest", map_location="cpu", weights_only=True)["epoch"] == 2
+
+
+# -- --resume and the run's config.yaml ----------------------------------------------------------
+@pytest.mark.usefixtures("one_thread")
+def test_resume_refuses_settings_that_change_the_result_unless_asked(tmp_path, capsys):
+    """Through the train command (in-process): the keys that may change pass, the others need --resume-with-changes,
+    and every change is recorded in the run folder."""
+    import yaml
+
+    from mdistiller_blockkd.cli import train
+
+    folder = tmp_path / "synthetic" / "vanilla_resnet8"
+    base = ["--cfg", SMOKE, "LOG.PREFIX", str(tmp_path), *TINY]
+
+    def config():
+        return yaml.safe_load((folder / "config.yaml").read_text())
+
+    assert train.cli(base + ["SOLVER.EPOCHS", "1"]) == 0
+    original = (folder / "config.yaml").read_text()
+    capsys.readouterr()
+    # result-changing keys (recipe, seed, distiller options) are refused, listed with old and new values
+    with pytest.raises(SystemExit) as e:
+        train.cli(base + ["--resume", "SOLVER.EPOCHS", "2", "SOLVER.LR", "0.1", "EXPERIMENT.SEED", "3",
+                          "BLOCKKD.T", "2.0", "DATASET.NUM_WORKERS", "0", "LOG.TENSORBOARD_FREQ", "3"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert e.value.code != 0 and len(lines) == 1 and lines[0].startswith("error: --resume"), err
+    assert "SOLVER.LR: 0.05 -> 0.1" in err and "EXPERIMENT.SEED: 0 -> 3" in err and "BLOCKKD.T: 4.0 -> 2.0" in err
+    assert "--resume-with-changes" in err and "EPOCHS" not in err and "TENSORBOARD_FREQ" not in err
+    assert (folder / "config.yaml").read_text() == original and [r["epoch"] for r in metrics(folder)] == [1]
+    # keys that do not change the result pass: logging, loader workers, evaluation batch, more epochs
+    assert train.cli(base + ["--resume", "SOLVER.EPOCHS", "2", "LOG.TENSORBOARD_FREQ", "3", "DATASET.TEST.BATCH_SIZE",
+                             "8", "EXPERIMENT.DETERMINISTIC", "True"]) == 0
+    assert [r["epoch"] for r in metrics(folder)] == [1, 2] and config()["LOG"]["TENSORBOARD_FREQ"] == 3
+    assert (folder / "config_to_epoch_1.yaml").read_text() == original  # the settings of epoch 1
+    (first,) = [json.loads(line) for line in (folder / "changes.jsonl").read_text().splitlines()]
+    assert first["from_epoch"] == 2
+    assert {c["key"]: (c["old"], c["new"], c["changes_result"]) for c in first["changes"]} == {
+        "SOLVER.EPOCHS": (1, 2, False), "LOG.TENSORBOARD_FREQ": (8, 3, False), "DATASET.TEST.BATCH_SIZE": (16, 8, False),
+        "EXPERIMENT.DETERMINISTIC": (False, True, False)}
+    # SOLVER.EPOCHS below the epochs done changes the result (the run would claim fewer epochs than it has)
+    with pytest.raises(SystemExit):
+        train.cli(base + ["--resume", "SOLVER.EPOCHS", "1", "LOG.TENSORBOARD_FREQ", "3", "DATASET.TEST.BATCH_SIZE", "8",
+                          "EXPERIMENT.DETERMINISTIC", "True"])
+    assert "SOLVER.EPOCHS: 2 -> 1" in capsys.readouterr().err
+    # --resume-with-changes accepts them and records them
+    assert train.cli(base + ["--resume-with-changes", "SOLVER.EPOCHS", "3", "SOLVER.LR", "0.1"]) == 0
+    assert [r["epoch"] for r in metrics(folder)] == [1, 2, 3] and config()["SOLVER"]["LR"] == 0.1
+    second = json.loads((folder / "changes.jsonl").read_text().splitlines()[1])
+    changed = {c["key"]: (c["old"], c["new"], c["changes_result"]) for c in second["changes"]}
+    assert second["from_epoch"] == 3 and changed["SOLVER.LR"] == (0.05, 0.1, True)
+    assert changed["SOLVER.EPOCHS"] == (2, 3, False) and changed["LOG.TENSORBOARD_FREQ"] == (3, 8, False)
+    assert yaml.safe_load((folder / "config_to_epoch_2.yaml").read_text())["SOLVER"]["LR"] == 0.05
+    worklog = (folder / "worklog.txt").read_text()
+    assert "settings changed from epoch 3: " in worklog and "SOLVER.LR: 0.05 -> 0.1" in worklog
+    # a new run in the folder does not inherit the old run's record of changes
+    assert train.cli(base + ["--overwrite", "SOLVER.EPOCHS", "1"]) == 0
+    assert not (folder / "changes.jsonl").exists() and not list(folder.glob("config_to_epoch_*"))
+
+
+def test_sigterm_while_saving_leaves_no_temporary_file(tmp_path):
+    """A command stopped by SIGTERM in the middle of an atomic write removes its temporary file."""
+    import signal
+
+    script = ("import sys, time, torch\n"
+              "from mdistiller_blockkd.errors import run_cli\n"
+              "from mdistiller_blockkd.utils.checkpoint import save_checkpoint\n"
+              "def slow_save(obj, f, *a, **k):\n"
+              "    f.write(b'half a checkpoint'); f.flush(); print('saving', flush=True); time.sleep(60)\n"
+              "torch.save = slow_save\n"
+              "sys.exit(run_cli(lambda argv: save_checkpoint({'epoch': 1}, sys.argv[1])))\n")
+    proc = start(["-c", script, str(tmp_path / "latest")])
+    try:
+        assert proc.stdout.readline().strip() == "saving"
+        assert len(os.listdir(tmp_path)) == 1  # the temporary file
+        proc.send_signal(signal.SIGTERM)
+        rc, _, err = finish(proc, timeout=30)
+    finally:
+        proc.kill()
+    assert rc == 128 + signal.SIGTERM and "terminated" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,59 @@ def test_bad_arguments_are_one_clear_error(tmp_path):
     assert r.returncode != 0 and "same run directory" in r.stderr
     r = study("--cfg", CFG, "--", "SOLVER.EPOCHS", cwd=tmp_path)
     assert r.returncode != 0 and "KEY VALUE" in r.stderr
+
+
+def test_a_cell_without_its_final_checkpoints_is_not_done(tmp_path):
+    """A run stopped while saving its last epoch (the record written, 'latest' still at the epoch before) is resumed."""
+    out = tmp_path / "out"
+    assert study("--cfg", CFG, "--threads", "1", *tiny(out, epochs=2), cwd=tmp_path).returncode == 0
+    run = out / "synthetic" / "vanilla_resnet8"
+    os.replace(run / "epoch_1", run / "latest")  # 'latest' of epoch 1; the final files of epoch 2 missing
+    for name in ("ckpt_epoch_2.pth", "student_latest"):
+        os.remove(run / name)
+    r = study("--cfg", CFG, "--threads", "1", *tiny(out, epochs=2), cwd=tmp_path)
+    assert r.returncode == 0 and "[done]" not in r.stdout and "[resume]" in r.stdout, r.stdout + r.stderr
+    assert epochs(run) == [1, 2] and (run / "ckpt_epoch_2.pth").is_file()
+    r = study("--cfg", CFG, "--threads", "1", *tiny(out, epochs=2), cwd=tmp_path)
+    assert r.returncode == 0 and "[done]" in r.stdout and "[start]" not in r.stdout
+
+
+def test_sigterm_stops_the_cells_and_a_rerun_resumes_them(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    run = out / "synthetic" / "vanilla_resnet8"
+    proc = subprocess.Popen([sys.executable, "-m", "mdistiller_blockkd", "study", "--cfg", CFG, "--threads", "1",
+                             *tiny(out, epochs=500)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").is_file() and epochs(run)):  # the cell has finished an epoch
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        child = int((run / ".lock").read_text())  # the train process holding the run folder
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, stdout + stderr
+        assert "[stopped] vanilla_resnet8" in stdout and "terminated" in stderr and "Traceback" not in stderr
+        with pytest.raises(ProcessLookupError):  # the study waited for its child: none is left running
+            os.kill(child, 0)
+        child = None
+        done = max(epochs(run))
+        assert done < 500 and not [n for n in os.listdir(run) if n.endswith(".tmp")]
+        r = study("--cfg", CFG, "--threads", "1", *tiny(out, epochs=done + 1), cwd=tmp_path)
+        assert r.returncode == 0 and "[resume]" in r.stdout and "[FAILED]" not in r.stdout, r.stdout + r.stderr
+        assert epochs(run) == list(range(1, done + 2))
+    finally:
+        proc.kill()
+        proc.wait()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_every_shipped_config_loads_and_names_known_models():

@@ -189,8 +189,9 @@ def test_benchmark_help():
 
 # -- report -------------------------------------------------------------------------
 def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", student="resnet20", extra=None,
-              stones=0, tail="", val=None):
-    """A run directory as the trainer writes it: config.yaml (cfg.dump()) and metrics.jsonl."""
+              stones=0, tail="", val=None, final_files=True):
+    """A run directory as the trainer writes it: config.yaml (cfg.dump()), metrics.jsonl and, when every
+    epoch is there and ``final_files``, the final checkpoints (empty files)."""
     d = root / name
     d.mkdir(parents=True)
     opts = ["DISTILLER.TYPE", kind, "DISTILLER.TEACHER", teacher, "DISTILLER.STUDENT", student,
@@ -210,6 +211,9 @@ def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", stu
             rec["val_acc"] = val[e - 1]
         lines.append(json.dumps(rec))
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
+    if final_files and len(accs) >= (epochs or len(accs)):
+        for name in ("latest", "student_latest", f"ckpt_epoch_{len(accs)}.pth"):
+            (d / name).write_bytes(b"")
     return d
 
 
@@ -308,6 +312,23 @@ def test_report_run_dirs_duplicates_and_errors(report, runs, tmp_path, capsys):
         report.main([str(tmp_path / "missing")])
     with pytest.raises(UserError, match="RUN_DIR"):
         report.main([])
+
+
+def test_report_calls_a_run_complete_only_with_its_final_checkpoints(report, tmp_path, capsys):
+    """Every epoch recorded is not enough: a run stopped while saving its last epoch lacks its final files."""
+    root = tmp_path / "output"
+    write_run(root, "kd/s0", "KD", 0, [50.0, 70.0])
+    write_run(root, "kd/s1", "KD", 1, [52.0, 72.0], final_files=False)
+    os.remove(write_run(root, "kd/s2", "KD", 2, [54.0, 74.0]) / "ckpt_epoch_2.pth")
+    assert report.main(["--root", str(root)]) == 0
+    captured = capsys.readouterr()
+    runs_part = captured.out.split("## Runs", 1)[1]
+    assert "| KD | 0 | 2 | 70.00 | 70.00 | 1.0 | complete |" in runs_part
+    assert "| KD | 1 | 2 | 72.00 | 72.00 | 1.0 | partial (2/2, final checkpoints missing) |" in runs_part
+    assert "| KD | 2 | 2 | 74.00 | 74.00 | 1.0 | partial (2/2, final checkpoints missing) |" in runs_part
+    assert "(3 seeds, 2 partial)" in captured.out
+    assert "final checkpoint(s) latest, student_latest, ckpt_epoch_2.pth are missing" in captured.err
+    assert "final checkpoint(s) ckpt_epoch_2.pth are missing" in captured.err
 
 
 def test_report_without_matplotlib(report, runs, monkeypatch):

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -427,3 +428,140 @@ def test_validation_split_is_scored_and_chooses_the_best_epoch(tmp_path):
     make_trainer(cfg2).train()
     rows2 = read_metrics(cfg2)
     assert "val_acc" not in rows2[0] and rows2[-1]["best_acc"] == max(r["test_acc"] for r in rows2)
+
+
+# -- run state: records after checkpoints, completeness, temporaries, the folder lock ---------------
+def test_an_epoch_record_is_written_after_every_checkpoint_of_the_epoch(tmp_path, monkeypatch):
+    """A run stopped while saving its last epoch is not finished; its resume trains that epoch again."""
+    from mdistiller_blockkd.engine import trainer as trainer_mod
+    from mdistiller_blockkd.utils.runfolder import run_finished
+
+    saved = trainer_mod.save_checkpoint
+    for last_file in ("ckpt_epoch_2.pth", "latest"):
+        cfg = make_cfg(tmp_path / last_file)
+
+        def dying_save(obj, path, last_file=last_file):
+            if os.path.basename(path) == last_file and obj.get("epoch", 2) == 2:
+                raise Killed()  # the process dies while writing this file of epoch 2
+            saved(obj, path)
+
+        monkeypatch.setattr(trainer_mod, "save_checkpoint", dying_save)
+        with pytest.raises(Killed):
+            make_trainer(cfg).train()
+        monkeypatch.setattr(trainer_mod, "save_checkpoint", saved)
+        assert [r["epoch"] for r in read_metrics(cfg)] == [1], last_file  # no record of the epoch being saved
+        assert not run_finished(run_dir(cfg), 2)
+        make_trainer(cfg, Noisy).train(resume=True)
+        assert [r["epoch"] for r in read_metrics(cfg)] == [1, 2]
+        assert run_finished(run_dir(cfg), 2)
+
+
+def test_resume_writes_the_record_of_an_epoch_stopped_after_its_checkpoints(tmp_path, monkeypatch):
+    from mdistiller_blockkd.engine import trainer as trainer_mod
+    from mdistiller_blockkd.utils.runfolder import run_finished
+
+    cfg = make_cfg(tmp_path)
+    write = trainer_mod.append_json_line
+
+    def dying_write(path, record):
+        if record["epoch"] == 2:
+            raise Killed()  # killed between the checkpoints of epoch 2 and its record
+        write(path, record)
+
+    monkeypatch.setattr(trainer_mod, "append_json_line", dying_write)
+    with pytest.raises(Killed):
+        make_trainer(cfg, Noisy).train()
+    monkeypatch.setattr(trainer_mod, "append_json_line", write)
+    folder = run_dir(cfg)
+    assert load_checkpoint(os.path.join(folder, "latest"))["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics(cfg)] == [1] and not run_finished(folder, 2)
+    stored = load_checkpoint(os.path.join(folder, "latest"))["record"]
+    resumed = make_trainer(cfg, Noisy)
+    summary = resumed.train(resume=True)
+    assert resumed.distiller.calls == {}  # nothing trained again: the record came from 'latest'
+    rows = read_metrics(cfg)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1] == stored and summary["last"] == stored
+    assert run_finished(folder, 2)
+    worklog = open(os.path.join(folder, "worklog.txt")).read()
+    assert "resumed from" in worklog and "test_acc:" in worklog.split("resumed from", 1)[1]  # the epoch's block
+
+
+def test_resume_names_records_it_cannot_restore_and_removes_stale_temporaries(tmp_path):
+    cfg = make_cfg(tmp_path)
+    make_trainer(cfg).train()
+    folder = run_dir(cfg)
+    rows = read_metrics(cfg)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:  # epoch 1's line lost, epoch 2's too
+        f.write("")
+    stale = os.path.join(folder, ".latest.ab12cd_3.tmp")  # left by a process killed with SIGKILL while saving
+    open(stale, "wb").close()
+    make_trainer(make_cfg(tmp_path, "SOLVER.EPOCHS", "3")).train(resume=True)
+    assert not os.path.exists(stale)
+    got = read_metrics(cfg)
+    assert [r["epoch"] for r in got] == [2, 3] and got[0] == json.loads(json.dumps(rows[1]))
+    worklog = open(os.path.join(folder, "worklog.txt")).read()
+    assert "no record of epoch(s) 1" in worklog
+
+
+def test_folder_lock_is_not_held_by_forked_children_of_a_killed_holder(tmp_path):
+    """A POSIX record lock: a data-loader worker forked by the holder does not keep it after the holder dies."""
+    import signal
+    import subprocess
+    import sys
+
+    from mdistiller_blockkd.utils.fileio import FolderLock
+
+    folder = str(tmp_path / "run")
+    script = ("import multiprocessing as mp, time\n"
+              "from mdistiller_blockkd.utils.fileio import FolderLock\n"
+              f"FolderLock({folder!r}).acquire()\n"
+              "child = mp.get_context('fork').Process(target=time.sleep, args=(120,))\n"
+              "child.start()\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root,
+                              env=dict(os.environ, PYTHONPATH=root))
+    child = None
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(ConfigError, match=rf"in use by another process \(pid {holder.pid}\)"):
+            FolderLock(folder).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the forked child still runs
+        with FolderLock(folder):  # at once: the child does not hold the lock
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+
+
+def test_folder_lock_is_exclusive_within_one_process(tmp_path):
+    from mdistiller_blockkd.utils.fileio import FolderLock
+
+    with FolderLock(tmp_path):
+        with pytest.raises(ConfigError, match="in use by another process .*this process"):
+            FolderLock(tmp_path).acquire()
+    with FolderLock(tmp_path):
+        pass
+
+
+@pytest.mark.parametrize("key", ["NAME", "PROJECT", "TAG"])
+@pytest.mark.parametrize("value", ["../elsewhere", "a/../../b", "/tmp/abs", ".."])
+def test_experiment_names_stay_inside_log_prefix(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=rf"EXPERIMENT\.{key} is '{re.escape(value)}'.*absolute path or contain '\.\.'"):
+        make_cfg(tmp_path, f"EXPERIMENT.{key}", value)
+    make_cfg(tmp_path, f"EXPERIMENT.{key}", "sub/dir..name")  # a sub-folder and dots inside a name are fine
+
+
+def test_resume_needs_the_runs_config_to_compare_with(tmp_path):
+    cfg = make_cfg(tmp_path, "SOLVER.EPOCHS", "1")
+    make_trainer(cfg).train()
+    path = os.path.join(run_dir(cfg), "config.yaml")
+    with open(path, "w") as f:
+        f.write("SOLVER: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"cannot resume: the run's settings '.*config\.yaml' cannot be read .*restore"):
+        make_trainer(cfg).train(resume=True)

@@ -68,6 +68,7 @@ from ..errors import ConfigError, UserError, run_cli  # noqa: E402
 from ..results.stats import read_metrics  # noqa: E402
 from ..results.labels import label_keys  # noqa: E402
 from ..utils.fileio import atomic_write_text  # noqa: E402
+from ..utils.runfolder import run_finished  # noqa: E402
 
 DEFAULT_OUT = os.path.join("output", "demo")
 QUICK_OUT = os.path.join("output", "demo_quick")
@@ -260,7 +261,7 @@ def plan_stage(stage: Stage, cfg, out: str, resume: bool) -> tuple:
         saved = open(mark, encoding="utf-8").read().strip() if os.path.isfile(mark) else None
         if saved != file_sha256(teacher_file(out)):
             return "fresh", "it was trained from another teacher"
-    if done >= int(cfg.SOLVER.EPOCHS):
+    if run_finished(folder, int(cfg.SOLVER.EPOCHS)):  # else a resume writes what is missing (an epoch's record)
         return "skip", f"finished ({done} epochs)"
     return "resume", f"continuing after epoch {done}"
 

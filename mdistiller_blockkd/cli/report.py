@@ -29,8 +29,10 @@ accuracy and one of the last-epoch top-1, rows methods, columns pairs, cells
 ``mean ± std (n seeds)`` (sample standard deviation; a single seed shows no ±); the
 best top-1 of each method minus ``--baseline``'s (default KD) with Welch's standard
 error; Block-KD's last scored stone and teacher accuracies; the runs' own training
-ms/step; and a list of the runs. A run still in progress (fewer epochs than ``SOLVER.EPOCHS``) counts
-with its epochs so far and is marked ``partial``. Missing files, unreadable lines and
+ms/step; and a list of the runs. A run is ``complete`` when it is finished
+(``mdistiller_blockkd.utils.runfolder.run_finished``: the record of epoch ``SOLVER.EPOCHS``
+and the final checkpoints ``latest``, ``student_latest``, ``ckpt_epoch_<N>.pth``); one
+still in progress or stopped counts with its epochs so far and is marked ``partial``. Missing files, unreadable lines and
 runs with no evaluated epoch are reported as warnings on stderr and skipped.
 
 ``--plots DIR`` (needs matplotlib; the Agg backend, no display) writes
@@ -66,6 +68,7 @@ from ..results.labels import (cfg_get, default_value, distiller_nodes, label_key
                               method_sort_key, report_label_keys, variant_label)
 from ..results.stats import mean_std, read_metrics, welch
 from ..utils.fileio import atomic_write_bytes_from, atomic_write_text
+from ..utils.runfolder import missing_final_files
 
 METRICS, CONFIG = "metrics.jsonl", "config.yaml"
 #: Column order: mdistiller's CIFAR-100 pairs first, then the others in order of appearance.
@@ -100,6 +103,8 @@ class Run:
     cfg: dict = field(default_factory=dict, repr=False)
     #: variant by the registry's label keys (``results.labels.label_keys``) against the package defaults (what the benchmark names)
     cost_variant: str = ""
+    #: final checkpoints the folder lacks (``latest``, ``student_latest``, ``ckpt_epoch_<N>.pth``)
+    missing: List[str] = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -135,7 +140,8 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        return self.last_epoch >= self.planned_epochs
+        """Finished: the last planned epoch is recorded and the final checkpoints exist."""
+        return self.last_epoch >= self.planned_epochs and not self.missing
 
     @property
     def best(self) -> float:
@@ -235,11 +241,15 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
         planned_epochs=int(cfg_get(cfg, "SOLVER.EPOCHS", 240) or 240),
         records=records,
     )
+    run.missing = missing_final_files(path, run.planned_epochs)
     if not run.scored:
         warn(f"{path}: {METRICS} has no epoch with a {run.score} yet; skipped")
         return None
-    if not run.complete:
+    if run.last_epoch < run.planned_epochs:
         warn(f"{path}: in progress or stopped ({run.last_epoch:g} of {run.planned_epochs} epochs); included as partial")
+    elif run.missing:
+        warn(f"{path}: every epoch is recorded but its final checkpoint(s) {', '.join(run.missing)} are missing "
+             "(stopped while saving, or copied without them); included as partial")
     return run
 
 
@@ -648,7 +658,9 @@ def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None, twins
             "|---|---|---|---|---|---|---|---|---|"]
     ds = several_datasets(groups)
     for r in runs:
-        status = "complete" if r.complete else f"partial ({r.last_epoch:g}/{r.planned_epochs})"
+        ended = r.last_epoch >= r.planned_epochs  # not complete all the same: final checkpoints missing
+        status = "complete" if r.complete else (f"partial ({r.last_epoch:g}/{r.planned_epochs}"
+                                                 f"{', final checkpoints missing' if ended else ''})")
         out.append(f"| {r.path} | {pair_name(r.pair, ds)} | {r.method} | {r.seed} | {r.epochs} | {r.best:.2f} | "
                    f"{r.last:.2f} | {r.minutes:.1f} | {status} |")
     return "\n".join(out) + "\n"

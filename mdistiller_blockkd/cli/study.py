@@ -14,9 +14,16 @@ Each cell is one train process::
 (without ``--seeds`` the config's own seed and name are kept), so any cell of a study
 can be rerun alone with the command this tool prints. Cells run seed-major (every config
 with the first seed, then the next seed), so an interrupted study holds whole seeds. A
-cell whose ``metrics.jsonl`` already has every epoch is skipped; one with a ``latest``
-checkpoint is continued with ``--resume``; rerunning the same command finishes a killed
-study and loses at most the epoch each worker was in.
+finished cell is skipped: its ``metrics.jsonl`` has the last epoch's record and its final
+checkpoints exist (``latest``, ``student_latest``, ``ckpt_epoch_<N>.pth``; see
+``mdistiller_blockkd.utils.runfolder``). One with a ``latest`` checkpoint is continued
+with ``--resume``; rerunning the same command finishes a killed study and loses at most
+the epoch each worker was in.
+
+SIGTERM or Ctrl-C (SIGINT) to the study is passed on to every running cell (each runs in
+its own session, so a terminal's Ctrl-C reaches it once, through the study), and the study
+waits for them to stop (a second Ctrl-C kills them) before it exits; rerun the same command
+to resume them.
 
 Every worker gets ``--threads`` intra-op threads (``OMP_NUM_THREADS``; default: the CPU
 count divided by ``--jobs``). Its output goes to ``<LOG.PREFIX>/<PROJECT>/logs/<name>.log``.
@@ -30,14 +37,15 @@ import argparse
 import glob
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from ..errors import ConfigError, UserError, run_cli
-from ..results.stats import read_metrics
+from ..errors import ConfigError, Terminated, UserError, run_cli
+from ..utils.runfolder import recorded_epoch, run_finished
 
 
 @dataclass
@@ -62,11 +70,12 @@ class Cell:
         return " ".join(shlex.quote(t) for t in ["mdistiller-blockkd-train", "--cfg", rel] + self.opts)
 
     def epochs_done(self) -> int:
-        path = os.path.join(self.out_dir, "metrics.jsonl")
-        if not os.path.isfile(path):
-            return 0
-        rows, _ = read_metrics(path)
-        return max((int(r.get("epoch", 0)) for r in rows), default=0)
+        """The last epoch recorded in the cell's ``metrics.jsonl`` (0 when none)."""
+        return recorded_epoch(self.out_dir)
+
+    def finished(self) -> bool:
+        """Whether the cell's run is finished: its last epoch's record and its final checkpoints are there."""
+        return run_finished(self.out_dir, self.epochs)
 
 
 def plan(cfg_paths: Sequence[str], seeds: Optional[Sequence[int]], overrides: Sequence[str]) -> List[Cell]:
@@ -99,9 +108,8 @@ def run_cells(cells: Sequence[Cell], jobs: int, threads: int, dry_run: bool = Fa
     """Run the cells, at most ``jobs`` at once; return the failed ones."""
     todo = []
     for c in cells:
-        done = c.epochs_done()
-        if done >= c.epochs:
-            echo(f"[done]    {c.name} ({done}/{c.epochs} epochs)")
+        if c.finished():
+            echo(f"[done]    {c.name} ({c.epochs_done()}/{c.epochs} epochs)")
             continue
         resume = os.path.isfile(os.path.join(c.out_dir, "latest"))
         todo.append((c, resume))
@@ -111,6 +119,15 @@ def run_cells(cells: Sequence[Cell], jobs: int, threads: int, dry_run: bool = Fa
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     running, failed = [], []
+    try:
+        _run(todo, jobs, env, running, failed, echo)
+    except (KeyboardInterrupt, Terminated) as e:
+        _stop(running, signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.signum, echo)
+        raise
+    return failed
+
+
+def _run(todo, jobs: int, env: dict, running: list, failed: list, echo) -> None:
     start = time.time()
     pending = list(todo)
     while pending or running:
@@ -120,7 +137,9 @@ def run_cells(cells: Sequence[Cell], jobs: int, threads: int, dry_run: bool = Fa
             fh = open(c.log_path, "a")
             fh.write(f"\n$ {' '.join(shlex.quote(t) for t in c.command(resume))}\n")
             fh.flush()
-            proc = subprocess.Popen(c.command(resume), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+            # own session: a terminal's Ctrl-C reaches the cell only through the study (see _stop)
+            proc = subprocess.Popen(c.command(resume), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                    start_new_session=True)
             running.append((c, proc, fh, time.time()))
             echo(f"[start]   {c.name} (log {c.log_path})")
         time.sleep(0.5)
@@ -137,7 +156,26 @@ def run_cells(cells: Sequence[Cell], jobs: int, threads: int, dry_run: bool = Fa
             else:
                 failed.append(c)
                 echo(f"[FAILED]  {c.name}: exit status {rc}; see {c.log_path}")
-    return failed
+
+
+def _stop(running: list, signum: int, echo) -> None:
+    """Send ``signum`` to every running cell and wait for them; a second Ctrl-C kills those left."""
+    for _, proc, _, _ in running:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+    echo(f"[stop]    {signal.Signals(signum).name} passed on to {len(running)} running cell(s); waiting for them "
+         "(Ctrl-C again kills them)")
+    for c, proc, fh, _ in running:
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:
+                for _, other, _, _ in running:
+                    if other.poll() is None:
+                        other.kill()
+        fh.close()
+        echo(f"[stopped] {c.name} (exit status {rc}); rerun the same command to resume it")
 
 
 def expand_configs(names: Sequence[str]) -> List[str]:

@@ -1,6 +1,6 @@
 """Train a student (vanilla or distilled) as configured, mdistiller's command line.
 
-    mdistiller-blockkd-train --cfg cifar100/kd/res56_res20 [--resume | --overwrite] [KEY VALUE ...]
+    mdistiller-blockkd-train --cfg cifar100/kd/res56_res20 [--resume [--resume-with-changes] | --overwrite] [KEY VALUE ...]
     python -m mdistiller_blockkd train --cfg configs/cifar100/kd/res56_res20.yaml ...
     python tools/train.py --cfg configs/cifar100/kd/res56_res20.yaml ...      (in a checkout)
 
@@ -9,7 +9,10 @@ override the YAML (``SOLVER.EPOCHS 2``). Outputs go to
 ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<EXPERIMENT.NAME or TAG>/`` (see
 ``mdistiller_blockkd.engine.trainer``). A folder that already holds a run is never
 overwritten silently: continue it with ``--resume``, choose another ``EXPERIMENT.NAME``,
-or replace it with ``--overwrite``. Several processes: ``torchrun --nproc_per_node N
+or replace it with ``--overwrite``. ``--resume`` refuses settings that differ from the
+run's ``config.yaml`` where they change the result (the keys that may change are listed
+in ``mdistiller_blockkd.utils.runfolder``); ``--resume-with-changes`` accepts them, and
+every change is recorded in the run folder (``changes.jsonl``). Several processes: ``torchrun --nproc_per_node N
 -m mdistiller_blockkd train ...`` (``SOLVER.BATCH_SIZE`` is then the batch of each
 process). A user error (bad key, unknown model, missing dataset or checkpoint, NaN loss)
 prints one line ``error: ...`` on stderr and exits with a non-zero status.
@@ -29,7 +32,7 @@ from ..errors import ConfigError, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    """Parse ``--cfg FILE [--resume | --overwrite] [--import MODULE ...] [KEY VALUE ...]``."""
+    """Parse ``--cfg FILE [--resume [--resume-with-changes] | --overwrite] [--import MODULE ...] [KEY VALUE ...]``."""
     parser = argparse.ArgumentParser(
         prog="mdistiller-blockkd-train",
         description="Train a student with a distiller (DISTILLER.TYPE NONE = vanilla training).",
@@ -38,7 +41,12 @@ def parse_args(argv=None):
     parser.add_argument("--cfg", required=True, metavar="FILE",
                         help="YAML config (mdistiller's format): a file, or a shipped config's short name "
                              "such as cifar100/blockkd/res56_res20")
-    parser.add_argument("--resume", action="store_true", help="continue the run from its 'latest' checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run from its 'latest' checkpoint, with the settings of its config.yaml "
+                             "(logging, loader workers, SOLVER.EPOCHS >= the epochs done ... may change)")
+    parser.add_argument("--resume-with-changes", dest="resume_with_changes", action="store_true",
+                        help="--resume, also when settings that change the result (recipe, data, models, distiller "
+                             "options, seed) differ from the run's config.yaml; the changes are recorded in changes.jsonl")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a run folder that already holds a run, replacing its results")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -46,10 +54,11 @@ def parse_args(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides, e.g. SOLVER.EPOCHS 2 LOG.PREFIX ./output")
     args = parser.parse_args(argv)
-    for flag in ("--resume", "--overwrite"):  # also accepted after the overrides
+    for flag in ("--resume", "--resume-with-changes", "--overwrite"):  # also accepted after the overrides
         if flag in args.opts:
             args.opts = [o for o in args.opts if o != flag]
-            setattr(args, flag[2:], True)
+            setattr(args, flag[2:].replace("-", "_"), True)
+    args.resume = args.resume or args.resume_with_changes
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues a run and --overwrite replaces it; give one of them")
     return args
@@ -61,10 +70,11 @@ def main(argv=None):
     from ..config import load_cfg, log_msg
     from ..data import dataset_description
     from ..engine.build import assemble, check_distiller_config
-    from ..engine.trainer import Trainer, check_fresh_start, experiment_name, output_dir
+    from ..engine.trainer import Trainer, check_fresh_start, check_resume_config, experiment_name, output_dir
     from ..registry import import_modules
     from ..utils import dist as du
     from ..utils.misc import seed_everything, set_deterministic
+    from ..utils.runfolder import recorded_epoch
 
     import_modules(args.imports)
     cfg = load_cfg(args.cfg, args.opts)
@@ -74,8 +84,11 @@ def main(argv=None):
 
     detection = is_detection(cfg)  # DATASET.TYPE coco: torchvision Faster R-CNN (docs/detection.md)
     (check_detection_config if detection else check_distiller_config)(cfg)  # before any data is read or downloaded
+    folder = output_dir(cfg)
     if not args.resume:  # the trainer checks again under the folder's lock
-        check_fresh_start(output_dir(cfg), int(cfg.SOLVER.EPOCHS), args.overwrite)
+        check_fresh_start(folder, int(cfg.SOLVER.EPOCHS), args.overwrite)
+    elif os.path.isfile(os.path.join(folder, "latest")):  # again with the epoch of 'latest' by the trainer
+        check_resume_config(folder, cfg, recorded_epoch(folder), args.resume_with_changes)
     if cfg.EXPERIMENT.DETERMINISTIC:  # before CUDA starts: cuBLAS reads its workspace setting then
         set_deterministic(True)
     info = du.init_distributed()
@@ -103,7 +116,7 @@ def main(argv=None):
         say(log_msg(distiller.describe(), "INFO"))
         trainer = Trainer(experiment_name(cfg), distiller, train_loader, test_loader, cfg, dist_info=info,
                           holdout_loader=holdout, task=task)
-        return trainer.train(resume=args.resume, overwrite=args.overwrite)
+        return trainer.train(resume=args.resume, overwrite=args.overwrite, accept_changes=args.resume_with_changes)
     finally:
         du.cleanup()
 

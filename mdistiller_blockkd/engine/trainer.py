@@ -10,12 +10,12 @@ Recipe (as in mdistiller)
 Per epoch
     evaluation on the validation set: top-1, top-5 and cross-entropy of the student,
     plus top-1 of every extra head ``distiller.eval_logits(image)`` returns (Block-KD's
-    stepping stones, its teacher) as ``acc_<head>``; one JSON line in ``metrics.jsonl``
-    (epoch, lr, train_loss, each loss term, train_acc, test_acc, test_acc_top5,
-    test_loss, the ``acc_<head>`` values, best_acc, epoch_time_s, ms_per_step, and
-    ``teacher_folded`` when the distiller computes teacher outputs: whether its
-    BatchNorms were folded, :attr:`Distiller.teacher_folded`); a block
-    in ``worklog.txt``; tensorboardX scalars (``train.events``; also every
+    stepping stones, its teacher) as ``acc_<head>``; the epoch's checkpoints; then one
+    JSON line in ``metrics.jsonl`` (epoch, lr, train_loss, each loss term, train_acc,
+    test_acc, test_acc_top5, test_loss, the ``acc_<head>`` values, best_acc,
+    epoch_time_s, ms_per_step, and ``teacher_folded`` when the distiller computes teacher
+    outputs: whether its BatchNorms were folded, :attr:`Distiller.teacher_folded`); a
+    block in ``worklog.txt``; tensorboardX scalars (``train.events``; also every
     ``LOG.TENSORBOARD_FREQ`` steps; the x axis is the global step).
 
 Validation split (``holdout_loader``, from ``DATASET.VAL_SPLIT``)
@@ -34,7 +34,8 @@ Output folder ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<EXPERIMENT.NAME or EXPERIMENT.T
       *without* the teacher's weights, which are rebuilt from their own checkpoint),
       ``optimizer``, ``best_acc``, ``scaler`` (fp16 grad scaler), ``rng`` (one RNG
       snapshot per rank: python, numpy, torch CPU, the CUDA device, the train loader's
-      generator), ``world_size``; ``best`` -- the same at the best epoch;
+      generator), ``world_size``, ``record`` (the epoch's ``metrics.jsonl`` record);
+      ``best`` -- the same at the best epoch;
       ``epoch_<n>`` every ``LOG.SAVE_CHECKPOINT_FREQ`` epochs;
     * ``student_latest``, ``student_best``, ``student_<n>`` -- ``{"model": student
       state dict}``, the teacher format (student only: no connector, no teacher);
@@ -43,16 +44,23 @@ Output folder ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<EXPERIMENT.NAME or EXPERIMENT.T
       folder is ``download_ckpts/cifar_teachers/<name>_vanilla`` produces exactly the
       file distillation configs look for.
 
-    ``latest`` is written last, so when it says epoch *k* every file of epoch *k* exists;
-    a killed run loses at most the epoch in progress.
+    ``latest`` is the last checkpoint written and the ``metrics.jsonl`` record comes after
+    it, so a record of epoch *k* means that every file of epoch *k* exists; a killed run
+    loses at most the epoch in progress. A run of *N* epochs is finished when the record
+    of epoch *N* and ``latest``, ``student_latest``, ``ckpt_epoch_<N>.pth`` are there
+    (:func:`~mdistiller_blockkd.utils.runfolder.run_finished`, the test of the study and
+    report commands). ``changes.jsonl`` and ``config_to_epoch_<k>.yaml``: see Resume.
 
 No lost runs
     a fresh start never replaces a finished run: in a folder that already holds checkpoints or
     epoch records it stops with a :class:`~mdistiller_blockkd.errors.ConfigError` offering
     ``--resume``, another ``EXPERIMENT.NAME`` or ``--overwrite`` (``overwrite=True``, which
-    deletes the old checkpoints first). While a run trains, rank 0 holds a lock on its
+    deletes the old checkpoints first; a fresh start also deletes an old ``changes.jsonl``
+    and ``config_to_epoch_<k>.yaml``). While a run trains, rank 0 holds a lock on its
     folder (:class:`~mdistiller_blockkd.utils.fileio.FolderLock`, released by the OS when
     the process dies), so a second process started on the same folder stops with an error.
+    Once it holds the lock, a run deletes the temporary files of atomic writes that a
+    killed process left there (SIGKILL; other kills remove their own).
 
 Resume (``resume=True``)
     restores the distiller, optimizer, scaler, epoch, best accuracy and every RNG from
@@ -76,6 +84,24 @@ Resume (``resume=True``)
       same recipe, but not the same bits.
 
     On the CPU the first two suffice.
+
+    A run stopped after epoch *k*'s checkpoints but before its record gets that record
+    back from ``latest`` (written to ``metrics.jsonl`` before epoch *k+1*); a record
+    missing for another reason is named in the log and ``worklog.txt``.
+
+    The configuration must be the run's own (``config.yaml``) up to the keys that do
+    not change the result (:mod:`mdistiller_blockkd.utils.runfolder` holds both lists):
+    ``EXPERIMENT.PROJECT / NAME / TAG / DETERMINISTIC``, ``LOG.*``,
+    ``DATASET.NUM_WORKERS``, ``DATASET.TEST.BATCH_SIZE``, ``DATASET.DOWNLOAD``,
+    ``DISTILLER.FOLD_TEACHER_BN``, ``SOLVER.CHANNELS_LAST``, ``BLOCKKD.BATCH_STONES``,
+    and ``SOLVER.EPOCHS`` when it is at least the epochs done. Any other difference
+    (recipe, data, models, distiller options, seed) raises one
+    :class:`~mdistiller_blockkd.errors.ConfigError` line listing ``KEY: old -> new``,
+    unless ``accept_changes=True`` (``--resume-with-changes``). Every change, of either
+    kind, is recorded: a line in ``changes.jsonl`` (``from_epoch``, ``time``, each
+    key's old and new value and whether it changes the result), the ``config.yaml`` of
+    the earlier epochs kept as ``config_to_epoch_<k>.yaml``, and a line in
+    ``worklog.txt``; ``config.yaml`` then holds the settings the run continues with.
 
 Mixed precision and layout
     ``SOLVER.AMP``: ``off``, ``bf16`` or ``fp16`` (``torch.autocast`` on the device type;
@@ -116,19 +142,21 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..utils import dist as du
 from ..config import log_msg
 from ..utils.checkpoint import load_checkpoint, save_checkpoint
-from ..utils.fileio import FolderLock, read_json_lines
+from ..utils.fileio import FolderLock, read_json_lines, remove_temporaries
 from ..utils.misc import (
     append_json_line,
     append_text,
     atomic_write_text,
     correct_topk,
     get_rng_state,
+    json_safe,
     set_deterministic,
     set_rng_state,
 )
+from ..utils.runfolder import METRICS, ConfigChange, describe_changes, final_files, resume_changes
 
-__all__ = ["Trainer", "evaluate_model", "check_fresh_start", "run_checkpoints", "experiment_name", "output_dir",
-           "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
+__all__ = ["Trainer", "evaluate_model", "check_fresh_start", "check_resume_config", "run_checkpoints",
+           "experiment_name", "output_dir", "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
 
 #: On CUDA, loss values are copied to the host (and checked) every this many steps.
 CUDA_CHECK_EVERY = 25
@@ -138,6 +166,8 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Checkpoint files a run writes (``epoch_<n>``, ``student_<n>``, ``ckpt_epoch_<n>.pth`` too).
 _CKPT_NAMES = ("latest", "best", "student_latest", "student_best")
 _CKPT_PATTERN = re.compile(r"^(epoch_\d+|student_\d+|ckpt_epoch_\d+\.pth)$")
+#: The config of a resumed run's earlier epochs (see :meth:`Trainer._record_changes`).
+_KEPT_CONFIG = re.compile(r"^config_to_epoch_\d+\.yaml$")
 
 
 def check_fresh_start(folder: str, epochs: int, overwrite: bool = False) -> List[str]:
@@ -155,7 +185,7 @@ def check_fresh_start(folder: str, epochs: int, overwrite: bool = False) -> List
             "move it away, or set EXPERIMENT.NAME / LOG.PREFIX to another output folder"
         )
     ckpts = run_checkpoints(folder)
-    records = read_json_lines(os.path.join(folder, "metrics.jsonl"), warnings=[])
+    records = read_json_lines(os.path.join(folder, METRICS), warnings=[])
     if (ckpts or records) and not overwrite:
         raise ConfigError(
             f"'{folder}' already holds a run ({len(records)} epoch(s) in metrics.jsonl, checkpoints: "
@@ -163,6 +193,41 @@ def check_fresh_start(folder: str, epochs: int, overwrite: bool = False) -> List
             "start another run with a new EXPERIMENT.NAME, or replace it with --overwrite"
         )
     return ckpts
+
+
+def check_resume_config(folder: str, cfg, epochs_done: int, accept_changes: bool = False) -> List[ConfigChange]:
+    """Compare ``cfg`` with the run's ``config.yaml`` for ``--resume``; return every changed key.
+
+    The two lists (keys that may change, keys that change the result) are those of
+    :mod:`mdistiller_blockkd.utils.runfolder`; ``epochs_done`` is the number of epochs the
+    run has done (``SOLVER.EPOCHS`` may not drop below it). Raises :class:`ConfigError` (one
+    line listing ``KEY: old -> new``) when a key that changes the result differs and
+    ``accept_changes`` is false, and when ``config.yaml`` cannot be read. Reads only.
+    """
+    import yaml
+
+    path = os.path.join(folder, "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        old = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    if not isinstance(old, dict):
+        why = old if isinstance(old, str) else "not a mapping"
+        raise ConfigError(
+            f"cannot resume: the run's settings '{path}' cannot be read ({why}), so --resume cannot check that the run "
+            "continues with them; restore that file, or start afresh with --overwrite"
+        )
+    changes = resume_changes(old, yaml.safe_load(cfg.dump()), epochs_done)
+    blocking = [c for c in changes if c.changes_result]
+    if blocking and not accept_changes:
+        raise ConfigError(
+            f"--resume: {len(blocking)} setting(s) that change the result differ from the run's {path} "
+            f"({epochs_done} epoch(s) done): {describe_changes(blocking)}; resume with the run's values, start another "
+            "run with a new EXPERIMENT.NAME, or continue with the new values with --resume-with-changes "
+            "(recorded in changes.jsonl)"
+        )
+    return changes
 
 
 def run_checkpoints(folder: str) -> List[str]:
@@ -364,6 +429,7 @@ class Trainer:
         self.start_epoch = 1
         self.tb_writer = None
         self.history: List[dict] = []
+        self._restored: Optional[dict] = None  # an epoch record taken from 'latest' by resume()
         self._lock = FolderLock(self.log_path) if self.is_main else None
 
     # -- paths and small helpers ---------------------------------------------------------
@@ -409,6 +475,10 @@ class Trainer:
         if self.is_main:
             try:
                 self._lock.acquire()
+                left = remove_temporaries(self.log_path)
+                if left:
+                    self.log(f"removed {len(left)} temporary file(s) a killed process left in {self.log_path}: "
+                             f"{', '.join(left[:3])}{' ...' if len(left) > 3 else ''}")
                 if not resume:
                     self._check_fresh(overwrite)
             except ConfigError as e:
@@ -434,12 +504,16 @@ class Trainer:
         if not self.is_main:
             return
         os.makedirs(self.log_path, exist_ok=True)
+        for name in os.listdir(self.log_path):  # an earlier run's record of resumes with changes
+            if name == "changes.jsonl" or _KEPT_CONFIG.match(name):
+                os.remove(self.path(name))
         atomic_write_text(self.path("config.yaml"), self.cfg.dump())
-        atomic_write_text(self.path("metrics.jsonl"), "")
+        atomic_write_text(self.path(METRICS), "")
         atomic_write_text(self.path("worklog.txt"), f"experiment: {self.experiment_name}\n")
 
-    def resume(self) -> None:
-        """Restore the training state from ``latest`` (see the module docstring)."""
+    def resume(self, accept_changes: bool = False) -> None:
+        """Restore the training state from ``latest`` (see the module docstring); ``accept_changes``:
+        continue also when settings that change the result differ from the run's ``config.yaml``."""
         path = self.path("latest")
         if not os.path.isfile(path):
             raise CheckpointError(
@@ -450,6 +524,16 @@ class Trainer:
         need = ("epoch", "model", "optimizer", "best_acc", "rng")
         if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
             raise CheckpointError(f"'{path}' is not a training-state checkpoint (needs {', '.join(need)}); cannot resume from it")
+        done = int(ckpt["epoch"])
+        problem, changes = None, []
+        if self.is_main:
+            try:
+                changes = check_resume_config(self.log_path, self.cfg, done, accept_changes)
+            except ConfigError as e:
+                problem = str(e)
+        problem = du.all_gather_object(problem)[0]
+        if problem:
+            raise ConfigError(problem)
         try:
             missing, unexpected = self.distiller.load_state_dict(ckpt["model"], strict=False)
         except RuntimeError as e:
@@ -472,7 +556,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.best_acc = float(ckpt["best_acc"])
         self.best_val_acc = float(ckpt.get("best_val_acc", -1.0))
-        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.start_epoch = done + 1
         states = ckpt["rng"]
         if len(states) != self.info.world_size:
             self.log(f"'{path}' was written by {len(states)} process(es), this run has {self.info.world_size}: "
@@ -480,31 +564,61 @@ class Trainer:
         set_rng_state(states[self.info.rank] if self.info.rank < len(states) else states[0],
                       self.device, self._generators())
         if self.is_main:
-            kept = [r for r in read_json_lines(self.path("metrics.jsonl")) if int(r.get("epoch", 0)) < self.start_epoch]
-            atomic_write_text(self.path("metrics.jsonl"), "".join(_json_line(r) + "\n" for r in kept))
+            kept = [r for r in read_json_lines(self.path(METRICS)) if int(r.get("epoch", 0)) <= done]
+            atomic_write_text(self.path(METRICS), "".join(_json_line(r) + "\n" for r in kept))
             self.history = kept
+            note = self._record_changes(done, changes)
             atomic_write_text(self.path("config.yaml"), self.cfg.dump())  # the config the run continues with
-            append_text(self.path("worklog.txt"), f"resumed from '{path}' after epoch {self.start_epoch - 1}\n")
-        self.log(f"resumed from {path}: epoch {self.start_epoch - 1} done, best_acc {self.best_acc:.2f}")
+            have = {int(r.get("epoch", 0)) for r in kept}
+            record = ckpt.get("record")
+            if done not in have and isinstance(record, dict) and record.get("epoch") == done:
+                self._restored = record  # stopped between the epoch's checkpoints and its record: _train writes it
+                have.add(done)
+            lost = [e for e in range(1, done + 1) if e not in have]
+            if lost:
+                note += (f"; metrics.jsonl has no record of epoch(s) {', '.join(map(str, lost[:10]))}"
+                         f"{' ...' if len(lost) > 10 else ''} and '{path}' holds none to restore: they stay missing")
+                self.log(f"warning: {METRICS} has no record of epoch(s) {', '.join(map(str, lost[:10]))}; "
+                         "they stay missing from this run's history")
+            append_text(self.path("worklog.txt"), f"resumed from '{path}' after epoch {done}{note}\n")
+        self.log(f"resumed from {path}: epoch {done} done, best_acc {self.best_acc:.2f}")
+
+    def _record_changes(self, done: int, changes: List[ConfigChange]) -> str:
+        """Record the settings a resumed run changes: a line in ``changes.jsonl`` and the earlier
+        epochs' ``config.yaml`` kept as ``config_to_epoch_<done>.yaml``; return a note for the worklog."""
+        if not changes:
+            return ""
+        kept = self.path(f"config_to_epoch_{done}.yaml")  # matches _KEPT_CONFIG
+        if not os.path.isfile(kept):  # an earlier resume after the same epoch already kept that epoch's config
+            with open(self.path("config.yaml"), encoding="utf-8") as f:
+                atomic_write_text(kept, f.read())
+        append_json_line(self.path("changes.jsonl"), {
+            "from_epoch": done + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "changes": [c.record() for c in changes]})
+        self.log(f"resuming with changed settings from epoch {done + 1}: {describe_changes(changes)} "
+                 f"(recorded in changes.jsonl; the config of epochs 1-{done} is kept in {os.path.basename(kept)})")
+        return (f"; settings changed from epoch {done + 1}: {describe_changes(changes)} (epochs 1-{done}: "
+                f"{os.path.basename(kept)})")
 
     # -- the loop ------------------------------------------------------------------------
-    def train(self, resume: bool = False, overwrite: bool = False) -> dict:
+    def train(self, resume: bool = False, overwrite: bool = False, accept_changes: bool = False) -> dict:
         """Run epochs ``start..SOLVER.EPOCHS`` (after :meth:`resume` when ``resume``); return a summary.
 
         A fresh start (``resume`` false) in a folder that holds a run raises
         :class:`ConfigError` unless ``overwrite``; a folder locked by another process
-        raises too (see the module docstring). The summary holds ``best_acc``, ``last``
-        (the last epoch's metrics, ``{}`` when no epoch ran) and ``log_path``.
+        raises too, and so does a resume whose settings change the result unless
+        ``accept_changes`` (see the module docstring). The summary holds ``best_acc``,
+        ``last`` (the last epoch's metrics, ``{}`` when no epoch ran) and ``log_path``.
         """
         self._claim_folder(resume, overwrite)
         try:
-            return self._train(resume)
+            return self._train(resume, accept_changes)
         finally:
             self._release()
 
-    def _train(self, resume: bool) -> dict:
+    def _train(self, resume: bool, accept_changes: bool) -> dict:
         if resume:
-            self.resume()
+            self.resume(accept_changes)
         else:
             self._prepare_fresh()
         steps = len(self.train_loader)
@@ -514,6 +628,12 @@ class Trainer:
             # hide events of an earlier run (fresh start) or of the epoch lost at the kill (resume)
             purge = (self.start_epoch - 1) * steps + 1 if resume else 0
             self.tb_writer = SummaryWriter(self.path("train.events"), purge_step=purge)
+            if self._restored is not None:
+                self.log(f"{METRICS} lacked the record of epoch {self._restored['epoch']} (stopped after its "
+                         "checkpoints); written from 'latest'")
+                self.history.append(self._restored)
+                self._write_record(int(self._restored["epoch"]), self._restored, steps)
+                self._restored = None
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 self.train_epoch(epoch)
@@ -560,9 +680,10 @@ class Trainer:
         if folded is not None:  # whether the teacher ran with its BatchNorms folded (Distiller.teacher_model)
             record["teacher_folded"] = folded
         self.history.append(record)
-        if self.is_main:
-            self._write_logs(epoch, record, steps)
-        self._save(epoch, is_best)
+        self._save(epoch, is_best, record)
+        if self.is_main:  # after every file of the epoch: a record means they all exist
+            self._write_record(epoch, record, steps)
+            self._print_epoch(epoch, record)
         return record
 
     def _train_steps(self, epoch: int, lr: float) -> Dict[str, float]:
@@ -624,8 +745,9 @@ class Trainer:
                               progress=self.progress, desc=f"eval {epoch}" if epoch is not None else "eval")
 
     # -- outputs -------------------------------------------------------------------------
-    def _write_logs(self, epoch: int, record: dict, steps: int) -> None:
-        append_json_line(self.path("metrics.jsonl"), record)
+    def _write_record(self, epoch: int, record: dict, steps: int) -> None:
+        """The epoch's line in ``metrics.jsonl`` (first), its block in ``worklog.txt``, its tensorboard scalars."""
+        append_json_line(self.path(METRICS), record)
         lines = ["-" * 25] + [f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in record.items()]
         append_text(self.path("worklog.txt"), "\n".join(lines) + "\n")
         if self.tb_writer is not None:
@@ -634,6 +756,8 @@ class Trainer:
                 if k != "epoch" and isinstance(v, (int, float)):
                     self.tb_writer.add_scalar(f"epoch/{k}", v, step)
             self.tb_writer.flush()
+
+    def _print_epoch(self, epoch: int, record: dict) -> None:
         if self.task is not None:
             self.log(self.task.summary(record, self.epochs), "EVAL")
             return
@@ -648,7 +772,7 @@ class Trainer:
             "EVAL",
         )
 
-    def _save(self, epoch: int, is_best: bool) -> None:
+    def _save(self, epoch: int, is_best: bool, record: dict) -> None:
         rng = du.all_gather_object(get_rng_state(self.device, self._generators()))
         if not self.is_main:
             return
@@ -663,6 +787,8 @@ class Trainer:
             "world_size": self.info.world_size,
             "distiller": str(self.cfg.DISTILLER.TYPE),
             "student": str(self.cfg.DISTILLER.STUDENT),
+            # the epoch's metrics.jsonl record, restored by a resume if the run stopped before writing it
+            "record": json_safe(record),
         }
         student = {"model": self.student_state()}
         if is_best:
@@ -671,10 +797,11 @@ class Trainer:
         if self.save_freq and epoch % self.save_freq == 0:
             save_checkpoint(state, self.path(f"epoch_{epoch}"))
             save_checkpoint(student, self.path(f"student_{epoch}"))
+        latest, student_latest, final = final_files(epoch)
         if epoch == self.epochs:
-            save_checkpoint(student, self.path(f"ckpt_epoch_{epoch}.pth"))
-        save_checkpoint(student, self.path("student_latest"))
-        save_checkpoint(state, self.path("latest"))  # last: 'latest' at epoch k => every file of epoch k exists
+            save_checkpoint(student, self.path(final))
+        save_checkpoint(student, self.path(student_latest))
+        save_checkpoint(state, self.path(latest))  # last: 'latest' at epoch k => every file of epoch k exists
 
 
 def _print_flush(msg: str) -> None:

@@ -55,8 +55,10 @@ def save_checkpoint(obj, path: str) -> None:
     Every tensor is written as a CPU tensor (:func:`to_cpu`): model and optimizer states
     and RNG snapshots taken on a GPU load on any machine, without ``map_location``.
     A process killed while saving leaves the previous file (if any) untouched and no
-    temporary file behind (unless killed by SIGKILL mid-write, which leaves a hidden
-    ``.<name>.*.tmp`` that the next save of the same name ignores).
+    temporary file behind (SIGTERM too, in a command: :func:`~mdistiller_blockkd.errors.run_cli`
+    turns it into an exception); SIGKILL mid-write leaves a hidden ``.<name>.*.tmp``, which
+    the next save of the same name ignores and the trainer deletes when it next starts
+    (:func:`~mdistiller_blockkd.utils.fileio.remove_temporaries`).
     """
     obj = to_cpu(obj)
     atomic_write(path, lambda f: torch.save(obj, f), binary=True)

@@ -3,13 +3,15 @@
 A file is written into a temporary file beside its destination (``.<name>.*.tmp``),
 flushed and fsynced, given the usual permissions (:data:`FILE_MODE`) and moved onto the
 destination with ``os.replace``; the folder is then fsynced. A process killed while
-writing leaves the previous file (if any) untouched and, unless killed by SIGKILL
-mid-write, no temporary file behind.
+writing leaves the previous file (if any) untouched and, when the kill reaches Python as
+an exception (Ctrl-C; SIGTERM under :func:`~mdistiller_blockkd.errors.run_cli`), no
+temporary file behind; :func:`remove_temporaries` deletes those a SIGKILL left.
 
 * :func:`atomic_write` -- fill an open temporary file with a callback (text or binary).
 * :func:`atomic_write_text` -- write a string (UTF-8).
 * :func:`atomic_write_bytes_from` -- let a library write the temporary file by name
   (matplotlib's ``savefig``), keeping the destination's extension.
+* :func:`remove_temporaries` -- delete the temporary files a killed process left.
 * :func:`read_json_lines` -- the one JSON-lines reader (``metrics.jsonl``).
 * :class:`FolderLock` -- an exclusive lock on a run folder that a killed process cannot leave stuck.
 
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import IO, Callable, List, Optional
 
 from ..errors import ConfigError
 
 __all__ = ["FILE_MODE", "fsync_dir", "atomic_write", "atomic_write_text", "atomic_write_bytes_from", "read_json_lines",
-           "FolderLock"]
+           "remove_temporaries", "FolderLock"]
 
 
 def _current_umask() -> int:
@@ -73,6 +76,24 @@ def _replace_with_temporary(path, fill: Callable[[int, str], None], suffix: str 
             pass
         raise
     fsync_dir(folder)
+
+
+#: Names of the temporary files :func:`_replace_with_temporary` creates (``.<name>.<8 random>.tmp[.<ext>]``).
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
+
+
+def remove_temporaries(folder) -> List[str]:
+    """Delete the temporary files of atomic writes that a killed process left in ``folder``; return their names.
+
+    Call it only while no other process writes to ``folder`` (e.g. under its :class:`FolderLock`).
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    gone = sorted(n for n in os.listdir(folder) if _TEMPORARY.match(n) and os.path.isfile(os.path.join(folder, n)))
+    for name in gone:
+        os.remove(os.path.join(folder, name))
+    return gone
 
 
 def atomic_write(path, write: Callable[[IO], None], binary: bool = False) -> None:
@@ -145,23 +166,37 @@ def read_json_lines(path, warnings: Optional[List[str]] = None) -> List[dict]:
 
 
 class FolderLock:
-    """Exclusive lock on a folder, held by one process at a time: ``flock`` on ``<folder>/.lock``.
+    """Exclusive lock on a folder, held by one process at a time: a POSIX record lock
+    (``fcntl.lockf``) on ``<folder>/.lock``.
 
     The operating system drops the lock when the process ends however it ends (killed
     with SIGKILL too), so a killed run never leaves it stuck; the file itself stays and
-    only records the holder's pid. :meth:`acquire` raises
-    :class:`~mdistiller_blockkd.errors.ConfigError` when another process holds it. Where
-    ``fcntl`` does not exist (Windows) the lock is a no-op. Use as a context manager or
-    with :meth:`acquire` / :meth:`release`.
+    only records the holder's pid. A record lock belongs to the process that took it:
+    children it forks (data-loader workers) do not hold it, so they cannot keep a dead
+    run's folder locked (an ``flock`` would be shared with them). Within one process a
+    folder is locked once: a second :meth:`acquire` of the same folder by another
+    ``FolderLock`` raises too. :meth:`acquire` raises
+    :class:`~mdistiller_blockkd.errors.ConfigError` when another process (or object)
+    holds it. Where ``fcntl`` does not exist (Windows) the lock is a no-op. Use as a
+    context manager or with :meth:`acquire` / :meth:`release`.
     """
 
     NAME = ".lock"
+    #: Lock files this process holds (a record lock does not exclude its own process, and
+    #: closing any descriptor of the file would drop it).
+    _held: set = set()
 
     def __init__(self, folder, what: str = "run folder"):
         self.folder = os.fspath(folder)
         self.path = os.path.join(self.folder, self.NAME)
         self.what = what
         self._fd: Optional[int] = None
+
+    def _busy(self, holder: str) -> ConfigError:
+        return ConfigError(
+            f"{self.what} '{self.folder}' is in use by another process (pid {holder}); wait for it to end, "
+            "or set EXPERIMENT.NAME / LOG.PREFIX to another folder"
+        )
 
     def acquire(self) -> "FolderLock":
         """Take the lock (creating the folder); raise ``ConfigError`` naming the holder if it is taken."""
@@ -172,26 +207,28 @@ class FolderLock:
         if self._fd is not None:
             return self
         os.makedirs(self.folder, exist_ok=True)
+        key = os.path.realpath(self.path)
+        if key in FolderLock._held:
+            raise self._busy(f"{os.getpid()}, this process")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             try:
                 holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
             finally:
                 os.close(fd)
-            raise ConfigError(
-                f"{self.what} '{self.folder}' is in use by another process (pid {holder}); wait for it to end, "
-                "or set EXPERIMENT.NAME / LOG.PREFIX to another folder"
-            ) from None
+            raise self._busy(holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._fd = fd
+        FolderLock._held.add(key)
         return self
 
     def release(self) -> None:
         """Drop the lock (closing the descriptor releases it)."""
         if self._fd is not None:
+            FolderLock._held.discard(os.path.realpath(self.path))
             os.close(self._fd)
             self._fd = None
 

@@ -9,7 +9,8 @@
   ``torch.load(..., weights_only=True)``.
 * :func:`atomic_write_text`, :func:`append_text`, :func:`append_line`,
   :func:`append_json_line` -- files written so that a killed process never leaves a
-  half-written file or line (the atomic writes come from :mod:`.fileio`).
+  half-written file or line (the atomic writes come from :mod:`.fileio`); :func:`json_safe`
+  -- a record as plain JSON values.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "append_text",
     "append_line",
     "append_json_line",
+    "json_safe",
 ]
 
 
@@ -194,20 +196,24 @@ def append_line(path: str, line: str) -> None:
     append_text(path, line + "\n")
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.item() if value.numel() == 1 else value.tolist())
+def json_safe(value):
+    """``value`` with plain Python types only: tensors and numpy scalars become numbers or lists,
+    NaN becomes ``None`` and infinities +-1e308 (so it is valid JSON and loads ``weights_only``)."""
     if isinstance(value, np.generic):
-        return _json_safe(value.item())
+        return json_safe(value.item())
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+        return float(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.item() if value.numel() == 1 else value.tolist())
     return value
 
 
 def append_json_line(path: str, record: dict) -> None:
-    """Append ``record`` as one JSON line (non-finite floats become ``null``) with :func:`append_line`."""
-    append_line(path, json.dumps(_json_safe(record), separators=(", ", ": ")))
+    """Append ``record`` as one JSON line (:func:`json_safe`: NaN becomes ``null``) with :func:`append_line`."""
+    append_line(path, json.dumps(json_safe(record), separators=(", ", ": ")))
