@@ -35,6 +35,8 @@ __all__ = [
     "Registry",
     "MODELS",
     "DISTILLERS",
+    "DETECTION_DISTILLERS",
+    "register_detection_distiller",
     "CIFAR_TEACHER_DIR",
     "PLUGIN_GROUP",
     "register_model",
@@ -90,6 +92,8 @@ class Registry(dict):
 
 MODELS = Registry("model")
 DISTILLERS = Registry("distiller", key=lambda s: s.upper())
+#: Detection distillers (``DATASET.TYPE coco``): upper-case type name -> class.
+DETECTION_DISTILLERS = Registry("detection distiller", key=lambda s: s.upper())
 
 
 def register_model(name: str, teacher_ckpt: bool = True, override: bool = False):
@@ -105,6 +109,11 @@ def register_model(name: str, teacher_ckpt: bool = True, override: bool = False)
 def register_distiller(name: str, override: bool = False):
     """Decorator: register a distiller class as ``DISTILLER.TYPE name`` (upper-cased)."""
     return DISTILLERS.register(name, override=override)
+
+
+def register_detection_distiller(name: str, override: bool = False):
+    """Decorator: register a detection distiller class as ``DISTILLER.TYPE name`` for ``DATASET.TYPE coco``."""
+    return DETECTION_DISTILLERS.register(name, override=override)
 
 
 def import_modules(names) -> None:

@@ -1,5 +1,6 @@
 """Block-KD: stepping stones, pairing, loss terms, sampling, gradients, cost structure."""
 
+import dataclasses
 import itertools
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from mdistiller_blockkd.distillers import distiller_dict
 from mdistiller_blockkd.distillers.blockkd import BlockKD, pair_blocks
+from mdistiller_blockkd.distillers.blockkd_core import distance as logit_distance
 from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError
 from mdistiller_blockkd.models import build_model
@@ -126,9 +128,9 @@ def test_batched_stones_equal_separate_stones():
     d = make().eval()
     x, _ = batch()
     with torch.no_grad():
-        d.batch_stones = "on"
+        d.opts = dataclasses.replace(d.opts, batch_stones="on")
         _, a, _ = d.forward_stones(x)
-        d.batch_stones = "off"
+        d.opts = dataclasses.replace(d.opts, batch_stones="off")
         _, b, _ = d.forward_stones(x)
     for za, zb in zip(a, b):
         torch.testing.assert_close(za, zb, rtol=1e-5, atol=1e-5)
@@ -215,7 +217,7 @@ def _cross_by_hand(d, x, y, detach):
     ens = torch.stack(stones).mean(0)
     if detach:
         ens = ens.detach()
-    T = d.T
+    T = d.opts.loss.T
     return kl_by_hand(s, ens, T) + sum(w * kl_by_hand(z, ens, T) for w, z in zip(d.stone_weights, stones))
 
 
@@ -246,7 +248,7 @@ def test_other_distances(distance):
     from mdistiller_blockkd.distillers import losses
     want = losses.dkd_loss(s, t, y, 1.0, 8.0, 4.0) if distance == "dkd" else losses.kd_loss(
         losses.standardize(s), losses.standardize(t), 4.0)
-    torch.testing.assert_close(d.distance(s, t, y), want)
+    torch.testing.assert_close(logit_distance(d.opts.loss, s, t, y), want)
     _, loss = d.forward_train(image=x, target=y, epoch=1)
     assert all(torch.isfinite(v) for v in loss.values())
 
@@ -255,7 +257,7 @@ def test_last_k_builds_and_scores_only_its_stones():
     full, d = make(), make(STONES="last:2")
     assert len(d.connectors) == 2 and d.stone_ids == [2, 3]
     assert d.pairs == full.pairs[1:] and d.stone_weights == full.stone_weights[1:]
-    assert d._active_stones() == ([0, 1], 1.0)
+    assert d.planner.active(d) == ([0, 1], 1.0)
     assert not d.has_unused_parameters  # every connector it has trains every step
     x, y = batch()
     assert sorted(d.eval_logits(x)) == ["stone2", "stone3", "teacher"]
@@ -284,15 +286,15 @@ def test_describe_marks_sampled_schedules_without_dense_epochs():
 def test_every_k_runs_all_stones_one_step_in_k():
     d = make(STONES="every:3")
     assert d.has_unused_parameters
-    draws = [d._active_stones() for _ in range(7)]
+    draws = [d.planner.active(d) for _ in range(7)]
     assert draws == [([0, 1, 2], 3.0), ([], 1.0), ([], 1.0)] * 2 + [([0, 1, 2], 3.0)]
     # the step count travels with the state_dict (exact resume)
     e = make(STONES="every:3")
     e.load_state_dict(d.state_dict())
-    assert e._active_stones() == d._active_stones() == ([], 1.0)
+    assert e.planner.active(e) == d.planner.active(d) == ([], 1.0)
     # STONE_SCALE none: the stones weigh what they weigh under all
     n = make(STONES="every:2", STONE_SCALE="none")
-    assert n._active_stones() == ([0, 1, 2], 1.0)
+    assert n.planner.active(n) == ([0, 1, 2], 1.0)
 
 
 def test_every_k_losses():
@@ -330,14 +332,14 @@ def test_dense_epochs_run_every_stone_then_the_cheap_schedule(stones):
                 torch.testing.assert_close(got[k], full.forward_train(image=x, target=y, epoch=epoch)[1][k])
         assert d.get_extra_state() == state  # the draw state waits for the cheap phase
         calls = []
-        d._active_stones = lambda: calls.append(1) or ([0], 3.0)
+        d.planner.active = lambda module: calls.append(1) or ([0], 3.0)
         d.forward_train(image=x, target=y, epoch=3)
     assert calls == [1]
 
 
 def test_stone_scale_none_and_uniform_weights():
     d = make(STONES="sample:1", STONE_SCALE="none")
-    assert d._active_stones()[1] == 1.0
+    assert d.planner.active(d)[1] == 1.0
     assert make(STONE_WEIGHTS="uniform").stone_weights == [1.0, 1.0, 1.0]
     assert make().stone_weights == [0.25, 0.5, 1.0]
 
@@ -354,7 +356,7 @@ def test_sample_k_is_unbiased_for_task_and_distill_terms():
             subsets = list(itertools.combinations(range(3), k))
             total = 0.0
             for sub in subsets:
-                d._active_stones = lambda sub=sub: (list(sub), 3 / k)
+                d.planner.active = lambda module, sub=sub: (list(sub), 3 / k)
                 _, loss = d.forward_train(image=x, target=y, epoch=30)
                 total = total + sum(loss.values())
         torch.testing.assert_close(total / len(subsets), sum(ref.values()), rtol=1e-5, atol=1e-5)
@@ -363,23 +365,23 @@ def test_sample_k_is_unbiased_for_task_and_distill_terms():
     torch.manual_seed(0)
     counts = torch.zeros(3)
     for _ in range(3000):
-        idx, factor = d._active_stones()
+        idx, factor = d.planner.active(d)
         assert factor == 3.0
         counts[idx] += 1
     assert torch.allclose(counts / 3000, torch.full((3,), 1 / 3), atol=0.03)
     # stratified: every stone exactly once per cycle of n/K steps, cycles in varying order
-    cycles = [tuple(d._active_stones()[0][0] for _ in range(3)) for _ in range(50)]
+    cycles = [tuple(d.planner.active(d)[0][0] for _ in range(3)) for _ in range(50)]
     assert all(sorted(c) == [0, 1, 2] for c in cycles) and len(set(cycles)) > 1
     # the draw position travels with the state_dict (exact resume)
-    d._active_stones()
+    d.planner.active(d)
     state = d.state_dict()
     e = make(STONES="sample:1")
     e.load_state_dict(state)
-    assert [e._active_stones() for _ in range(2)] == [d._active_stones() for _ in range(2)]
+    assert [e.planner.active(e) for _ in range(2)] == [d.planner.active(d) for _ in range(2)]
     # K not dividing n: independent uniform draws of distinct stones
     d2 = make(STONES="sample:2")
     for _ in range(20):
-        idx, factor = d2._active_stones()
+        idx, factor = d2.planner.active(d2)
         assert len(set(idx)) == 2 and factor == 1.5
 
 

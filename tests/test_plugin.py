@@ -104,7 +104,7 @@ def test_registered_distiller_adapts_plain_upstream_models_and_steps(fake_mdisti
     s_keys = list(up_student.state_dict())
     CFG.BLOCKKD.T = 2.0  # upstream's config values reach the distiller
     d = cls(up_student, up_teacher, CFG)
-    assert d.T == 2.0
+    assert d.opts.loss.T == 2.0
     assert isinstance(d.student, StagedModel) and type(d.student).__name__ != "Plain"
     assert list(d.student.state_dict()) == s_keys  # upstream saves distiller.student.state_dict()
     assert d.student.get_classifier().out_features == 7

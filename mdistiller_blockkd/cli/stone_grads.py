@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..distillers.blockkd_core import StepPlan
 from ..errors import ConfigError, run_cli
 
 
@@ -52,8 +53,8 @@ def stone_gradients(distiller, batches, params, epoch: float = float("inf")) -> 
     def grad(image, target, active, factor):
         s, stones, t = distiller._forward(image, active)
         w = [distiller.stone_weights[k] * factor for k in active]
-        cross = w if distiller.weight_cross else [factor] * len(active)
-        loss = distiller.blockkd_loss(s, stones, t, target, w, cross, epoch)
+        cross = w if distiller.opts.loss.weight_cross else [factor] * len(active)
+        loss = distiller.loss_terms(s, stones, t, target, StepPlan(active, w, cross), epoch)
         g = torch.autograd.grad(sum(loss.values()), params, allow_unused=True)
         return torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten() for gi, p in zip(g, params)])
 

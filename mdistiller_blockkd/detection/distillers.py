@@ -64,19 +64,20 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from ..distillers import losses
 from ..distillers.base import Distiller, shared_attribute
-from ..distillers.blockkd import BlockKD, Connector, check_options
+from ..distillers.blockkd import Connector
+from ..distillers.blockkd_core import BlockKDOptions, StonePlanner, blockkd_loss
 from ..distillers.dkd import DKD
 from ..distillers.kd import KD
 from ..errors import ConfigError
+from ..registry import DETECTION_DISTILLERS, register_detection_distiller
 from ..models.staged import StageInfo
 from .models import body_stages, stage_channels
 
@@ -212,37 +213,34 @@ class DetDKD(DetectionDistiller, DKD):
 class DetBlockKD(DetectionDistiller):
     """``BLOCKKD`` for Faster R-CNN: stones through the teacher's remaining stages, FPN and ROI head.
 
-    The loss, the logit distance and the stone selection are Block-KD's own
-    (:meth:`BlockKD.setup_options`, :meth:`BlockKD.blockkd_loss`, :meth:`BlockKD.distance`,
-    :meth:`BlockKD._active_stones`, shared here, not copied: they set and read the same attributes).
+    Composes the Block-KD core (:mod:`mdistiller_blockkd.distillers.blockkd_core`): its
+    options, its stone planner and its loss; only the stones are its own.
     """
-
-    setup_options = BlockKD.setup_options
-    blockkd_loss = BlockKD.blockkd_loss
-    distance = BlockKD.distance
-    _active_stones = BlockKD._active_stones
-    _count_step = BlockKD._count_step
-    _draw_stones = BlockKD._draw_stones
-    step_plan = BlockKD.step_plan
-    get_extra_state = BlockKD.get_extra_state
-    set_extra_state = BlockKD.set_extra_state
 
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher, cfg)
         if teacher is None:
             raise ConfigError("BLOCKKD needs a teacher (DISTILLER.TEACHER)")
         c = cfg.BLOCKKD
-        check_options(c)
-        if list(c.PAIRS):
+        self.opts = BlockKDOptions.from_node(c)
+        if self.opts.pairs:
             raise ConfigError("BLOCKKD.PAIRS is not used for detection: stone i always splices student layer_i "
                               "onto teacher layer_{i+1}; leave BLOCKKD.PAIRS []")
         s_ch, t_ch = stage_channels(student), stage_channels(teacher)
         # one connector per FPN level (every stone feeds the teacher's FPN its connected levels 1..i)
         self.connectors = nn.ModuleList(
-            Connector(StageInfo(a, r), StageInfo(b, r), c.CONNECTOR) for a, b, r in zip(s_ch, t_ch, _STRIDES))
-        self.setup_options(c, len(_STRIDES))  # Block-KD's own option reading: stones, weights, losses
-        if self.warmup_steps > 0:
-            self.warmup = self.warmup_steps  # blockkd_loss ramps over steps (forward_train passes the step count)
+            Connector(StageInfo(a, r), StageInfo(b, r), self.opts.connector) for a, b, r in zip(s_ch, t_ch, _STRIDES))
+        self.planner = StonePlanner(self.opts, len(_STRIDES))
+
+    stone_ids = property(lambda self: self.planner.stone_ids)
+    stone_weights = property(lambda self: self.planner.stone_weights)
+    has_unused_parameters = property(lambda self: self.planner.has_unused_parameters)
+
+    def get_extra_state(self):
+        return self.planner.state_dict()
+
+    def set_extra_state(self, state):
+        self.planner.load_state_dict(state)
 
     @property
     def num_stones(self) -> int:
@@ -268,12 +266,12 @@ class DetBlockKD(DetectionDistiller):
         return out
 
     def forward_train(self, image, target, **kwargs):
-        active, weights, cross_weights, student_cross = self.step_plan(kwargs.get("epoch", math.inf))
+        epoch = kwargs.get("epoch", math.inf)
+        plan = self.planner.plan(self, epoch)
         s = self.student_step(image, target)
         t_logits = self.teacher_logits(s)
-        stones = self.stone_logits(s, active)
-        epoch = self._steps if self.warmup_steps > 0 else kwargs.get("epoch", math.inf)
-        out = self.blockkd_loss(s.logits, stones, t_logits, s.labels, weights, cross_weights, epoch, student_cross)
+        stones = self.stone_logits(s, plan.active)
+        out = blockkd_loss(self.opts.loss, s.logits, stones, t_logits, s.labels, plan, self.warm(epoch, self.opts.loss.warmup))
         det = dict(s.losses)
         det.pop("loss_classifier")  # inside loss_ce (Block-KD's task term)
         return (s.logits.detach(), s.labels), {**out, **det}
@@ -291,4 +289,8 @@ class DetBlockKD(DetectionDistiller):
         return "\n".join(lines)
 
 
-det_distiller_dict: Dict[str, type] = {"NONE": DetVanilla, "KD": DetKD, "DKD": DetDKD, "BLOCKKD": DetBlockKD}
+for _name, _cls in (("NONE", DetVanilla), ("KD", DetKD), ("DKD", DetDKD), ("BLOCKKD", DetBlockKD)):
+    register_detection_distiller(_name)(_cls)
+
+#: The detection distiller registry (``@register_detection_distiller`` adds to it).
+det_distiller_dict = DETECTION_DISTILLERS

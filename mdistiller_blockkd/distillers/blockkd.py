@@ -80,58 +80,14 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.staged import StageInfo, StagedView
-from . import losses
 from ..registry import register_distiller
-from .base import Distiller, shared_attribute
-
-CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
-LOGIT_LOSSES = ("kd", "dkd", "lskd")
-STONE_MODES = ("all", "last", "sample", "every")
-STONE_SCALES = ("unbiased", "none")
-STONE_WEIGHTS = ("halving", "uniform")
-
-
-def _choice(c, key: str, valid) -> str:
-    value = str(c[key]).strip().lower()
-    if value not in valid:
-        raise ConfigError(f"BLOCKKD.{key} is '{c[key]}'; use one of {', '.join(valid)}")
-    return value
-
+from . import losses
+from .base import Distiller
+from .blockkd_core import CONNECTORS, BlockKDOptions, StepPlan, StonePlanner, blockkd_loss, pair_list
 
 def check_options(c) -> None:
     """Validate the ``CFG.BLOCKKD`` node ``c`` without building anything (raises :class:`ConfigError`)."""
-    _choice(c, "CONNECTOR", CONNECTORS)
-    _choice(c, "LOGIT_LOSS", LOGIT_LOSSES)
-    _choice(c, "BATCH_STONES", ("auto", "on", "off"))
-    _choice(c, "STONE_SCALE", STONE_SCALES)
-    _choice(c, "STONE_WEIGHTS", STONE_WEIGHTS)
-    if not float(c.T) > 0:
-        raise ConfigError(f"BLOCKKD.T is {c.T}; the temperature must be > 0 (4 on CIFAR-style data, 1 on ImageNet)")
-    if not float(c.DENSE_EPOCHS) >= 0:
-        raise ConfigError(f"BLOCKKD.DENSE_EPOCHS is {c.DENSE_EPOCHS}; use 0 (the STONES schedule from the start) or a "
-                          "positive number of epochs with every stone")
-    if not float(c.WARMUP) >= 0:
-        raise ConfigError(f"BLOCKKD.WARMUP is {c.WARMUP}; use 0 (no warm-up) or a positive number of epochs")
-    for key in ("ALPHA", "BETA", "GAMMA"):
-        if not float(c[key]) >= 0:
-            raise ConfigError(f"BLOCKKD.{key} is {c[key]}; loss weights must be >= 0")
-    parse_stones(c.STONES, None)
-    _pair_list(c.PAIRS)
-
-
-def _pair_list(explicit) -> List[Tuple[int, int]]:
-    """``BLOCKKD.PAIRS`` as 1-based ``(student_block, teacher_block)`` tuples, or a ConfigError."""
-    hint = "use [] (automatic) or a list of [student_block, teacher_block] pairs of 1-based integers, e.g. [[1, 1], [2, 2]]"
-    if not isinstance(explicit, (list, tuple)):
-        raise ConfigError(f"BLOCKKD.PAIRS is {explicit!r}; {hint}")
-    out = []
-    for p in explicit:
-        ok = isinstance(p, (list, tuple)) and len(p) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in p)
-        if not ok:
-            raise ConfigError(f"BLOCKKD.PAIRS entry {p!r} (in {list(explicit)!r}) is not a pair of integers; {hint}")
-        out.append((int(p[0]), int(p[1])))
-    return out
+    BlockKDOptions.from_node(c)
 
 
 class Connector(nn.Module):
@@ -172,7 +128,7 @@ class Connector(nn.Module):
 def pair_blocks(student: StagedView, teacher: StagedView, explicit: Sequence = ()) -> List[Tuple[int, int]]:
     """Return stone pairs ``(student_block, teacher_block)`` (0-based), shallow to deep."""
     ns, nt = student.num_blocks, teacher.num_blocks
-    explicit = _pair_list(explicit)
+    explicit = pair_list(explicit)
     if explicit:
         pairs = []
         for p in explicit:
@@ -201,24 +157,6 @@ def pair_blocks(student: StagedView, teacher: StagedView, explicit: Sequence = (
     return [(ns - k + i, nt - k + i) for i in range(k)]
 
 
-def parse_stones(spec: str, n) -> Tuple[str, int]:
-    """``all`` | ``last:K`` | ``sample:K`` | ``every:K`` -> (mode, K).
-
-    ``n`` is the number of stones of the pair (``K <= n`` for ``last`` and ``sample``);
-    ``None`` checks the form only. ``every:K`` takes any ``K >= 1``.
-    """
-    spec = str(spec).strip().lower()
-    if spec == "all":
-        return "all", n or 0
-    mode, _, k = spec.partition(":")
-    limit = n if mode in ("last", "sample") and n is not None else None
-    if mode in STONE_MODES[1:] and k.isdigit() and int(k) >= 1 and (limit is None or int(k) <= limit):
-        return mode, int(k)
-    bound = f"1 <= K <= {n} (stones of this pair)" if n is not None else "K >= 1"
-    raise ConfigError(f"BLOCKKD.STONES is '{spec}'; use all, last:K, sample:K (K stones a step) or every:K "
-                      f"(all stones every K-th step) with {bound}")
-
-
 @register_distiller("BLOCKKD")
 class BlockKD(Distiller):
     """Block-wise logit distillation (``DISTILLER.TYPE: BLOCKKD``); see the module docstring."""
@@ -235,40 +173,22 @@ class BlockKD(Distiller):
         super().__init__(student, teacher, cfg, **kwargs)
         if teacher is None:
             raise ConfigError("BLOCKKD needs a teacher (DISTILLER.TEACHER)")
-        c = cfg.BLOCKKD
-        check_options(c)
+        #: every BLOCKKD option, validated once
+        self.opts = BlockKDOptions.from_node(cfg.BLOCKKD)
         sview, tview = student.staged_view(), teacher.staged_view()
-        pairs = pair_blocks(sview, tview, c.PAIRS)
-        keep = self.setup_options(c, len(pairs))
-        self.pairs = [pairs[k] for k in keep]
+        pairs = pair_blocks(sview, tview, self.opts.pairs)
+        #: which stones exist and which run on each step (with the draw state)
+        self.planner = StonePlanner(self.opts, len(pairs))
+        self.pairs = [pairs[k] for k in self.planner.keep]
         self.connectors = nn.ModuleList(
-            Connector(sview.block_info[i], tview.block_info[j], c.CONNECTOR) for i, j in self.pairs)
-        self.batch_stones = str(c.BATCH_STONES).lower()
+            Connector(sview.block_info[i], tview.block_info[j], self.opts.connector) for i, j in self.pairs)
 
-    def setup_options(self, c, n: int) -> range:
-        """Read the stone selection, stone weights and loss options of ``c`` for ``n`` stones.
-
-        Returns the indices of the stones that exist (``last:K``: the other stones do not).
-        Shared with the detection Block-KD, which has its own stones.
-        """
-        self.mode, self.k = parse_stones(c.STONES, n)
-        uniform = str(c.STONE_WEIGHTS).lower() == "uniform"
-        weights = [1.0 if uniform else 1.0 / 2 ** (n - 1 - k) for k in range(n)]
-        keep = range(n - self.k, n) if self.mode == "last" else range(n)  # last:K: the other stones do not exist
-        #: 1-based numbers of the stones among all of the pair's (``stone<id>`` in logs)
-        self.stone_ids = [k + 1 for k in keep]
-        self.stone_weights = [weights[k] for k in keep]
-        self.stone_scale = str(c.STONE_SCALE).lower()
-        self.dense_epochs = float(c.DENSE_EPOCHS)
-        self.has_unused_parameters = self.mode in ("sample", "every")
-        self._deck, self._pos = [], 0  # sample:K draw state (see _active_stones)
-        self._step = 0  # every:K: training steps taken (see _active_stones)
-        self.logit_loss, self.T = str(c.LOGIT_LOSS).lower(), float(c.T)
-        self.dkd_alpha, self.dkd_beta = float(c.DKD_ALPHA), float(c.DKD_BETA)
-        self.alpha, self.beta, self.gamma = float(c.ALPHA), float(c.BETA), float(c.GAMMA)
-        self.warmup = float(c.WARMUP)
-        self.detach_ensemble, self.weight_cross = bool(c.DETACH_ENSEMBLE), bool(c.WEIGHT_CROSS)
-        return keep
+    # what the tools read (benchmark, cost model, describe): the planner's
+    mode = property(lambda self: self.planner.mode)
+    k = property(lambda self: self.planner.k)
+    stone_ids = property(lambda self: self.planner.stone_ids)
+    stone_weights = property(lambda self: self.planner.stone_weights)
+    has_unused_parameters = property(lambda self: self.planner.has_unused_parameters)
 
     @classmethod
     def check_cfg(cls, cfg) -> None:
@@ -309,7 +229,7 @@ class BlockKD(Distiller):
             return []
         entry = {k: self.pairs[k][1] + 1 for k in active}  # first teacher block each stone runs
         inputs = {k: self.connectors[k](outs[self.pairs[k][0]]) for k in active}
-        batch = self.batch_stones == "on" or (self.batch_stones == "auto" and outs[0].is_cuda)
+        batch = self.opts.batch_stones == "on" or (self.opts.batch_stones == "auto" and outs[0].is_cuda)
         if not batch:
             return [tview.forward_from(inputs[k], entry[k]) for k in active]
         # one concatenated batch: stones join it where they enter the teacher
@@ -337,106 +257,28 @@ class BlockKD(Distiller):
         """``(student_logits, [Y^{N_1}, ..., Y^{N_n}], teacher_logits)`` for every stone."""
         return self._forward(image, range(self.num_stones))
 
-    def _active_stones(self) -> Tuple[List[int], float]:
-        """Indices of this step's stones and the factor applied to their terms (advances the draw state
-        once per step: the replicas of one DataParallel step share the draw)."""
-        n = self.num_stones
-        unbiased = self.stone_scale == "unbiased"
-        if self.mode in ("all", "last"):
-            return list(range(n)), 1.0
-        if self.mode == "every":
-            if self._shared.once_per_step(self, self._count_step) % self.k:
-                return [], 1.0
-            return list(range(n)), float(self.k) if unbiased else 1.0
-        return self._shared.once_per_step(self, self._draw_stones), n / self.k if unbiased else 1.0
-
-    def _count_step(self) -> int:
-        """``every:K``: this step's number (advances the count; called under the shared lock)."""
-        step, self._step = self._step, self._step + 1
-        return step
-
-    def _draw_stones(self) -> List[int]:
-        """``sample:K``: this step's K stones, sorted (advances the walk; called under the shared lock)."""
-        n = self.num_stones
-        if n % self.k:
-            return sorted(torch.randperm(n)[: self.k].tolist())
-        # stratified: walk a random permutation K stones at a time, every stone once per n/K steps
-        if self._pos == 0:
-            self._deck = torch.randperm(n).tolist()
-        idx = self._deck[self._pos: self._pos + self.k]
-        self._pos = (self._pos + self.k) % n
-        return sorted(idx)
-
-    # the draw state (sample:K walk, every:K step count) lives in the distiller's SharedState,
-    # so DataParallel replicas (shallow copies made at every forward) advance the module's own
-    _deck = shared_attribute("deck", list, list)
-    _pos = shared_attribute("pos", int, int)
-    _step = shared_attribute("step", int, int)
-
     def get_extra_state(self):
-        """The draw state (``sample:K`` deck and position, ``every:K`` step count), saved so resume is exact."""
-        return {"deck": list(self._deck), "pos": self._pos, "step": self._step}
+        """The planner's draw state (``sample:K`` walk, ``every:K`` step count), saved so resume is exact."""
+        return self.planner.state_dict()
 
     def set_extra_state(self, state):
-        self._deck, self._pos = list(state["deck"]), int(state["pos"])
-        self._step = int(state.get("step", 0))
+        self.planner.load_state_dict(state)
 
     # -- loss -----------------------------------------------------------------------
-    def distance(self, logits: Tensor, target_logits: Tensor, target: Tensor) -> Tensor:
-        """The logit distance d(., .) selected by ``BLOCKKD.LOGIT_LOSS``."""
-        if self.logit_loss == "kd":
-            return losses.kd_loss(logits, target_logits, self.T)
-        if self.logit_loss == "lskd":
-            return losses.lskd_loss(logits, target_logits, self.T)
-        return losses.dkd_loss(logits, target_logits, target, self.dkd_alpha, self.dkd_beta, self.T)
+    def step_plan(self, epoch=math.inf) -> StepPlan:
+        """This step's stones and factors (:meth:`StonePlanner.plan`; advances the draw state once per step)."""
+        return self.planner.plan(self, epoch)
 
-    def blockkd_loss(self, s_logits, stones, t_logits, target, weights, cross_weights, epoch, student_cross=1.0):
-        """The three loss terms from student, stone and teacher logits.
-
-        ``weights[i]`` scales stone ``i``'s task and distill terms, ``cross_weights[i]`` its cross term;
-        ``student_cross`` scales the student's own cross term. Without stones the cross term is 0.
-        """
-        task = F.cross_entropy(s_logits, target)
-        distill = self.distance(s_logits, t_logits, target)
-        for w, z in zip(weights, stones):
-            task = task + w * F.cross_entropy(z, target)
-            distill = distill + w * self.distance(z, t_logits, target)
-        if stones:
-            ens = torch.stack(stones).mean(0)
-            if self.detach_ensemble:
-                ens = ens.detach()
-            cross = student_cross * self.distance(s_logits, ens, target)
-            for w, z in zip(cross_weights, stones):
-                cross = cross + w * self.distance(z, ens, target)
-        else:
-            cross = torch.zeros((), device=task.device)
-        warm = losses.warmup_factor(epoch, self.warmup)
-        return {
-            "loss_ce": self.alpha * task,
-            "loss_kd": (self.beta * warm) * distill,
-            "loss_cross": (self.gamma * warm) * cross,
-        }
-
-    def step_plan(self, epoch):
-        """This step's stones and weights: ``(active, weights, cross_weights, student_cross)``.
-
-        ``DENSE_EPOCHS``: every stone while ``epoch <= DENSE_EPOCHS`` (the draw state untouched);
-        else the ``STONES`` schedule (:meth:`_active_stones`, which advances the draw state).
-        """
-        if self.mode in ("sample", "every") and epoch <= self.dense_epochs:
-            active, factor = list(range(self.num_stones)), 1.0
-        else:
-            active, factor = self._active_stones()
-        weights = [self.stone_weights[k] * factor for k in active]
-        cross_weights = weights if self.weight_cross else [factor] * len(active)
-        return active, weights, cross_weights, (factor if self.mode == "every" else 1.0)
+    def loss_terms(self, s_logits, stones, t_logits, target, plan: StepPlan, epoch=math.inf):
+        """:func:`~.blockkd_core.blockkd_loss` with the warm-up factor of ``epoch``."""
+        return blockkd_loss(self.opts.loss, s_logits, stones, t_logits, target, plan,
+                            losses.warmup_factor(epoch, self.opts.loss.warmup))
 
     def forward_train(self, image, target, **kwargs):
         epoch = kwargs.get("epoch", math.inf)
-        active, weights, cross_weights, student_cross = self.step_plan(epoch)
-        s_logits, stones, t_logits = self._forward(image, active)
-        loss = self.blockkd_loss(s_logits, stones, t_logits, target, weights, cross_weights, epoch, student_cross)
-        return s_logits, loss
+        plan = self.step_plan(epoch)
+        s_logits, stones, t_logits = self._forward(image, plan.active)
+        return s_logits, self.loss_terms(s_logits, stones, t_logits, target, plan, epoch)
 
     @torch.no_grad()
     def eval_logits(self, image):
@@ -457,7 +299,7 @@ class BlockKD(Distiller):
                 f"teacher block {nt} + head" if j + 2 == nt else f"teacher blocks {j + 2}..{nt} + head")
             lines.append(f"stone{sid}: student block {i + 1} ({si.num_chs}ch, /{si.reduction}) -> connector -> "
                          f"{rest} (input {ti.num_chs}ch, /{ti.reduction}), w={w:g}")
-        if self.mode in ("sample", "every") and self.dense_epochs == 0:
+        if self.mode in ("sample", "every") and self.planner.dense_epochs == 0:
             lines.append(f"note: STONES {self.mode}:{self.k} without DENSE_EPOCHS lost accuracy against 'all' in the "
                          f"validation study (docs/blockkd.md, 'Cheap variants'); the measured cheap option is last:2")
         return "\n".join(lines)

@@ -20,7 +20,7 @@ Importing this module registers into torchdistill (tested with 1.1.5):
     wrapper's output and the teacher's logits; kwargs ``alpha``, ``beta``, ``gamma``,
     ``temperature``, ``warmup``, ``logit_loss``, ``dkd_alpha``, ``dkd_beta``,
     ``detach_ensemble``, ``weight_cross`` (``BLOCKKD`` defaults). The terms are
-    computed by :meth:`BlockKD.blockkd_loss` itself.
+    computed by the Block-KD core's :func:`~mdistiller_blockkd.distillers.blockkd_core.blockkd_loss`.
 ``DKDLoss`` (mid-level loss)
     ``ce_weight * CE + warm * (alpha * TCKD + beta * NCKD)`` (mdistiller's ``CFG.DKD``
     defaults), on the student's and the teacher's logits.
@@ -62,6 +62,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from ..distillers import losses
 from ..distillers.blockkd import BlockKD
+from ..distillers.blockkd_core import LossOptions, StepPlan, blockkd_loss
 from ..config import CFG
 from ..errors import ConfigError
 from ..models import build_model
@@ -224,7 +225,7 @@ class BlockKDStudent(BlockKD, AuxiliaryModelWrapper):
         if not self.training:
             return self.student(x)[0]
         self._check_ddp()
-        active, factor = self._active_stones()
+        active, factor = self.planner.active(self)
         s_logits, outs = self._student_forward(x)
         stones = self._stone_logits(outs, active, self.teacher_model(x).staged_view())
         plan = [factor, factor if self.mode == "every" else 1.0] + [self.stone_weights[k] * factor for k in active]
@@ -277,16 +278,12 @@ class _EpochAware(nn.Module):
 
 @register_mid_level_loss
 class BlockKDLoss(_EpochAware):
-    """Block-KD's loss, ``loss_ce + loss_kd + loss_cross`` of :meth:`BlockKD.blockkd_loss`.
+    """Block-KD's loss, ``loss_ce + loss_kd + loss_cross`` of the core's :func:`~mdistiller_blockkd.distillers.blockkd_core.blockkd_loss`.
 
     Reads the student wrapper's :class:`BlockKDOutput` at ``student_module_path`` /
     ``student_module_io`` (default ``'.'`` / ``'output'``) and the teacher's logits at
     the teacher's path. Hyper-parameters and defaults are ``CFG.BLOCKKD``'s.
     """
-
-    # this toolbox's own loss code, run on this module's attributes
-    distance = BlockKD.distance
-    blockkd_loss = BlockKD.blockkd_loss
 
     def __init__(self, alpha=None, beta=None, gamma=None, temperature=None, warmup=None, logit_loss=None,
                  dkd_alpha=None, dkd_beta=None, detach_ensemble=None, weight_cross=None,
@@ -298,22 +295,13 @@ class BlockKDLoss(_EpochAware):
                                                        "dkd_alpha", "dkd_beta", "detach_ensemble", "weight_cross",
                                                        "student_module_path", "student_module_io",
                                                        "teacher_module_path", "teacher_module_io"])
-        c = CFG.BLOCKKD
-
-        def pick(v, default):
-            return default if v is None else v
-
-        self.alpha, self.beta, self.gamma = float(pick(alpha, c.ALPHA)), float(pick(beta, c.BETA)), float(pick(gamma, c.GAMMA))
-        self.T = float(pick(temperature, c.T))
-        self.warmup = float(pick(warmup, c.WARMUP))
-        self.logit_loss = str(pick(logit_loss, c.LOGIT_LOSS))
-        self.dkd_alpha, self.dkd_beta = float(pick(dkd_alpha, c.DKD_ALPHA)), float(pick(dkd_beta, c.DKD_BETA))
-        self.detach_ensemble = bool(pick(detach_ensemble, c.DETACH_ENSEMBLE))
-        self.weight_cross = bool(pick(weight_cross, c.WEIGHT_CROSS))
-        if self.logit_loss not in ("kd", "dkd", "lskd"):
-            raise ConfigError(f"BlockKDLoss logit_loss is '{self.logit_loss}'; use kd, dkd or lskd")
-        if self.T <= 0 or self.warmup < 0:
-            raise ConfigError(f"BlockKDLoss needs temperature > 0 and warmup >= 0, got {self.T:g} and {self.warmup:g}")
+        #: the core's validated loss options: CFG.BLOCKKD's, with the YAML's kwargs in place
+        self.opts = LossOptions.from_node(CFG.BLOCKKD, "BlockKDLoss", {"T": "temperature"}, alpha=alpha, beta=beta,
+                                          gamma=gamma, T=temperature,
+                                          warmup=warmup, logit_loss=logit_loss, dkd_alpha=dkd_alpha,
+                                          dkd_beta=dkd_beta, detach_ensemble=detach_ensemble,
+                                          weight_cross=weight_cross)
+        self.warmup = self.opts.warmup
         self.paths = (student_module_path, student_module_io, teacher_module_path, teacher_module_io)
 
     def terms(self, student_io_dict, teacher_io_dict, targets) -> Dict[str, Tensor]:
@@ -325,16 +313,17 @@ class BlockKDLoss(_EpochAware):
                 f"BlockKDLoss expects the student output to come from the BlockKDStudent auxiliary wrapper, got "
                 f"{type(out).__name__}; set train.student.auxiliary_model_wrapper.key: BlockKDStudent")
         t_logits = _logits(self.io(teacher_io_dict, tp, tio))
-        cross = out.weights if self.weight_cross else [out.factor] * len(out.stones)
-        return self.blockkd_loss(out.logits, out.stones, t_logits, targets, out.weights, cross, self.current_epoch(),
-                                 out.student_cross)
+        cross = out.weights if self.opts.weight_cross else [out.factor] * len(out.stones)
+        plan = StepPlan(list(range(len(out.stones))), out.weights, cross, out.student_cross)
+        warm = losses.warmup_factor(self.current_epoch(), self.opts.warmup)
+        return blockkd_loss(self.opts, out.logits, out.stones, t_logits, targets, plan, warm)
 
     def forward(self, student_io_dict, teacher_io_dict, targets, *args, **kwargs) -> Tensor:
         return sum(self.terms(student_io_dict, teacher_io_dict, targets).values())
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, T={self.T}, warmup={self.warmup}, "
-                f"logit_loss={self.logit_loss}")
+        o = self.opts
+        return f"alpha={o.alpha}, beta={o.beta}, gamma={o.gamma}, T={o.T}, warmup={o.warmup}, logit_loss={o.logit_loss}"
 
 
 @register_mid_level_loss

@@ -1,0 +1,308 @@
+"""The one Block-KD core that every Block-KD composes: options, the stone planner and the loss.
+
+* :class:`LossOptions` / :class:`BlockKDOptions` -- ``CFG.BLOCKKD`` read and validated once;
+* :class:`StonePlanner` -- which stones run on a step and with what factors (``STONES``,
+  ``STONE_SCALE``, ``STONE_WEIGHTS``, ``DENSE_EPOCHS``), and the draw state it advances;
+* :func:`blockkd_loss` -- a pure function: student, stone and teacher logits -> loss terms.
+
+The classification :class:`~.blockkd.BlockKD`, the detection Block-KD, torchdistill's
+``BlockKDStudent`` / ``BlockKDLoss`` and the transformer stones each build their own
+stones and call these; none copies another's methods. See ``docs/blockkd.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Dict, List, NamedTuple, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+from . import losses
+
+__all__ = ["CONNECTORS", "LOGIT_LOSSES", "STONE_MODES", "LossOptions", "BlockKDOptions", "StepPlan", "StonePlanner",
+           "parse_stones", "pair_list", "distance", "blockkd_loss"]
+
+CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
+LOGIT_LOSSES = ("kd", "dkd", "lskd")
+STONE_MODES = ("all", "last", "sample", "every")
+STONE_SCALES = ("unbiased", "none")
+STONE_WEIGHTS = ("halving", "uniform")
+
+
+def _choice(node: str, key: str, value, valid) -> str:
+    v = str(value).strip().lower()
+    if v not in valid:
+        raise ConfigError(f"{node}.{key} is '{value}'; use one of {', '.join(valid)}")
+    return v
+
+
+def _number(where: str, value, low: float, hint: str, positive: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} is {value!r}; {hint}") from None
+    if not (math.isfinite(v) and v >= low) or (positive and v == 0):
+        raise ConfigError(f"{where} is {value}; {hint}")
+    return v
+
+
+_T_HINT = "the temperature must be a finite number > 0 (4 on CIFAR-style data, 1 on ImageNet)"
+_WARMUP_HINT = "use 0 (no warm-up) or a positive number of epochs"
+_WEIGHT_HINT = "loss weights must be finite numbers >= 0"
+
+
+def _loss_field(name: str, value, where: str):
+    """One :class:`LossOptions` field checked and converted; errors name ``where`` (``BLOCKKD.T``)."""
+    if name == "T":
+        return _number(where, value, 0.0, _T_HINT, positive=True)
+    if name == "warmup":
+        return _number(where, value, 0.0, _WARMUP_HINT)
+    if name == "logit_loss":
+        v = str(value).strip().lower()
+        if v not in LOGIT_LOSSES:
+            raise ConfigError(f"{where} is '{value}'; use one of {', '.join(LOGIT_LOSSES)}")
+        return v
+    if name in ("detach_ensemble", "weight_cross"):
+        return bool(value)
+    return _number(where, value, 0.0, _WEIGHT_HINT)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss's options (``BLOCKKD.ALPHA``... ``WEIGHT_CROSS``), validated."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    T: float = 4.0
+    warmup: float = 20.0
+    logit_loss: str = "kd"
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    detach_ensemble: bool = False
+    weight_cross: bool = True
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _loss_field(f.name, getattr(self, f.name), f"BLOCKKD.{f.name.upper()}"))
+
+    @classmethod
+    def from_node(cls, c, source: str = "", names=None, **overrides) -> "LossOptions":
+        """From a ``CFG.BLOCKKD`` node; ``overrides`` (field names, ``None`` = keep) replace its values.
+
+        An override is checked first, its error naming ``source`` and its name in ``names``
+        (``BlockKDLoss temperature``), so a wrapper's user reads the keyword they wrote.
+        """
+        base = dict(alpha=c.ALPHA, beta=c.BETA, gamma=c.GAMMA, T=c.T, warmup=c.WARMUP, logit_loss=c.LOGIT_LOSS,
+                    dkd_alpha=c.DKD_ALPHA, dkd_beta=c.DKD_BETA, detach_ensemble=c.DETACH_ENSEMBLE,
+                    weight_cross=c.WEIGHT_CROSS)
+        for k, v in overrides.items():
+            if v is not None:
+                base[k] = _loss_field(k, v, f"{source} {(names or {}).get(k, k)}".strip())
+        return cls(**base)
+
+
+@dataclass(frozen=True)
+class BlockKDOptions:
+    """Every ``CFG.BLOCKKD`` option, read and validated once (:meth:`from_node`)."""
+
+    loss: LossOptions
+    stones: str = "all"
+    stone_scale: str = "unbiased"
+    stone_weights: str = "halving"
+    dense_epochs: float = 0.0
+    connector: str = "conv1x1_bn"
+    batch_stones: str = "auto"
+    pairs: Tuple[Tuple[int, int], ...] = ()
+
+    @classmethod
+    def from_node(cls, c) -> "BlockKDOptions":
+        """From a ``CFG.BLOCKKD`` node; raises one :class:`ConfigError` naming the first bad value."""
+        opts = cls(
+            loss=LossOptions.from_node(c),
+            stones=str(c.STONES).strip().lower(),
+            stone_scale=_choice("BLOCKKD", "STONE_SCALE", c.STONE_SCALE, STONE_SCALES),
+            stone_weights=_choice("BLOCKKD", "STONE_WEIGHTS", c.STONE_WEIGHTS, STONE_WEIGHTS),
+            dense_epochs=_number("BLOCKKD.DENSE_EPOCHS", c.DENSE_EPOCHS, 0.0,
+                                 "use 0 (the STONES schedule from the start) or a positive number of epochs with every stone"),
+            connector=_choice("BLOCKKD", "CONNECTOR", c.CONNECTOR, CONNECTORS),
+            batch_stones=_choice("BLOCKKD", "BATCH_STONES", c.BATCH_STONES, ("auto", "on", "off")),
+            pairs=tuple(pair_list(c.PAIRS)),
+        )
+        parse_stones(opts.stones, None)
+        return opts
+
+    def with_loss(self, **changes) -> "BlockKDOptions":
+        return replace(self, loss=replace(self.loss, **changes))
+
+
+def pair_list(explicit) -> List[Tuple[int, int]]:
+    """``BLOCKKD.PAIRS`` as 1-based ``(student_block, teacher_block)`` tuples, or a ConfigError."""
+    hint = "use [] (automatic) or a list of [student_block, teacher_block] pairs of 1-based integers, e.g. [[1, 1], [2, 2]]"
+    if not isinstance(explicit, (list, tuple)):
+        raise ConfigError(f"BLOCKKD.PAIRS is {explicit!r}; {hint}")
+    out = []
+    for p in explicit:
+        ok = isinstance(p, (list, tuple)) and len(p) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in p)
+        if not ok:
+            raise ConfigError(f"BLOCKKD.PAIRS entry {p!r} (in {list(explicit)!r}) is not a pair of integers; {hint}")
+        out.append((int(p[0]), int(p[1])))
+    return out
+
+
+def parse_stones(spec: str, n) -> Tuple[str, int]:
+    """``all`` | ``last:K`` | ``sample:K`` | ``every:K`` -> (mode, K).
+
+    ``n`` is the number of stones of the pair (``K <= n`` for ``last`` and ``sample``);
+    ``None`` checks the form only. ``every:K`` takes any ``K >= 1``.
+    """
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return "all", n or 0
+    mode, _, k = spec.partition(":")
+    limit = n if mode in ("last", "sample") and n is not None else None
+    if mode in STONE_MODES[1:] and k.isdigit() and int(k) >= 1 and (limit is None or int(k) <= limit):
+        return mode, int(k)
+    bound = f"1 <= K <= {n} (stones of this pair)" if n is not None else "K >= 1"
+    raise ConfigError(f"BLOCKKD.STONES is '{spec}'; use all, last:K, sample:K (K stones a step) or every:K "
+                      f"(all stones every K-th step) with {bound}")
+
+
+class StepPlan(NamedTuple):
+    """One step's stones (indices into the existing stones) and the factors on their terms."""
+
+    active: List[int]
+    weights: List[float]  # each active stone's task and distill terms
+    cross_weights: List[float]  # each active stone's cross term
+    student_cross: float = 1.0  # the student's own cross term
+
+
+class StonePlanner:
+    """Which of ``n`` stones exist (``last:K``) and which run on each step, with what factors.
+
+    ``sample:K`` draws K stones per step (walking a random permutation when K divides n);
+    ``every:K`` runs every stone on one step in K; ``STONE_SCALE unbiased`` scales the
+    stones' terms so the expected loss equals ``all``'s; ``DENSE_EPOCHS`` N runs every stone
+    while ``epoch <= N``. The draw state (the walk, the step count) is this object's, so a
+    distiller's DataParallel replicas (which share plain attributes) share it; a step's
+    draw is made once for all replicas (``SharedState.once_per_step``).
+    """
+
+    def __init__(self, opts: BlockKDOptions, n: int):
+        self.mode, self.k = parse_stones(opts.stones, n)
+        uniform = opts.stone_weights == "uniform"
+        weights = [1.0 if uniform else 1.0 / 2 ** (n - 1 - k) for k in range(n)]
+        #: indices (among all ``n``) of the stones that exist: ``last:K`` builds only the K deepest
+        self.keep = list(range(n - self.k, n) if self.mode == "last" else range(n))
+        #: 1-based numbers of the stones among all of the pair's (``stone<id>`` in logs)
+        self.stone_ids = [k + 1 for k in self.keep]
+        self.stone_weights = [weights[k] for k in self.keep]
+        self.unbiased = opts.stone_scale == "unbiased"
+        self.dense_epochs = opts.dense_epochs
+        self.weight_cross = opts.loss.weight_cross
+        self.deck: List[int] = []
+        self.pos = 0
+        self.step = 0
+
+    @property
+    def num_stones(self) -> int:
+        return len(self.keep)
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """Whether some connectors get no gradient on some steps (DDP needs ``find_unused_parameters``)."""
+        return self.mode in ("sample", "every")
+
+    def _count_step(self) -> int:
+        step, self.step = self.step, self.step + 1
+        return step
+
+    def _draw(self) -> List[int]:
+        n = self.num_stones
+        if n % self.k:
+            return sorted(torch.randperm(n)[: self.k].tolist())
+        if self.pos == 0:  # stratified: every stone once per n/K steps
+            self.deck = torch.randperm(n).tolist()
+        idx = self.deck[self.pos: self.pos + self.k]
+        self.pos = (self.pos + self.k) % n
+        return sorted(idx)
+
+    def active(self, module) -> Tuple[List[int], float]:
+        """This step's stones and the factor on their terms; advances the draw state once per step of ``module``
+        (a distiller with a ``SharedState``: its DataParallel replicas share the step's draw)."""
+        n = self.num_stones
+        if self.mode in ("all", "last"):
+            return list(range(n)), 1.0
+        if self.mode == "every":
+            if module._shared.once_per_step(module, self._count_step) % self.k:
+                return [], 1.0
+            return list(range(n)), float(self.k) if self.unbiased else 1.0
+        return module._shared.once_per_step(module, self._draw), n / self.k if self.unbiased else 1.0
+
+    def plan(self, module, epoch: float = math.inf) -> StepPlan:
+        """This step's :class:`StepPlan` (``DENSE_EPOCHS``: every stone while ``epoch <= N``, the draw untouched)."""
+        if self.mode in ("sample", "every") and epoch <= self.dense_epochs:
+            active, factor = list(range(self.num_stones)), 1.0
+        else:
+            active, factor = self.active(module)
+        weights = [self.stone_weights[k] * factor for k in active]
+        cross = weights if self.weight_cross else [factor] * len(active)
+        return StepPlan(active, weights, cross, factor if self.mode == "every" else 1.0)
+
+    def state_dict(self) -> dict:
+        return {"deck": list(self.deck), "pos": int(self.pos), "step": int(self.step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.deck, self.pos = [int(v) for v in state.get("deck", [])], int(state.get("pos", 0))
+        self.step = int(state.get("step", 0))
+
+    def describe(self) -> str:
+        return "all" if self.mode == "all" else f"{self.mode}:{self.k}"
+
+
+def distance(opts: LossOptions, logits: Tensor, target_logits: Tensor, target: Tensor) -> Tensor:
+    """The logit distance d(., .) of ``LOGIT_LOSS``: KD, DKD or KD on z-scored logits."""
+    if opts.logit_loss == "kd":
+        return losses.kd_loss(logits, target_logits, opts.T)
+    if opts.logit_loss == "lskd":
+        return losses.lskd_loss(logits, target_logits, opts.T)
+    return losses.dkd_loss(logits, target_logits, target, opts.dkd_alpha, opts.dkd_beta, opts.T)
+
+
+def blockkd_loss(opts: LossOptions, s_logits: Tensor, stones: Sequence[Tensor], t_logits: Tensor, target: Tensor,
+                 plan: StepPlan, warm: float = 1.0) -> Dict[str, Tensor]:
+    """The three loss terms (``docs/blockkd.md``) from student, stone and teacher logits.
+
+    ``plan.weights[i]`` scales stone ``i``'s task and distill terms, ``plan.cross_weights[i]``
+    its cross term, ``plan.student_cross`` the student's own cross term; ``warm`` is the
+    warm-up factor in [0, 1] on the distill and cross terms. Without stones the cross term is 0.
+    """
+    task = F.cross_entropy(s_logits, target)
+    distill = distance(opts, s_logits, t_logits, target)
+    for w, z in zip(plan.weights, stones):
+        task = task + w * F.cross_entropy(z, target)
+        distill = distill + w * distance(opts, z, t_logits, target)
+    if stones:
+        ens = torch.stack(list(stones)).mean(0)
+        if opts.detach_ensemble:
+            ens = ens.detach()
+        cross = plan.student_cross * distance(opts, s_logits, ens, target)
+        for w, z in zip(plan.cross_weights, stones):
+            cross = cross + w * distance(opts, z, ens, target)
+    else:
+        cross = torch.zeros((), device=task.device)
+    return {
+        "loss_ce": opts.alpha * task,
+        "loss_kd": (opts.beta * warm) * distill,
+        "loss_cross": (opts.gamma * warm) * cross,
+    }
+
+
+def option_names() -> List[str]:
+    """The fields of :class:`LossOptions` (lower case), e.g. for a wrapper's keyword arguments."""
+    return [f.name for f in fields(LossOptions)]
