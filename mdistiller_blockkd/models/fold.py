@@ -75,10 +75,13 @@ def fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) 
     (relative to each output's largest magnitude); a pair whose conv output is also used
     elsewhere (e.g. by a residual add) fails that check and stays unfolded. All pairs are
     tried at once first, then halves of a failing group (bisection), so a model with no
-    such pair costs one check.
+    such pair costs one check. A model without BatchNorm2d (transformers) returns ``None``
+    without running the probe.
     The copy shares nothing with ``model``; its parameters do not require gradients.
     """
     model = model.eval()
+    if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
+        return None  # nothing to fold, and no probe run (a text model's probe is not an image batch)
     pairs = _conv_bn_pairs(model, probe)
     if not pairs:
         return None
