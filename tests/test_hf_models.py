@@ -297,3 +297,16 @@ def test_cnn_transformer_pair_is_one_clear_error(vits):
         BlockKD(cnn, vits["teacher"], cfg)
     with pytest.raises(ConfigError, match="cannot connect a transformer .* student .* to a CNN"):
         BlockKD(vits["student"], cnn, cfg)
+
+
+@pytest.mark.parametrize("kind", ["NONE", "KD", "DKD", "LSKD"])
+def test_logit_distillers_run_on_a_bert_pair(folders, kind):
+    from mdistiller_blockkd.distillers import distiller_dict
+
+    teacher = build_model(f"hf:{folders['teacher']}", num_classes=3)
+    student = build_model(f"hf:{folders['student']}", num_classes=3)
+    d = distiller_dict[kind](student, teacher, load_cfg(None, ["DISTILLER.TYPE", kind])).train()
+    logits, losses = d.forward_train(batch(folders["teacher"]), torch.tensor([0, 1, 2, 1]), epoch=30)
+    sum(v.mean() for v in losses.values()).backward()
+    assert logits.shape == (4, 3) and student.classifier.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())

@@ -214,8 +214,6 @@ class HFEncoderStagedModel(StagedModel):
                 h = self.forward_block(i, h)[0]
             ok = outputs_close(h.hidden, ref.last_hidden_state) and outputs_close(
                 enc.pooler(h.hidden), ref.pooler_output)
-        except ConfigError:
-            raise
         except Exception as e:
             raise ConfigError(f"hf model '{label}' failed a probe forward ({type(e).__name__}: {e}); it cannot be "
                               "staged") from None
