@@ -34,7 +34,7 @@ CFG.EXPERIMENT.DETERMINISTIC = False  # added: deterministic kernels (utils.misc
 
 # Dataset
 CFG.DATASET = CN()
-CFG.DATASET.TYPE = "cifar100"  # cifar100 | fashion_mnist | imagenet | synthetic | coco (detection)
+CFG.DATASET.TYPE = "cifar100"  # cifar100 | fashion_mnist | imagenet | synthetic | coco (detection) | glue | tsv
 CFG.DATASET.NUM_WORKERS = 2
 CFG.DATASET.TEST = CN()
 CFG.DATASET.TEST.BATCH_SIZE = 64
@@ -71,7 +71,7 @@ CFG.SOLVER.LR_DECAY_STAGES = [150, 180, 210]
 CFG.SOLVER.LR_DECAY_RATE = 0.1
 CFG.SOLVER.WEIGHT_DECAY = 0.0001
 CFG.SOLVER.MOMENTUM = 0.9
-CFG.SOLVER.TYPE = "SGD"
+CFG.SOLVER.TYPE = "SGD"  # SGD | AdamW (added; engine/optim.py)
 CFG.SOLVER.AMP = "off"  # added: off | bf16 | fp16 (fp16 uses a grad scaler)
 CFG.SOLVER.CHANNELS_LAST = False  # added
 
@@ -131,7 +131,8 @@ CFG.BLOCKKD.WARMUP = 20  # epochs of linear warm-up of the distill and cross ter
 # 600-step study's validation split, where it beat True on both pairs (docs/blockkd.md#ablations)
 CFG.BLOCKKD.DETACH_ENSEMBLE = False
 CFG.BLOCKKD.WEIGHT_CROSS = True
-CFG.BLOCKKD.CONNECTOR = "conv1x1_bn"  # conv1x1_bn | conv3x3_bn | conv1x1_bn_relu | conv3x3_bn_relu
+# CNN pairs: conv1x1_bn | conv3x3_bn | conv1x1_bn_relu | conv3x3_bn_relu; transformer pairs: linear | linear_ln
+CFG.BLOCKKD.CONNECTOR = "conv1x1_bn"
 CFG.BLOCKKD.PAIRS = []  # [] = pair by output stride; else [[student_block, teacher_block], ...] (1-based)
 CFG.BLOCKKD.LOGIT_LOSS = "kd"  # kd | dkd | lskd (logit-standardised KD)
 CFG.BLOCKKD.DKD_ALPHA = 1.0  # used when LOGIT_LOSS = dkd
@@ -176,14 +177,29 @@ CFG.DETECTION.BOX_SCORE_THRESH = 0.05
 CFG.DETECTION.DISTILL_WARMUP_STEPS = 0  # >0: warm-ups of DKD / BLOCKKD count steps, not epochs (mdistiller's detection DKD: 1000)
 # ---- end of detection block ----
 
+# ---- Text, transformers and the fine-tuning recipe (docs/nlp.md) ----
+# Models: DISTILLER.TEACHER / STUDENT = hf:<folder>[,options] (Hugging Face BERT-family encoders) or
+# timm:<vit or deit name>[,img_size=..,patch_size=..,blocks=..]; see models/hf_encoder.py and models/timm_vit.py.
+CFG.DATASET.GLUE = CN()
+CFG.DATASET.GLUE.TASK = "sst2"  # DATASET.TYPE glue: cola | sst2 | mrpc | qqp | mnli | mnli-mm | qnli | rte | wnli
+CFG.DATASET.TEXT = CN()
+CFG.DATASET.TEXT.MAX_LENGTH = 128  # glue / tsv: tokens per example at most; batches are padded to their longest
+# step: mdistiller's per-epoch LR_DECAY_STAGES / LR_DECAY_RATE | linear: warm-up then linear decay to 0 (BERT
+# fine-tuning) | cosine: warm-up then cosine decay to 0 (ViTs); linear and cosine are set every step
+CFG.SOLVER.SCHEDULER = "step"
+CFG.SOLVER.WARMUP_EPOCHS = 0.0  # linear / cosine: epochs (fractions allowed) of linear warm-up from lr 0
+CFG.SOLVER.CLIP_GRAD_NORM = 0.0  # > 0: clip the gradients' global L2 norm to this before each update (BERT: 1.0)
+# ---- end of text block ----
+
 def _check(cfg):
     amp = str(cfg.SOLVER.AMP).lower()
     if amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"SOLVER.AMP is '{cfg.SOLVER.AMP}'; use one of off, bf16, fp16")
-    if cfg.SOLVER.TYPE.upper() != "SGD":
-        raise ConfigError(f"SOLVER.TYPE is '{cfg.SOLVER.TYPE}'; only SGD is supported (as in mdistiller)")
+    if str(cfg.SOLVER.TYPE).strip().upper() not in ("SGD", "ADAMW"):
+        raise ConfigError(f"SOLVER.TYPE is '{cfg.SOLVER.TYPE}'; use SGD (mdistiller's) or AdamW")
     if cfg.SOLVER.EPOCHS < 1 or cfg.SOLVER.BATCH_SIZE < 1:
         raise ConfigError("SOLVER.EPOCHS and SOLVER.BATCH_SIZE must be >= 1")
+    _check_text_and_recipe(cfg)
     if int(cfg.LOG.EVAL_HEADS_FREQ) < 0:
         raise ConfigError(f"LOG.EVAL_HEADS_FREQ is {cfg.LOG.EVAL_HEADS_FREQ}; use 0 (never) or a positive number of epochs")
     for key in ("PROJECT", "NAME", "TAG"):  # the run folder is LOG.PREFIX/<PROJECT>/<NAME or TAG>
@@ -194,6 +210,29 @@ def _check(cfg):
                 f"EXPERIMENT.{key} is '{value}'; it names a folder inside LOG.PREFIX, so it may not be an absolute "
                 "path or contain '..': give a plain name such as 'kd_res56_res20' (set LOG.PREFIX to write elsewhere)"
             )
+
+
+def _check_text_and_recipe(cfg):
+    """The keys of the text block: schedule, warm-up, clipping, text length (one error per bad value)."""
+    s = cfg.SOLVER
+    sched = str(s.SCHEDULER).strip().lower()
+    if sched not in ("step", "linear", "cosine"):
+        raise ConfigError(f"SOLVER.SCHEDULER is '{s.SCHEDULER}'; use step (mdistiller's LR_DECAY_STAGES), linear "
+                          "(warm-up then linear decay, BERT) or cosine (warm-up then cosine decay)")
+    warm = float(s.WARMUP_EPOCHS)
+    if not warm >= 0:
+        raise ConfigError(f"SOLVER.WARMUP_EPOCHS is {s.WARMUP_EPOCHS}; use 0 (no warm-up) or a positive number of epochs")
+    if warm and sched == "step":
+        raise ConfigError(f"SOLVER.WARMUP_EPOCHS is {s.WARMUP_EPOCHS} but SOLVER.SCHEDULER is step, which has no "
+                          "warm-up; use SOLVER.SCHEDULER linear or cosine, or WARMUP_EPOCHS 0")
+    if warm >= float(s.EPOCHS):
+        raise ConfigError(f"SOLVER.WARMUP_EPOCHS is {s.WARMUP_EPOCHS} but SOLVER.EPOCHS is {s.EPOCHS}; the warm-up "
+                          "must end before the last epoch")
+    if not float(s.CLIP_GRAD_NORM) >= 0:
+        raise ConfigError(f"SOLVER.CLIP_GRAD_NORM is {s.CLIP_GRAD_NORM}; use 0 (no clipping) or a positive norm (1.0)")
+    length = cfg.DATASET.TEXT.MAX_LENGTH
+    if isinstance(length, bool) or not isinstance(length, int) or length < 8:
+        raise ConfigError(f"DATASET.TEXT.MAX_LENGTH is {length!r}; use an integer >= 8 (GLUE: 128)")
 
 
 def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:

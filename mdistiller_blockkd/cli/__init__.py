@@ -11,6 +11,7 @@ study                  ``mdistiller-blockkd-study``        :mod:`.study`
 demo                   ``mdistiller-blockkd-demo``         :mod:`.demo`
 make-fmnist-subset     (maintainers: the embedded subset)  :mod:`.make_fmnist_subset`
 make-detection-set     (the small COCO-format set)         :mod:`.make_detection_set`
+make-wordnet-set       (the WordNet text set)              :mod:`.make_wordnet_set`
 stone-grads            (analysis: Block-KD's gradients)    :mod:`.stone_grads`
 =====================  ==================================  ====================================
 
@@ -38,6 +39,7 @@ COMMANDS = {
     "demo": "demo",
     "make-fmnist-subset": "make_fmnist_subset",
     "make-detection-set": "make_detection_set",
+    "make-wordnet-set": "make_wordnet_set",
     "stone-grads": "stone_grads",
 }
 

@@ -11,6 +11,13 @@
 * ``imagenet`` -- ImageFolder ``<root>/train`` and ``<root>/val`` (default root
   ``./data/imagenet``), crops of ``DATASET.IMAGE_SIZE``.
 * ``synthetic`` -- a generated, learnable set sized by ``DATASET.SYNTHETIC.*``.
+* ``glue`` -- a GLUE task (``DATASET.GLUE.TASK``) in GLUE's own layout under
+  ``DATASET.ROOT`` (default ``./data/glue_data``); the dev file is the test set.
+* ``tsv`` -- a folder of ``train.tsv`` / ``dev.tsv`` (optionally ``test.tsv``, then
+  ``dev.tsv`` is the validation split) with columns ``sentence`` (``sentence2``) ``label``.
+
+Text items are ``((sentence[, sentence2]), label)``, tokenised per batch by
+:class:`.text.TextCollator` (see :mod:`.text`).
 
 ``DATASET.TRAIN_SUBSET`` / ``DATASET.TEST_SUBSET`` > 0 keep that many items, a fixed
 class-balanced choice (seed 0, independent of ``EXPERIMENT.SEED``).
@@ -36,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import ConfigError
-from . import cifar100, fashion_mnist, imagenet, synthetic
+from . import cifar100, fashion_mnist, imagenet, synthetic, text
 from .common import ArrayImageDataset, LabelledSubset, PrivateRNGDataset, ShardSampler, balanced_subset_indices
 
 __all__ = [
@@ -61,6 +68,8 @@ _BUILDERS = {
     "fashion_mnist": fashion_mnist.build,
     "imagenet": imagenet.build,
     "synthetic": synthetic.build,
+    "glue": text.build_glue,
+    "tsv": text.build_tsv,
 }
 #: The valid values of ``DATASET.TYPE``.
 DATASET_TYPES = tuple(_BUILDERS)
@@ -130,7 +139,9 @@ class Splits(NamedTuple):
 def build_splits(cfg) -> Splits:
     """Return the :class:`Splits` (train, validation, test, number of classes) of ``cfg.DATASET``.
 
-    Items are ``(image tensor, int label)``; every set has a ``targets`` list.
+    Items are ``(image tensor, int label)`` (text: ``(texts, int label)``); every set has a
+    ``targets`` list. A builder may return the validation split itself (``tsv`` with
+    ``test.tsv``), else ``DATASET.VAL_SPLIT`` holds training items out.
     Missing or malformed data raises :class:`~mdistiller_blockkd.errors.DatasetError`,
     a bad ``DATASET.*`` value :class:`~mdistiller_blockkd.errors.ConfigError`.
     """
@@ -143,10 +154,14 @@ def build_splits(cfg) -> Splits:
         )
     if n_val < 0:
         raise ConfigError(f"DATASET.VAL_SPLIT is {n_val}; use 0 (no validation split) or a positive count")
-    train, test, num_classes, root = _BUILDERS[kind](cfg)
+    built = _BUILDERS[kind](cfg)
+    train, test, num_classes, root = built[:4]
     full_train, full_test = len(train), len(test)
     val, val_note = None, ""
-    if n_val:
+    if len(built) > 4:  # the data bring their own validation split (tsv with test.tsv: dev.tsv)
+        val = built[4]
+        val_note = f"val {len(val)} (the set's own validation split), "
+    elif n_val:
         if n_val > full_train // 2:
             raise ConfigError(
                 f"DATASET.VAL_SPLIT is {n_val} but the training set has {full_train} items; hold out at most half "

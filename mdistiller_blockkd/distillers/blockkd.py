@@ -47,13 +47,19 @@ Stones (``STONES``)
 Block pairing (``PAIRS``)
     Empty: pair student and teacher blocks of equal output stride (within a stride,
     the deepest blocks pair up in order); if that does not pair the two last blocks,
-    pair the last ``min(n_s, n_t)`` blocks in order instead. Explicit
-    ``[[student_block, teacher_block], ...]`` (1-based) overrides.
+    pair the last ``min(n_s, n_t)`` blocks in order instead. Transformer pairs (token
+    stages) pair by relative depth instead (:func:`pair_by_depth`). Explicit
+    ``[[student_block, teacher_block], ...]`` (1-based) overrides. A CNN and a
+    transformer cannot be paired (one :class:`ConfigError`).
 
 Connectors (``CONNECTOR``)
-    ``conv1x1_bn`` (default), ``conv3x3_bn``, ``conv1x1_bn_relu``, ``conv3x3_bn_relu``;
+    CNN pairs: ``conv1x1_bn`` (default), ``conv3x3_bn``, ``conv1x1_bn_relu``, ``conv3x3_bn_relu``;
     the spatial size is matched by average pooling (student map larger) or bilinear
     up-sampling (smaller), with the convolution run at the smaller resolution.
+    Transformer pairs: ``linear`` or ``linear_ln`` (:class:`TokenConnector`: a Linear
+    across hidden sizes, then a LayerNorm for ``linear_ln``); the token count must match
+    (the same tokenizer, or the same patch grid). :func:`build_connector` chooses by the
+    stage kind and refuses a connector of the other kind.
 
 Cost
     The teacher runs once per step without autograd for ``Y^T``; stones reuse the
@@ -80,10 +86,12 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.staged import StageInfo, StagedView
+from ..models.tokens import TokenStates
 from ..registry import register_distiller
 from . import losses
 from .base import Distiller
-from .blockkd_core import CONNECTORS, BlockKDOptions, StepPlan, StonePlanner, blockkd_loss, pair_list
+from .blockkd_core import (CNN_CONNECTORS, TOKEN_CONNECTORS, BlockKDOptions, StepPlan, StonePlanner,
+                           blockkd_loss, pair_list)
 
 def check_options(c) -> None:
     """Validate the ``CFG.BLOCKKD`` node ``c`` without building anything (raises :class:`ConfigError`)."""
@@ -100,8 +108,8 @@ class Connector(nn.Module):
 
     def __init__(self, src: StageInfo, dst: StageInfo, kind: str = "conv1x1_bn"):
         super().__init__()
-        if kind not in CONNECTORS:
-            raise ConfigError(f"BLOCKKD.CONNECTOR is '{kind}'; use one of {', '.join(CONNECTORS)}")
+        if kind not in CNN_CONNECTORS:
+            raise ConfigError(f"BLOCKKD.CONNECTOR is '{kind}'; use one of {', '.join(CNN_CONNECTORS)}")
         k = 3 if kind.startswith("conv3x3") else 1
         layers = [
             nn.Conv2d(src.num_chs, dst.num_chs, k, padding=k // 2, bias=False),
@@ -125,9 +133,84 @@ class Connector(nn.Module):
         return x
 
 
+class TokenConnector(nn.Module):
+    """Map a transformer student's block output to the teacher's hidden size.
+
+    A Linear over the last dimension (``src.num_chs -> dst.num_chs``), then a LayerNorm
+    when ``layer_norm``. Takes a ``(B, N, C)`` tensor (ViTs) or
+    :class:`~mdistiller_blockkd.models.tokens.TokenStates` (text: the attention mask passes
+    through unchanged). The token count must already match: same patch size, same tokens.
+    """
+
+    def __init__(self, src: StageInfo, dst: StageInfo, layer_norm: bool = True):
+        super().__init__()
+        if src.reduction != dst.reduction:
+            raise ConfigError(
+                f"Block-KD: the student's tokens come from patches of {src.reduction} px and the teacher's from "
+                f"{dst.reduction} px; a transformer pair needs the same token grid (same patch size and image size)")
+        self.proj = nn.Linear(src.num_chs, dst.num_chs)
+        self.norm = nn.LayerNorm(dst.num_chs) if layer_norm else nn.Identity()
+
+    def forward(self, x):
+        if isinstance(x, TokenStates):
+            return x.with_hidden(self.norm(self.proj(x.hidden)))
+        return self.norm(self.proj(x))
+
+
+def _check_same_kind(student: StagedView, teacher: StagedView) -> str:
+    """The stage kind shared by student and teacher (``map`` or ``tokens``); a CNN-transformer pair is an error."""
+    s, t = student.block_info[0].kind, teacher.block_info[0].kind
+    if s != t:
+        names = {"map": "a CNN (feature maps)", "tokens": "a transformer (token sequences)"}
+        raise ConfigError(
+            f"Block-KD cannot connect {names.get(s, s)} student ({type(student.model).__name__}) to "
+            f"{names.get(t, t)} teacher ({type(teacher.model).__name__}): its stones feed student blocks to teacher "
+            "blocks; use two CNNs or two transformers (KD, DKD and LSKD distil across them)")
+    return s
+
+
+def build_connector(src: StageInfo, dst: StageInfo, kind: str = "conv1x1_bn") -> nn.Module:
+    """The connector ``kind`` from a student stage ``src`` to a teacher stage ``dst``, chosen by the stage kind.
+
+    Feature maps get a :class:`Connector` (a ``conv*`` kind), token sequences a
+    :class:`TokenConnector` (``linear`` / ``linear_ln``); a kind of the other family, or
+    stages of different kinds, raise :class:`ConfigError` naming the fix.
+    """
+    if src.kind != dst.kind:
+        raise ConfigError(f"Block-KD cannot connect a '{src.kind}' stage to a '{dst.kind}' stage (a CNN and a "
+                          "transformer); use two CNNs or two transformers")
+    if src.kind == "tokens":
+        if kind not in TOKEN_CONNECTORS:
+            raise ConfigError(f"BLOCKKD.CONNECTOR is '{kind}' but the student and teacher are transformers; use "
+                              f"{' or '.join(TOKEN_CONNECTORS)} (a Linear across hidden sizes, optionally with LayerNorm)")
+        return TokenConnector(src, dst, layer_norm=kind == "linear_ln")
+    if kind in TOKEN_CONNECTORS:
+        raise ConfigError(f"BLOCKKD.CONNECTOR is '{kind}', a transformer connector, but the student and teacher are "
+                          f"CNNs; use one of {', '.join(CNN_CONNECTORS)}")
+    return Connector(src, dst, kind)
+
+
+def pair_by_depth(ns: int, nt: int) -> List[Tuple[int, int]]:
+    """Pairs ``(student_block, teacher_block)`` (0-based) by relative depth.
+
+    Student block ``i`` of ``ns`` ends at depth ``(i + 1) / ns``; it pairs with the teacher
+    block ending nearest that depth, ``j = floor((i + 1) * nt / ns + 1/2) - 1`` (halves
+    round up): with ``nt = k * ns`` exactly block ``k (i + 1) - 1``. A student block
+    nearer the teacher's stem than its first block (``j < 0``, only when ``ns > 2 nt``)
+    gets no stone; when ``ns > nt`` several stones may enter the teacher at one block.
+    """
+    pairs = []
+    for i in range(ns):
+        j = (2 * (i + 1) * nt + ns) // (2 * ns) - 1
+        if j >= 0:
+            pairs.append((i, j))
+    return pairs
+
+
 def pair_blocks(student: StagedView, teacher: StagedView, explicit: Sequence = ()) -> List[Tuple[int, int]]:
     """Return stone pairs ``(student_block, teacher_block)`` (0-based), shallow to deep."""
     ns, nt = student.num_blocks, teacher.num_blocks
+    kind = _check_same_kind(student, teacher)
     explicit = pair_list(explicit)
     if explicit:
         pairs = []
@@ -142,6 +225,8 @@ def pair_blocks(student: StagedView, teacher: StagedView, explicit: Sequence = (
                 raise ConfigError(f"BLOCKKD.PAIRS {[list(p) for p in explicit]} must go strictly deeper in the "
                                   "student and never shallower in the teacher")
         return pairs
+    if kind == "tokens":
+        return pair_by_depth(ns, nt)
     pairs = []
     for r in sorted({b.reduction for b in student.block_info}):
         s_idx = [i for i, b in enumerate(student.block_info) if b.reduction == r]
@@ -181,7 +266,7 @@ class BlockKD(Distiller):
         self.planner = StonePlanner(self.opts, len(pairs))
         self.pairs = [pairs[k] for k in self.planner.keep]
         self.connectors = nn.ModuleList(
-            Connector(sview.block_info[i], tview.block_info[j], self.opts.connector) for i, j in self.pairs)
+            build_connector(sview.block_info[i], tview.block_info[j], self.opts.connector) for i, j in self.pairs)
 
     # what the tools read (benchmark, cost model, describe): the planner's
     mode = property(lambda self: self.planner.mode)

@@ -23,10 +23,12 @@ from torch import Tensor
 from ..errors import ConfigError
 from . import losses
 
-__all__ = ["CONNECTORS", "LOGIT_LOSSES", "STONE_MODES", "LossOptions", "BlockKDOptions", "StepPlan", "StonePlanner",
+__all__ = ["CNN_CONNECTORS", "TOKEN_CONNECTORS", "CONNECTORS", "LOGIT_LOSSES", "STONE_MODES", "LossOptions", "BlockKDOptions", "StepPlan", "StonePlanner",
            "parse_stones", "pair_list", "distance", "blockkd_loss"]
 
-CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
+CNN_CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
+TOKEN_CONNECTORS = ("linear", "linear_ln")  # transformer pairs
+CONNECTORS = CNN_CONNECTORS + TOKEN_CONNECTORS
 LOGIT_LOSSES = ("kd", "dkd", "lskd")
 STONE_MODES = ("all", "last", "sample", "every")
 STONE_SCALES = ("unbiased", "none")

@@ -109,7 +109,8 @@ def fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e-4) 
     (:func:`exact_fp32`); a pair whose conv output is also used elsewhere (e.g. by a
     residual add) fails that check and stays unfolded. All pairs are tried at once first,
     then halves of a failing group (bisection), so a model with no such pair costs one
-    check. The copy shares nothing with ``model``; its parameters do not require gradients.
+    check. A model without BatchNorm2d (transformers) returns ``None`` without running
+    the probe. The copy shares nothing with ``model``; its parameters do not require gradients.
     """
     return try_fold_frozen_bn(model, probe, rtol)[0]
 
@@ -123,6 +124,8 @@ def try_fold_frozen_bn(model: StagedModel, probe: torch.Tensor, rtol: float = 1e
     difference is given), or the model's code failed on the folded copy.
     """
     model.eval()
+    if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
+        return None, ""  # nothing to fold, and no probe run (a text model's probe is not an image batch)
     try:
         folded = copy.deepcopy(model).eval().requires_grad_(False)
         with exact_fp32():

@@ -30,7 +30,8 @@ A subclass implements these things:
     the final classifier module.
 ``feature_info``
     a list of ``{"num_chs", "reduction", "module"}`` dicts, one for the stem then one
-    per block, describing each output (channels, down-sampling factor w.r.t. the input).
+    per block, describing each output (channels, down-sampling factor w.r.t. the input),
+    with ``"kind": "tokens"`` for transformers (see :class:`StageInfo`).
 
 and sets ``self.num_blocks``. No method may keep state between calls: the stone
 forward calls ``forward_block`` of a frozen teacher on student features.
@@ -48,24 +49,34 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class StageInfo:
-    """Shape of one stage output: channels and down-sampling factor (output stride)."""
+    """Shape of one stage output: channels and down-sampling factor (output stride).
+
+    ``kind`` is ``"map"`` for a CNN's ``(N, C, H, W)`` feature map, ``"tokens"`` for a
+    transformer's token sequence (``num_chs`` = hidden size; ``reduction`` = the patch
+    size of a ViT, 1 for text), carried as a ``(N, L, C)`` tensor or, with an attention
+    mask, as :class:`~mdistiller_blockkd.models.tokens.TokenStates`.
+    """
 
     num_chs: int
     reduction: int
     module: str = ""
+    kind: str = "map"
 
 
 class StagedView:
     """A model seen as ``stem``, an ordered list of ``blocks`` and a ``head``.
 
     ``stem(x)``, ``blocks[i](h)`` and ``head(h)`` are plain callables returning
-    tensors; running them in order reproduces the model's logits exactly.
+    tensors (a text transformer's stages return :class:`~.tokens.TokenStates`, hidden
+    states with their attention mask); running them in order reproduces the model's
+    logits exactly.
     ``stem_info`` and ``block_info[i]`` describe the stem and block outputs.
     """
 
     def __init__(self, model: "StagedModel"):
         self.model = model
-        info = [StageInfo(d["num_chs"], d["reduction"], d.get("module", "")) for d in model.feature_info]
+        info = [StageInfo(d["num_chs"], d["reduction"], d.get("module", ""), d.get("kind", "map"))
+                for d in model.feature_info]
         if len(info) != model.num_blocks + 1:
             raise ValueError(
                 f"{type(model).__name__}.feature_info has {len(info)} entries, expected "
@@ -178,6 +189,17 @@ class StagedModel(nn.Module):
     def stage_channels(self) -> List[int]:
         """Channels of the stem and of every block output (mdistiller's ``get_stage_channels``)."""
         return [d["num_chs"] for d in self.feature_info]
+
+
+def outputs_close(a: Tensor, b: Tensor) -> bool:
+    """True when ``a`` and ``b`` have one shape, are finite and agree up to float rounding
+    (relative 1e-4, absolute 1e-5 of ``b``'s largest magnitude): the staging checks of the wrappers."""
+    if a.shape != b.shape:
+        return False
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return False
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
 
 
 def count_params(module: nn.Module) -> int:

@@ -1,7 +1,8 @@
-"""timm CNNs as staged models (``build_model("timm:<name>")``).
+"""timm CNNs as staged models (``build_model("timm:<name>")``); ViTs in :mod:`.timm_vit`.
 
 :func:`build_timm_model` turns any timm CNN that publishes ``feature_info`` into a
-:class:`TimmStagedModel`. The staging is read from timm's own metadata, never from a
+:class:`TimmStagedModel` (and a timm ``VisionTransformer`` -- ViT, DeiT -- into a
+:class:`~.timm_vit.TimmViTStagedModel`). The staging is read from timm's own metadata, never from a
 per-architecture table:
 
 * the model's top-level children are walked in registration order, descending into an
@@ -20,13 +21,14 @@ per-architecture table:
 At construction one small eval-mode forward checks that the chain of steps reproduces
 timm's ``forward_features`` and logits and that every feature has its announced channel
 count; a model whose forward is not such a chain (vision transformers, models with
-extra logic in ``forward_features``) is refused with a :class:`ConfigError`.
+extra logic in ``forward_features``) is refused with a :class:`ConfigError`
+(``VisionTransformer`` models go to :mod:`.timm_vit` instead).
 
 timm has no pre-activation outputs: ``preact_feats`` are the ``feats``.
 
 State-dict keys
-    The wrapper shares the timm model's table of top-level children (the same dict, so
-    a module replaced on either side is seen by both; the timm model itself is kept
+    The wrapper shares the timm model's tables of top-level children, parameters and
+    buffers (the same dicts, so a module replaced on either side is seen by both; the timm model itself is kept
     outside the module tree and only serves its ``forward_head``/``get_classifier``), so
     ``state_dict()`` keys, order and shapes are exactly the plain timm model's. A plain timm checkpoint loads with
     ``load_state_dict`` (``strict=True``) and the staged model's weights load into
@@ -45,9 +47,9 @@ from torch import Tensor, nn
 
 from ..utils.checkpoint import extract_state_dict, read_state_dict
 from ..errors import CheckpointError, ConfigError
-from .staged import StagedModel
+from .staged import StagedModel, outputs_close
 
-__all__ = ["TimmStagedModel", "build_timm_model", "load_timm_checkpoint"]
+__all__ = ["TimmWrapper", "TimmStagedModel", "build_timm_model", "load_timm_checkpoint"]
 
 
 def _import_timm():
@@ -76,16 +78,89 @@ def _flatten_steps(module: nn.Module, targets: Sequence[str], prefix: str = "") 
     return steps
 
 
-def _close(a: Tensor, b: Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return False
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
+class TimmWrapper(StagedModel):
+    """What every timm wrapper shares: the timm model's own tables, its head, DataParallel and train mode.
+
+    The wrapper shares the timm model's tables of children, parameters and buffers (the
+    same dicts: a module replaced on either side is seen by both, and the state-dict keys
+    are timm's); the timm model itself is kept outside the module tree and serves its
+    ``forward_head`` / ``get_classifier``. Subclasses stage the forward.
+    """
+
+    def __init__(self, model: nn.Module, name: str = ""):
+        super().__init__()
+        object.__setattr__(self, "_timm", model)  # outside the module tree: no key prefix
+        for table in ("_modules", "_parameters", "_buffers"):
+            object.__setattr__(self, table, getattr(model, table))
+        self.timm_name = name
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        self.num_classes = int(getattr(model, "num_classes", 0))
+
+    @property
+    def timm_model(self) -> nn.Module:
+        """The plain timm model (same modules and weights; its ``forward`` returns logits only)."""
+        return self._timm
+
+    def get_classifier(self) -> nn.Module:
+        return self._timm.get_classifier()
+
+    def _replicate_for_data_parallel(self):
+        """DataParallel replica whose timm model runs the replica's modules (not the original's).
+
+        The replica gets new tables (filled with replicated children and parameters by
+        ``torch.nn.parallel.replicate``); a shallow copy of the timm model shares those
+        tables, so ``forward_head`` / ``get_classifier`` use the replica's weights on the
+        replica's device.
+        """
+        replica = super()._replicate_for_data_parallel()
+        timm_replica = self._timm._replicate_for_data_parallel()
+        for table in ("_modules", "_parameters", "_buffers"):
+            object.__setattr__(timm_replica, table, getattr(replica, table))
+        object.__setattr__(replica, "_timm", timm_replica)
+        return replica
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if self.__dict__.get("_is_replica") and name in self.__dict__:
+            # replicate() sets a replica's parameters (a ViT's cls_token, pos_embed) as plain
+            # attributes, outside the shared tables: the timm replica must run them too
+            object.__setattr__(self._timm, name, value)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._timm.training = mode  # timm's forward_head reads the root flag (head dropout)
+        return self
+
+    def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
+        """timm's ``reset_classifier`` (new classifier with ``num_classes`` outputs)."""
+        self._timm.reset_classifier(num_classes, *args, **kwargs)
+        self.num_classes = int(getattr(self._timm, "num_classes", num_classes))
+
+    def load_timm_state_dict(self, state, strict: bool = True):
+        """Load a plain timm checkpoint: a state dict, a checkpoint dict or a file path (see :func:`read_state_dict`)."""
+        if isinstance(state, (str, os.PathLike)):
+            return load_timm_checkpoint(self, state, strict=strict)
+        sd = extract_state_dict(state, "<state dict>")
+        try:
+            return self.load_state_dict(sd, strict=strict)
+        except RuntimeError as e:
+            raise CheckpointError(f"state dict does not fit timm model '{self.timm_name}': {e}") from None
+
+    @torch.no_grad()
+    def _check_head(self, label: str, h: Tensor, ref_logits: Tensor) -> None:
+        """The staged head on the last block output ``h`` must give timm's logits, also through ``pre_logits``."""
+        if not outputs_close(self.forward_head(h), ref_logits):
+            raise ConfigError(
+                f"timm model '{label}': the staged head does not reproduce the model's logits; it cannot be staged"
+            )
+        if not outputs_close(self.classifier_forward(self.forward_head(h, pre_logits=True)), ref_logits):
+            raise ConfigError(
+                f"timm model '{label}': get_classifier() applied to forward_head(pre_logits=True) does not give "
+                "the logits; it cannot be staged"
+            )
 
 
-class TimmStagedModel(StagedModel):
+class TimmStagedModel(TimmWrapper):
     """A timm CNN seen as ``stem -> blocks -> head`` (see the module docstring).
 
     Args:
@@ -103,7 +178,6 @@ class TimmStagedModel(StagedModel):
     """
 
     def __init__(self, model: nn.Module, name: str = "", probe_size: Optional[int] = None):
-        super().__init__()
         label = name or type(model).__name__
         info = getattr(model, "feature_info", None)
         if info is None or not hasattr(model, "forward_head") or not hasattr(model, "forward_features"):
@@ -120,14 +194,8 @@ class TimmStagedModel(StagedModel):
             raise ConfigError(
                 f"timm model '{label}' keeps tensors {own} on its root module (not a plain CNN); it cannot be staged"
             )
-        object.__setattr__(self, "_timm", model)  # outside the module tree: no key prefix
-        # one children table for both: a module replaced on either side (BN folding, a new
-        # classifier...) is seen by the other, and the keys are the timm model's
-        object.__setattr__(self, "_modules", model._modules)
-        self.timm_name = name
-        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        super().__init__(model, name)
         self.num_features = int(getattr(model, "num_features", info[-1]["num_chs"]))
-        self.num_classes = int(getattr(model, "num_classes", 0))
         self.feature_info = info
         self.num_blocks = len(info) - 1
 
@@ -146,11 +214,6 @@ class TimmStagedModel(StagedModel):
         self._probe(label, probe_size)
 
     # -- construction helpers --------------------------------------------------------
-    @property
-    def timm_model(self) -> nn.Module:
-        """The plain timm model (same modules and weights; its ``forward`` returns logits only)."""
-        return self._timm
-
     @property
     def steps(self) -> Dict[str, List]:
         """Dotted module names run by the stem, by each block, and by the head before timm's ``forward_head``."""
@@ -207,7 +270,7 @@ class TimmStagedModel(StagedModel):
                         f"timm model '{label}': feature '{d['module']}' is {got}, expected a tensor "
                         f"NCHW with {d['num_chs']} channels; only CNNs with NCHW stage outputs can be staged"
                     )
-            tail, found = [], _close(h, ref_feat)
+            tail, found = [], outputs_close(h, ref_feat)
             for n in self._rest:
                 if found:
                     break
@@ -216,23 +279,14 @@ class TimmStagedModel(StagedModel):
                 except Exception:
                     break
                 tail.append(n)
-                found = _close(h, ref_feat)
+                found = outputs_close(h, ref_feat)
             if not found:
                 raise ConfigError(
                     f"timm model '{label}': running its children in order does not reproduce forward_features; "
                     "its forward is not a plain chain of modules, so it cannot be staged"
                 )
             self._tail_steps = tail
-            logits = self.forward_head(feats[-1])
-            if not _close(logits, ref_logits):
-                raise ConfigError(
-                    f"timm model '{label}': the staged head does not reproduce the model's logits; it cannot be staged"
-                )
-            if not _close(self.classifier_forward(self.forward_head(feats[-1], pre_logits=True)), ref_logits):
-                raise ConfigError(
-                    f"timm model '{label}': get_classifier() applied to forward_head(pre_logits=True) does not give "
-                    "the logits; it cannot be staged"
-                )
+            self._check_head(label, feats[-1], ref_logits)
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -250,43 +304,6 @@ class TimmStagedModel(StagedModel):
     def forward_head(self, h: Tensor, pre_logits: bool = False) -> Tensor:
         """Head extras (layers of timm's ``forward_features`` after the last stage), then timm's ``forward_head``."""
         return self._timm.forward_head(self._run(self._tail_steps, h), pre_logits=pre_logits)
-
-    def get_classifier(self) -> nn.Module:
-        return self._timm.get_classifier()
-
-    def _replicate_for_data_parallel(self):
-        """DataParallel replica whose timm model runs the replica's modules (not the original's).
-
-        The replica gets a new children table (filled with replicated children by
-        ``torch.nn.parallel.replicate``); a shallow copy of the timm model shares that
-        table, so ``forward_head`` / ``get_classifier`` use the replica's weights on the
-        replica's device.
-        """
-        replica = super()._replicate_for_data_parallel()
-        timm_replica = self._timm._replicate_for_data_parallel()
-        object.__setattr__(timm_replica, "_modules", replica._modules)
-        object.__setattr__(replica, "_timm", timm_replica)
-        return replica
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._timm.training = mode  # timm's forward_head reads the root flag (head dropout)
-        return self
-
-    def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
-        """timm's ``reset_classifier`` (new classifier with ``num_classes`` outputs)."""
-        self._timm.reset_classifier(num_classes, *args, **kwargs)
-        self.num_classes = int(getattr(self._timm, "num_classes", num_classes))
-
-    def load_timm_state_dict(self, state, strict: bool = True):
-        """Load a plain timm checkpoint: a state dict, a checkpoint dict or a file path (see :func:`read_state_dict`)."""
-        if isinstance(state, (str, os.PathLike)):
-            return load_timm_checkpoint(self, state, strict=strict)
-        sd = extract_state_dict(state, "<state dict>")
-        try:
-            return self.load_state_dict(sd, strict=strict)
-        except RuntimeError as e:
-            raise CheckpointError(f"state dict does not fit timm model '{self.timm_name}': {e}") from None
 
 
 # -- checkpoints ---------------------------------------------------------------------
@@ -307,13 +324,15 @@ def load_timm_checkpoint(model: nn.Module, path, strict: bool = True):
 
 # -- builder ---------------------------------------------------------------------------
 def build_timm_model(name: str, num_classes: int = 1000, pretrained=False, **kwargs) -> TimmStagedModel:
-    """Build timm model ``name`` with ``num_classes`` outputs as a :class:`TimmStagedModel`.
+    """Build timm model ``name`` with ``num_classes`` outputs as a :class:`TimmStagedModel`
+    (a ``VisionTransformer``: as a :class:`~.timm_vit.TimmViTStagedModel`).
 
     ``pretrained``: ``False``/``None``/``""`` random init; ``True`` timm's own weights
     (downloaded from the Hugging Face hub; with ``num_classes`` other than the weights'
     classes timm leaves the classifier random); a path loads a local checkpoint (see
     :func:`read_state_dict`) with ``strict=True``. Extra ``kwargs`` go to
-    ``timm.create_model`` (``drop_rate``, ``drop_path_rate``...).
+    ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ``img_size``, ``patch_size``,
+    ``depth``...), except ``blocks``: the number of blocks of a ViT (see :mod:`.timm_vit`).
 
     Raises :class:`ConfigError` for an unknown name, a bad argument or a model that
     cannot be staged; :class:`CheckpointError` when weights cannot be downloaded or loaded.
@@ -332,6 +351,7 @@ def build_timm_model(name: str, num_classes: int = 1000, pretrained=False, **kwa
         pretrained = False
     elif not isinstance(pretrained, bool):
         raise ConfigError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")
+    blocks = kwargs.pop("blocks", None)
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as e:
@@ -346,4 +366,11 @@ def build_timm_model(name: str, num_classes: int = 1000, pretrained=False, **kwa
         ) from None
     if local is not None:
         load_timm_checkpoint(model, local)
+    from .timm_vit import TimmViTStagedModel, is_vit
+
+    if is_vit(model):
+        return TimmViTStagedModel(model, name=name, blocks=0 if blocks is None else blocks)
+    if blocks is not None:
+        raise ConfigError(f"timm model '{name}': blocks={blocks} applies to ViTs only; a CNN's blocks are its "
+                          "feature stages")
     return TimmStagedModel(model, name=name)
