@@ -31,6 +31,8 @@ LAYERS = [
     (f"{PKG}.distillers", 2, "distillers"),
     (f"{PKG}.engine", 3, "engine"),  # the package's __init__ (empty)
     (f"{PKG}.engine.build", 3, "assembler"),
+    (f"{PKG}.engine.task", 3, "assembler"),  # the task interface (classification; detection's is detection.task)
+    (f"{PKG}.engine.optim", 3, "assembler"),  # the optimizer factory and the one training step
     (f"{PKG}.detection", 3, "detection"),
     (f"{PKG}.results", 3, "results"),  # run labels (from the distiller registry) and seed statistics  # detection task: data, models, distillers, COCO mAP (beside the assembler)
     (f"{PKG}.engine.trainer", 4, "trainer"),

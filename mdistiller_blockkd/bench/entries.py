@@ -35,7 +35,7 @@ class Entry:
     cfg: object
     source: str
     model: Optional[torch.nn.Module] = None
-    opt: Optional[torch.optim.Optimizer] = None
+    opt: Optional[object] = None  # engine.optim.Optim: the trainer's optimizer, scheduler and clipping
     scaler: Optional[object] = None
     x: Optional[torch.Tensor] = None
     y: Optional[torch.Tensor] = None

@@ -7,10 +7,10 @@ import time
 from typing import Callable, Dict, Optional
 
 import torch
-from torch.autograd.profiler import record_function
 
 from ..detection.task import DetectionTask, benchmark_batch, build_detection_distiller, is_detection
 from ..distillers import distiller_dict
+from ..engine.optim import build_optimizer, train_step
 from ..errors import ConfigError
 from ..models import build_model
 from ..utils.precision import autocast
@@ -77,9 +77,7 @@ class Runner:
         if e.channels_last:
             model.to(memory_format=torch.channels_last)
         model.train()
-        sol = e.cfg.SOLVER
-        e.opt = torch.optim.SGD(model.get_learnable_parameters(), lr=float(sol.LR), momentum=float(sol.MOMENTUM),
-                                weight_decay=float(sol.WEIGHT_DECAY))
+        e.opt = build_optimizer(e.cfg, model.get_learnable_parameters(), steps_per_epoch=1)  # the trainer's factory
         e.scaler = torch.amp.GradScaler(self.device.type, enabled=e.amp == "fp16")
         g = torch.Generator().manual_seed(self.seed + 1)
         x = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=g)
@@ -93,17 +91,8 @@ class Runner:
         e.model = model
 
     def step(self, e: Entry) -> torch.Tensor:
-        """One training step: forward_train, sum of losses, backward, SGD step, zero_grad (each in a
-        ``record_function`` scope that :mod:`mdistiller_blockkd.bench.profile` reads)."""
-        with record_function("part:forward"), self.autocast(e):
-            _, losses = e.model.forward_train(image=e.x, target=e.y, epoch=e.epoch)
-            loss = sum(losses.values())
-        with record_function("part:backward"):
-            e.scaler.scale(loss).backward()
-        with record_function("part:optimizer"):
-            e.scaler.step(e.opt)
-            e.scaler.update()
-            e.opt.zero_grad(set_to_none=True)
+        """One training step: the trainer's own :func:`~mdistiller_blockkd.engine.optim.train_step`."""
+        _, loss, _ = train_step(e.model, e.opt, e.scaler, e.x, e.y, e.epoch, self.autocast(e))
         return loss.detach()
 
     def profile(self, e: Entry, steps: int) -> Dict[str, float]:

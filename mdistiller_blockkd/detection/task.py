@@ -134,7 +134,8 @@ class DetectionTask:
     def __init__(self, val_set):
         self.val_set = val_set
 
-    def to_device(self, images, targets, device):
+    def to_device(self, images, targets, device, channels_last: bool = False):
+        """Images (a list; ``channels_last`` does not apply to torchvision's detectors) and their targets."""
         return [im.to(device, non_blocking=True) for im in images], targets_to(targets, device)
 
     def step_counts(self, preds, targets):

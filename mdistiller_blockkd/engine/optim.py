@@ -117,3 +117,29 @@ def clip_gradients(optimizer: torch.optim.Optimizer, scaler, max_norm: float) ->
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def train_step(model, optim: Optim, scaler, image, target, epoch, autocast) -> tuple:
+    """One training step, the same in the trainer and the benchmark.
+
+    ``model(image=, target=, epoch=)`` under ``autocast`` (a context manager), the mean of
+    each returned loss term, their sum; ``zero_grad``, backward (scaled for fp16), gradient
+    clipping, the optimizer step and the scaler's update. Returns ``(preds, loss, terms)``
+    (the scheduler, stepped per update, is the caller's: it needs the global step).
+    Each part runs in a ``record_function`` scope (``part:forward`` / ``part:backward`` /
+    ``part:optimizer``) that the benchmark's step profile reads.
+    """
+    from torch.autograd.profiler import record_function
+
+    with record_function("part:forward"), autocast:
+        preds, losses = model(image=image, target=target, epoch=epoch)
+    terms = {k: v.float().mean() for k, v in losses.items()}
+    loss = sum(terms.values())
+    optim.optimizer.zero_grad(set_to_none=True)
+    with record_function("part:backward"):
+        scaler.scale(loss).backward()
+    with record_function("part:optimizer"):
+        clip_gradients(optim.optimizer, scaler, optim.clip_grad_norm)
+        scaler.step(optim.optimizer)
+        scaler.update()
+    return preds, loss, terms

@@ -135,19 +135,19 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..utils import dist as du
 from ..config import log_msg
 from ..utils.checkpoint import load_checkpoint, save_checkpoint
+from .optim import build_optimizer, train_step
+from .task import ClassificationTask, evaluate_model
 from ..utils.fileio import FolderLock, read_json_lines, remove_temporaries
 from ..utils.misc import (
     append_json_line,
     append_text,
     atomic_write_text,
-    correct_topk,
     get_rng_state,
     json_safe,
     set_deterministic,
@@ -365,7 +365,7 @@ class Trainer:
                  dist_info: Optional[du.DistInfo] = None, log=None, holdout_loader=None, task=None):
         self.cfg = cfg
         # task hooks for non-classification data (detection: mdistiller_blockkd.detection.task.DetectionTask)
-        self.task = task
+        self.task = task if task is not None else ClassificationTask()
         if dist_info is None:
             param = next(distiller.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
@@ -417,12 +417,9 @@ class Trainer:
             )
         else:
             self.model = distiller
-        self.optimizer = torch.optim.SGD(
-            distiller.get_learnable_parameters(),
-            lr=float(cfg.SOLVER.LR),
-            momentum=float(cfg.SOLVER.MOMENTUM),
-            weight_decay=float(cfg.SOLVER.WEIGHT_DECAY),
-        )
+        #: the optimizer, its per-update scheduler (None: mdistiller's per-epoch steps) and clipping
+        self.optim = build_optimizer(cfg, distiller.get_learnable_parameters(), max(len(train_loader), 1))
+        self.optimizer = self.optim.optimizer
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.best_acc = -1.0
         self.best_val_acc = -1.0
@@ -446,12 +443,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def _to_device(self, image, target):
-        if self.task is not None:
-            return self.task.to_device(image, target, self.device)
-        image = image.to(self.device, non_blocking=True)
-        if self.channels_last and image.dim() == 4:
-            image = image.contiguous(memory_format=torch.channels_last)
-        return image, target.to(self.device, non_blocking=True)
+        return self.task.to_device(image, target, self.device, self.channels_last)
 
     def _generators(self) -> Dict[str, torch.Generator]:
         """The data's own generators, saved with each rank's RNG state: the loader's and the augmentation's."""
@@ -651,7 +643,10 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         """Train one epoch, evaluate, log and checkpoint; return the epoch's metrics record."""
         t_start = time.perf_counter()
-        lr = adjust_learning_rate(epoch, self.cfg, self.optimizer)
+        if self.optim.scheduler is None:  # mdistiller's step schedule, set once per epoch
+            lr = adjust_learning_rate(epoch, self.cfg, self.optimizer)
+        else:  # per-update schedule: the epoch's first learning rate
+            lr = float(self.optimizer.param_groups[0]["lr"])
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -671,7 +666,7 @@ class Trainer:
                 self.best_val_acc, self.best_acc = val["val_acc"], test["test_acc"]
             val["best_val_acc"] = self.best_val_acc
         else:
-            score = test[self.task.score_key if self.task is not None else "test_acc"]
+            score = test[self.task.score_key]
             is_best = score >= self.best_acc
             self.best_acc = max(self.best_acc, score)
         record = {"epoch": epoch, "lr": lr, **train, **test, **val, "best_acc": self.best_acc,
@@ -698,25 +693,18 @@ class Trainer:
         try:
             for i, (image, target) in enumerate(self.train_loader, start=1):
                 image, target = self._to_device(image, target)
-                with self._autocast():
-                    preds, losses = self.model(image=image, target=target, epoch=epoch)
-                terms = {k: v.float().mean() for k, v in losses.items()}
-                loss = sum(terms.values())
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.task is not None:
-                    n, correct = self.task.step_counts(preds, target)
-                else:
-                    n, correct = int(target.shape[0]), (preds.detach().argmax(dim=1) == target).sum()
-                log.add(i, n, loss, terms, correct)
+                preds, loss, terms = train_step(self.model, self.optim, self.scaler, image, target, epoch,
+                                                self._autocast())
                 global_step = (epoch - 1) * steps + i
+                if self.optim.scheduler is not None:
+                    self.optim.scheduler.step_update(global_step)  # the learning rate of the next update
+                n, correct = self.task.step_counts(preds, target)
+                log.add(i, n, loss, terms, correct)
                 tb_step = self.tb_freq > 0 and global_step % self.tb_freq == 0
                 if i % self.check_every == 0 or tb_step or i == steps:
                     log.flush(epoch, steps)
                     if tb_step and self.tb_writer is not None:
-                        self.tb_writer.add_scalar("train/lr", lr, global_step)
+                        self.tb_writer.add_scalar("train/lr", float(self.optimizer.param_groups[0]["lr"]), global_step)
                         for k, v in log.last.items():
                             self.tb_writer.add_scalar(f"train/{k}", v, global_step)
                     if bar is not None:
@@ -731,18 +719,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, epoch: Optional[int] = None) -> Dict[str, float]:
-        """Top-1, top-5 and loss of the student on the validation set, plus ``acc_<head>`` of each extra head.
-
-        Sums over every process, so the numbers are exact whole-set metrics. The extra heads
-        are scored every ``LOG.EVAL_HEADS_FREQ`` epochs and at the last one (0: never).
-        """
-        if self.task is not None:
-            return self.task.evaluate(self, epoch)
-        freq = int(self.cfg.LOG.EVAL_HEADS_FREQ)
-        heads = freq > 0 and (epoch is None or epoch == self.epochs or epoch % freq == 0)
-        return evaluate_model(self.distiller, self.val_loader, self.device, amp_dtype=self.amp_dtype,
-                              channels_last=self.channels_last, heads=heads,
-                              progress=self.progress, desc=f"eval {epoch}" if epoch is not None else "eval")
+        """The task's test metrics of this epoch (:meth:`ClassificationTask.evaluate` for images: top-1, top-5,
+        loss and each extra head's top-1), exact sums over every process."""
+        return self.task.evaluate(self, epoch)
 
     # -- outputs -------------------------------------------------------------------------
     def _write_record(self, epoch: int, record: dict, steps: int) -> None:
@@ -758,19 +737,7 @@ class Trainer:
             self.tb_writer.flush()
 
     def _print_epoch(self, epoch: int, record: dict) -> None:
-        if self.task is not None:
-            self.log(self.task.summary(record, self.epochs), "EVAL")
-            return
-        heads = " ".join(f"{k}={v:.2f}" for k, v in record.items() if k.startswith("acc_"))
-        if "val_acc" in record:
-            heads = f"val top-1 {record['val_acc']:.2f}" + (" | " + heads if heads else "")
-        self.log(
-            f"epoch {epoch}/{self.epochs} lr {record['lr']:.4g} | train loss {record['train_loss']:.4f} "
-            f"acc {record['train_acc']:.2f} | test loss {record['test_loss']:.4f} top-1 {record['test_acc']:.2f} "
-            f"top-5 {record['test_acc_top5']:.2f}{' | ' + heads if heads else ''} | best {record['best_acc']:.2f} | "
-            f"{record['epoch_time_s']:.1f}s, {record['ms_per_step']:.1f} ms/step",
-            "EVAL",
-        )
+        self.log(self.task.summary(record, self.epochs), "EVAL")
 
     def _save(self, epoch: int, is_best: bool, record: dict) -> None:
         rng = du.all_gather_object(get_rng_state(self.device, self._generators()))
@@ -810,59 +777,3 @@ def _print_flush(msg: str) -> None:
 
 def _json_line(record: dict) -> str:
     return json.dumps(record, separators=(", ", ": "))
-
-
-@torch.no_grad()
-def evaluate_model(distiller: nn.Module, loader, device, amp_dtype=None, channels_last: bool = False,
-             progress: bool = False, desc: str = "eval", heads: bool = True) -> Dict[str, float]:
-    """Evaluate ``distiller`` (its ``forward_test`` and ``eval_logits``) on ``loader``.
-
-    Returns ``test_acc``, ``test_acc_top5`` (percent), ``test_loss`` (mean cross-entropy)
-    and ``acc_<head>`` for every head of ``eval_logits`` (unless ``heads`` is False), summed
-    over all processes. The distiller is left in eval mode.
-    """
-    device = torch.device(device)
-    distiller.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    c1 = torch.zeros((), dtype=torch.int64, device=device)
-    c5 = torch.zeros((), dtype=torch.int64, device=device)
-    score_heads = heads
-    heads: Dict[str, torch.Tensor] = {}
-    n = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
-    try:
-        for image, target in loader:
-            image = image.to(device, non_blocking=True)
-            if channels_last and image.dim() == 4:
-                image = image.contiguous(memory_format=torch.channels_last)
-            target = target.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = distiller.forward_test(image)
-                extra = distiller.eval_logits(image) if score_heads else {}
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
-            top1, top5 = correct_topk(logits, target, (1, 5))
-            c1 += top1
-            c5 += top5
-            for name, z in extra.items():
-                hit = correct_topk(z.float(), target, (1,))[0]
-                heads[name] = heads[name] + hit if name in heads else hit
-            n += int(target.shape[0])
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    names = list(heads)
-    vec = torch.stack([loss_sum, c1.double(), c5.double(), torch.tensor(float(n), dtype=torch.float64, device=device)]
-                      + [heads[k].double() for k in names])
-    vec = du.all_reduce_sum(vec).cpu().tolist()
-    total = max(vec[3], 1.0)
-    out = {"test_acc": 100.0 * vec[1] / total, "test_acc_top5": 100.0 * vec[2] / total, "test_loss": vec[0] / total}
-    for k, v in zip(names, vec[4:]):
-        out[f"acc_{k}"] = 100.0 * v / total
-    return out
