@@ -565,3 +565,44 @@ def test_resume_needs_the_runs_config_to_compare_with(tmp_path):
         f.write("SOLVER: [unclosed\n")
     with pytest.raises(ConfigError, match=r"cannot resume: the run's settings '.*config\.yaml' cannot be read .*restore"):
         make_trainer(cfg).train(resume=True)
+
+
+def test_adamw_linear_schedule_and_clipping_are_what_the_trainer_runs(tmp_path):
+    """SOLVER.TYPE AdamW, SCHEDULER linear and CLIP_GRAD_NORM are used, not just accepted: the optimizer is AdamW,
+    the learning rate warms up from 0 over WARMUP_EPOCHS and decays to 0 at the last update, gradients are clipped;
+    a run killed after epoch 1 and resumed ends with the uninterrupted run's weights."""
+    opts = ["SOLVER.TYPE", "AdamW", "SOLVER.SCHEDULER", "linear", "SOLVER.WARMUP_EPOCHS", "1.0", "SOLVER.LR", "0.001",
+            "SOLVER.CLIP_GRAD_NORM", "0.5"]
+    cfg = make_cfg(tmp_path / "full", *opts)
+    t = make_trainer(cfg)
+    assert isinstance(t.optimizer, torch.optim.AdamW) and t.optim.scheduler is not None
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+    torch.nn.utils.clip_grad_norm_ = lambda params, max_norm, **kw: norms.append(max_norm) or real(params, max_norm, **kw)
+    try:
+        t.train()
+    finally:
+        torch.nn.utils.clip_grad_norm_ = real
+    rows = read_metrics(cfg)
+    steps = len(t.train_loader)
+    assert norms == [0.5] * (2 * steps)
+    assert rows[0]["lr"] == pytest.approx(0.0)  # the warm-up starts at 0
+    assert rows[1]["lr"] == pytest.approx(0.001)  # one epoch of warm-up: the peak when epoch 2 starts
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 after the last update
+    # the schedule resumes exactly: killed in epoch 2 and resumed, the run ends with the uninterrupted weights
+    full = make_trainer(make_cfg(tmp_path / "noisy", *opts), Noisy)
+    full.train()
+    split_cfg = make_cfg(tmp_path / "split", *opts)
+    with pytest.raises(Killed):
+        make_trainer(split_cfg, KilledNoisy).train()
+    resumed = make_trainer(split_cfg, Noisy)
+    resumed.train(resume=True)
+    for k, v in full.distiller.state_dict().items():
+        assert torch.equal(v, resumed.distiller.state_dict()[k]), k
+    # more epochs on resume would stretch the decay over them: that changes the result, so it is refused
+    from mdistiller_blockkd.utils.runfolder import resume_changes
+
+    (change,) = resume_changes(split_cfg, make_cfg(tmp_path / "split", *(opts + ["SOLVER.EPOCHS", "3"])), 2)
+    assert change.key == "SOLVER.EPOCHS" and change.changes_result
+    (step,) = resume_changes(make_cfg(tmp_path), make_cfg(tmp_path, "SOLVER.EPOCHS", "3"), 2)
+    assert not step.changes_result

@@ -116,7 +116,8 @@ def resume_changes(old: Mapping, new: Mapping, epochs_done: int) -> List[ConfigC
 
     Both are nested mappings (a yacs config or the loaded YAML). A key missing from ``old``
     counts as the package default there. ``changes_result`` follows the module docstring:
-    false for :data:`RESUME_FREE_KEYS` and for ``SOLVER.EPOCHS`` ``>= epochs_done``.
+    false for :data:`RESUME_FREE_KEYS` and for ``SOLVER.EPOCHS`` ``>= epochs_done`` under
+    ``SOLVER.SCHEDULER step`` (a ``linear`` or ``cosine`` schedule depends on the epoch count).
     """
     from ..config import CFG
 
@@ -130,7 +131,10 @@ def resume_changes(old: Mapping, new: Mapping, epochs_done: int) -> List[ConfigC
             continue
         free = _free(key)
         if key == "SOLVER.EPOCHS" and isinstance(after, int) and not isinstance(after, bool):
-            free = after >= int(epochs_done)
+            # extending a run keeps mdistiller's per-epoch steps; a per-update schedule (linear, cosine)
+            # spreads its decay over the epochs, so more epochs change every learning rate from the start
+            schedule = str(b.get("SOLVER.SCHEDULER", defaults.get("SOLVER.SCHEDULER", "step"))).lower()
+            free = after >= int(epochs_done) and schedule == "step"
         changes.append(ConfigChange(key, before, after, not free))
     return changes
 
