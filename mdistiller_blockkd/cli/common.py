@@ -9,16 +9,18 @@
 * :func:`variant_label` / :func:`method_label` -- the label that names a method's
   variant (``BLOCKKD sample:1``), used by both tools so their tables agree.
 * :func:`mean_std` -- mean and sample standard deviation.
-* :func:`read_metrics` -- read a run's ``metrics.jsonl`` tolerating a half-written line.
+* :func:`read_metrics` -- read a run's ``metrics.jsonl`` tolerating a half-written last line.
+* :func:`check_output_path` -- refuse, before any work, an output path of the wrong kind.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..utils.fileio import atomic_write_bytes_from, atomic_write_text, read_json_lines  # noqa: F401 - re-exported for the tools
 
 #: Config keys whose non-default value names a variant of a method. A key under a
@@ -159,18 +161,41 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return m, math.sqrt(var)
 
 
-def read_metrics(path: str) -> Tuple[List[dict], List[str]]:
+def read_metrics(path: str, skip_damaged: bool = True) -> Tuple[List[dict], List[str]]:
     """Records of a ``metrics.jsonl`` file and warnings about lines that could not be read.
 
-    Read with :func:`~mdistiller_blockkd.utils.fileio.read_json_lines` (bad lines are
-    skipped with a warning). Records are sorted by ``epoch`` when every record has one;
-    a repeated epoch (a resumed run) keeps the last record.
+    Read with :func:`~mdistiller_blockkd.utils.fileio.read_json_lines` (a last line cut
+    short is dropped with a warning; other bad lines are skipped with one when
+    ``skip_damaged``, else raise ``ValueError``). Records are sorted by ``epoch`` when
+    every record has one; a repeated epoch (a resumed run) keeps the last record.
     """
     warnings: List[str] = []
-    records = read_json_lines(path, warnings)
+    records = read_json_lines(path, warnings, skip_damaged)
     if records and all(isinstance(r.get("epoch"), (int, float)) for r in records):
         by_epoch = {}
         for r in records:
             by_epoch[r["epoch"]] = r
         records = [by_epoch[e] for e in sorted(by_epoch)]
     return records, warnings
+
+
+def check_output_path(path: Optional[str], option: str, folder: bool = False) -> None:
+    """Raise :class:`UserError` when ``path`` (given as ``option``) cannot be the file -- or,
+    with ``folder``, the folder -- a command will write: an empty path, an existing folder
+    where a file is needed, an existing file where a folder is needed, or a path under a
+    file. ``None`` (option not given) passes. Reads only, so a command can check its
+    outputs before it works for minutes."""
+    if path is None:
+        return
+    kind = "folder" if folder else "file"
+    if not str(path).strip():
+        raise UserError(f"{option} is empty; give a {kind} path")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} '{path}' is a file, not a folder; give a folder path (it is created if missing)")
+    if not folder and os.path.isdir(path):
+        raise UserError(f"{option} '{path}' is a folder; give a file path (a name inside that folder, for example)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{option} '{path}' lies under '{parent}', which is a file, not a folder; choose another path")

@@ -98,7 +98,7 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..utils import dist as du
 from ..config import log_msg
 from ..utils.checkpoint import load_checkpoint, save_checkpoint
-from ..utils.fileio import FolderLock, read_json_lines
+from ..utils.fileio import FolderLock, name_os_errors, read_json_lines
 from ..utils.misc import (
     append_json_line,
     append_text,
@@ -136,7 +136,7 @@ def check_fresh_start(folder: str, epochs: int, overwrite: bool = False) -> List
             "move it away, or set EXPERIMENT.NAME / LOG.PREFIX to another output folder"
         )
     ckpts = run_checkpoints(folder)
-    records = read_json_lines(os.path.join(folder, "metrics.jsonl"), warnings=[])
+    records = read_json_lines(os.path.join(folder, "metrics.jsonl"), warnings=[], skip_damaged=True)
     if (ckpts or records) and not overwrite:
         raise ConfigError(
             f"'{folder}' already holds a run ({len(records)} epoch(s) in metrics.jsonl, checkpoints: "
@@ -447,12 +447,28 @@ class Trainer:
         set_rng_state(states[self.info.rank] if self.info.rank < len(states) else states[0],
                       self.device, self._generators())
         if self.is_main:
-            kept = [r for r in read_json_lines(self.path("metrics.jsonl")) if int(r.get("epoch", 0)) < self.start_epoch]
+            kept = self._records_before(self.start_epoch)
             atomic_write_text(self.path("metrics.jsonl"), "".join(_json_line(r) + "\n" for r in kept))
             self.history = kept
             atomic_write_text(self.path("config.yaml"), self.cfg.dump())  # the config the run continues with
             append_text(self.path("worklog.txt"), f"resumed from '{path}' after epoch {self.start_epoch - 1}\n")
         self.log(f"resumed from {path}: epoch {self.start_epoch - 1} done, best_acc {self.best_acc:.2f}")
+
+    def _records_before(self, epoch: int) -> List[dict]:
+        """The epoch records of ``metrics.jsonl`` before ``epoch``; a last line cut short by a kill
+        is dropped with a warning, a damaged file raises :class:`CheckpointError`."""
+        path, notes = self.path("metrics.jsonl"), []
+        try:
+            records = read_json_lines(path, notes)
+            bad = next((r for r in records if type(r.get("epoch")) is not int), None)
+            if bad is not None:
+                raise ValueError(f"{path}: the record {str(bad)[:80]} has no whole-number 'epoch'")
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume: {e}; repair or delete that line (records of epochs after "
+                                  "'latest' are dropped anyway), or start afresh with --overwrite") from None
+        for note in notes:
+            self.log(f"warning: {note}")
+        return [r for r in records if r["epoch"] < epoch]
 
     # -- the loop ------------------------------------------------------------------------
     def train(self, resume: bool = False, overwrite: bool = False) -> dict:
@@ -484,16 +500,34 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 self.train_epoch(epoch)
-        finally:
-            if self.tb_writer is not None:
-                self.tb_writer.close()
-                self.tb_writer = None
+        except BaseException:
+            self._close_events(failed=True)
+            raise
+        self._close_events()
         if self.is_main and self.start_epoch <= self.epochs:
             append_text(self.path("worklog.txt"), f"best_acc\t{self.best_acc:.2f}\n")
         if self.start_epoch > self.epochs:
             self.log(f"nothing to do: '{self.path('latest')}' is at epoch {self.start_epoch - 1} of {self.epochs}")
         self.log(f"best test accuracy {self.best_acc:.2f}; outputs in {self.log_path}")
         return {"best_acc": self.best_acc, "last": self.history[-1] if self.history else {}, "log_path": self.log_path}
+
+    def _close_events(self, failed: bool = False) -> None:
+        """Close the TensorBoard writer. Its storage error (a full disk) names ``train.events``,
+        or is dropped when the run is failing already (that error says more); either way the
+        writer's thread is stopped, so tensorboardX does not retry (and fail) at exit."""
+        writer, self.tb_writer = self.tb_writer, None
+        if writer is None:
+            return
+        try:
+            with name_os_errors(self.path("train.events")):
+                writer.close()
+        except OSError:
+            for events in (w.event_writer for w in writer.all_writers.values()):  # tensorboardX's own parts
+                if events._worker is not None:
+                    events._worker.stop()
+                events._closed = True
+            if not failed:
+                raise
 
     def train_epoch(self, epoch: int) -> dict:
         """Train one epoch, evaluate, log and checkpoint; return the epoch's metrics record."""
@@ -597,7 +631,8 @@ class Trainer:
             for k, v in record.items():
                 if k != "epoch" and isinstance(v, (int, float)):
                     self.tb_writer.add_scalar(f"epoch/{k}", v, step)
-            self.tb_writer.flush()
+            with name_os_errors(self.path("train.events")):  # a full disk names no file
+                self.tb_writer.flush()
         if self.task is not None:
             self.log(self.task.summary(record, self.epochs), "EVAL")
             return

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .fileio import FILE_MODE, atomic_write, atomic_write_text, fsync_dir
+from .fileio import FILE_MODE, atomic_write, atomic_write_text, fsync_dir, name_os_errors
 
 __all__ = [
     "AverageMeter",
@@ -154,10 +155,11 @@ def append_text(path: str, text: str) -> None:
     data = text.encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        written = os.write(fd, data)
+        with name_os_errors(path):  # a full disk names no file
+            written = os.write(fd, data)
+            os.fsync(fd)
         if written != len(data):  # pragma: no cover - only on a full disk
-            raise OSError(f"short write to '{path}' ({written} of {len(data)} bytes)")
-        os.fsync(fd)
+            raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)", path)
     finally:
         os.close(fd)
 
