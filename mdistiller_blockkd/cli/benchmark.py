@@ -96,6 +96,7 @@ from ..models import build_model, list_models
 from .common import (
     BARE_LABEL_KEYS,
     atomic_write_text,
+    check_output_path,
     split_overrides,
     split_top_level,
     variant_label,
@@ -307,7 +308,10 @@ class Runner:
     """Builds entries and runs their training steps with the chosen device / AMP / layout."""
 
     def __init__(self, args):
-        self.device = torch.device(args.device)
+        try:
+            self.device = torch.device(args.device)
+        except RuntimeError:
+            raise ConfigError(f"--device '{args.device}' is not a device; use cpu or cuda[:N]") from None
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError("--device cuda asked for but CUDA is not available; use --device cpu")
@@ -570,6 +574,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be >= 1")
     if args.warmup < 0:
         raise ConfigError(f"--warmup is {args.warmup}; it must be >= 0")
+    if not 0 <= args.seed < 2 ** 63 - 1:
+        raise ConfigError(f"--seed is {args.seed}; it must be >= 0 and < 2**63 - 1")
+    check_output_path(args.json, "--json")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads is {args.threads}; it must be >= 1")

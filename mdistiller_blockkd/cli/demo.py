@@ -65,7 +65,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml  # noqa: E402
 
 from ..errors import ConfigError, UserError, run_cli  # noqa: E402
-from .common import atomic_write_text, read_metrics  # noqa: E402
+from .common import atomic_write_text, check_output_path, read_metrics  # noqa: E402
 
 DEFAULT_OUT = os.path.join("output", "demo")
 QUICK_OUT = os.path.join("output", "demo_quick")
@@ -153,6 +153,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(args.opts)}")
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    check_output_path(args.out, "--out", folder=True)
     if args.quick:
         args.epochs = 1 if args.epochs is None else args.epochs
         args.teacher_epochs = 1 if args.teacher_epochs is None else args.teacher_epochs

@@ -65,6 +65,7 @@ def main(argv=None):
     from ..registry import import_modules
     from ..utils import dist as du
     from ..utils.misc import seed_everything
+    from .common import check_output_path
 
     import_modules(args.imports)
     cfg = load_cfg(args.cfg, args.opts)
@@ -74,6 +75,7 @@ def main(argv=None):
 
     detection = is_detection(cfg)  # DATASET.TYPE coco: torchvision Faster R-CNN (docs/detection.md)
     (check_detection_config if detection else check_distiller_config)(cfg)  # before any data is read or downloaded
+    check_output_path(output_dir(cfg), "the run folder (LOG.PREFIX/EXPERIMENT.PROJECT/NAME)", folder=True)
     if not args.resume:  # the trainer checks again under the folder's lock
         check_fresh_start(output_dir(cfg), int(cfg.SOLVER.EPOCHS), args.overwrite)
     info = du.init_distributed()

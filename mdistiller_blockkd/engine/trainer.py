@@ -79,12 +79,14 @@ Non-finite losses
     :data:`CUDA_CHECK_EVERY` steps and at tensorboard / epoch boundaries on CUDA (one
     host synchronisation per check). The first non-finite total loss raises
     :class:`~mdistiller_blockkd.errors.TrainingError` naming the epoch, the step and the
-    value of every loss term; no checkpoint of that epoch is written.
+    value of every loss term, and what to check for the terms that went non-finite (only
+    box regression terms point at the box annotations); no checkpoint of that epoch is written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -183,6 +185,17 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _nonfinite_advice(bad: List[str]) -> str:
+    """What to check when the loss terms ``bad`` went non-finite (said from what the terms show)."""
+    if bad and all("box" in k for k in bad):  # detection: loss_box_reg, loss_rpn_box_reg
+        return (f"only the box regression term{'s' if len(bad) > 1 else ''} ({', '.join(bad)}) went non-finite, the "
+                "classification terms did not: check the box annotations (degenerate, huge or non-finite boxes in the "
+                "instances files under DATASET.ROOT) and, under SOLVER.AMP fp16, the box deltas' overflow (use bf16 "
+                "or off); a SOLVER.LR too high can do it too")
+    named = f"{', '.join(bad)} went non-finite" if bad else "the sum went non-finite with finite terms"
+    return (f"{named}: lower SOLVER.LR, check the data and the teacher checkpoint, or use SOLVER.AMP off/bf16")
+
+
 class _StepLog:
     """Per-step loss terms and accuracy counts kept on the device until a check point."""
 
@@ -221,10 +234,11 @@ class _StepLog:
                     f"non-finite loss on another process at epoch {epoch}, step {int(flag.item())}/{num_steps}; "
                     "see that process's error"
                 )
-            terms = ", ".join(f"{k}={_fmt(float(v))}" for k, v in zip(self.keys, bad_row[1:-1].tolist()))
+            values = dict(zip(self.keys, bad_row[1:-1].tolist()))
+            terms = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
             raise TrainingError(
                 f"non-finite loss at epoch {epoch}, step {bad_step}/{num_steps}: loss={_fmt(float(bad_row[0]))} "
-                f"({terms}); lower SOLVER.LR, check the data and the teacher checkpoint, or use SOLVER.AMP off/bf16"
+                f"({terms}); {_nonfinite_advice([k for k, v in values.items() if not math.isfinite(v)])}"
             )
         if host is None:
             return
