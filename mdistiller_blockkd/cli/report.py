@@ -30,8 +30,13 @@ accuracy and one of the last-epoch top-1, rows methods, columns pairs, cells
 best top-1 of each method minus ``--baseline``'s (default KD) with Welch's standard
 error; Block-KD's last scored stone and teacher accuracies; the runs' own training
 ms/step; and a list of the runs. A run still in progress (fewer epochs than ``SOLVER.EPOCHS``) counts
-with its epochs so far and is marked ``partial``. Missing files, unreadable lines and
-runs with no evaluated epoch are reported as warnings on stderr and skipped.
+with its epochs so far and is marked ``partial``. A run folder that cannot be used -- a
+missing, unreadable or malformed ``config.yaml`` (``SOLVER.EPOCHS`` not a whole number...),
+a damaged ``metrics.jsonl`` (a bad line before the last one, an epoch that is not a number),
+no evaluated epoch -- is skipped with a warning on stderr and the other runs are reported; a
+last line cut short by a kill is dropped with a warning. ``--out`` and ``--plots`` of the
+wrong kind (a folder for the file, a file for the folder, a path under a file) stop the
+command with one ``error:`` line before anything is read.
 
 ``--plots DIR`` (needs matplotlib; the Agg backend, no display) writes
 ``test_acc.png`` (test top-1 per epoch, one panel per pair, one line per method, mean

@@ -100,8 +100,9 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..utils import dist as du
 from ..config import log_msg
 from ..utils.checkpoint import load_checkpoint, save_checkpoint
-from ..utils.fileio import FolderLock, name_os_errors, read_json_lines
+from ..utils.fileio import FolderLock, read_json_lines
 from ..utils.misc import (
+    EventFileGuard,
     append_json_line,
     append_text,
     atomic_write_text,
@@ -511,6 +512,7 @@ class Trainer:
             # hide events of an earlier run (fresh start) or of the epoch lost at the kill (resume)
             purge = (self.start_epoch - 1) * steps + 1 if resume else 0
             self.tb_writer = SummaryWriter(self.path("train.events"), purge_step=purge)
+            self._tb_guard = EventFileGuard(self.tb_writer, self.path("train.events"))
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 self.train_epoch(epoch)
@@ -526,22 +528,13 @@ class Trainer:
         return {"best_acc": self.best_acc, "last": self.history[-1] if self.history else {}, "log_path": self.log_path}
 
     def _close_events(self, failed: bool = False) -> None:
-        """Close the TensorBoard writer. Its storage error (a full disk) names ``train.events``,
-        or is dropped when the run is failing already (that error says more); either way the
-        writer's thread is stopped, so tensorboardX does not retry (and fail) at exit."""
+        """Close the TensorBoard writer; raise its storage error (:class:`EventFileGuard`) unless
+        the run is failing already (that error says more)."""
         writer, self.tb_writer = self.tb_writer, None
-        if writer is None:
-            return
-        try:
-            with name_os_errors(self.path("train.events")):
-                writer.close()
-        except OSError:
-            for events in (w.event_writer for w in writer.all_writers.values()):  # tensorboardX's own parts
-                if events._worker is not None:
-                    events._worker.stop()
-                events._closed = True
+        if writer is not None:
+            writer.close()
             if not failed:
-                raise
+                self._tb_guard.check()
 
     def train_epoch(self, epoch: int) -> dict:
         """Train one epoch, evaluate, log and checkpoint; return the epoch's metrics record."""
@@ -645,8 +638,8 @@ class Trainer:
             for k, v in record.items():
                 if k != "epoch" and isinstance(v, (int, float)):
                     self.tb_writer.add_scalar(f"epoch/{k}", v, step)
-            with name_os_errors(self.path("train.events")):  # a full disk names no file
-                self.tb_writer.flush()
+            self.tb_writer.flush()
+            self._tb_guard.check()
         if self.task is not None:
             self.log(self.task.summary(record, self.epochs), "EVAL")
             return

@@ -35,6 +35,7 @@ from .fileio import atomic_write
 
 __all__ = [
     "save_checkpoint",
+    "check_checkpoint_file",
     "load_checkpoint",
     "extract_state_dict",
     "read_state_dict",
@@ -88,6 +89,15 @@ class _WriteRecorder:
         self.f.flush()
 
 
+def check_checkpoint_file(path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is an existing file (a folder gets its own words)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint '{path}' is a folder; give a checkpoint file in it (latest, student_best, ...)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' not found; give the path of an existing checkpoint file")
+
+
 def load_checkpoint(path: str, map_location="cpu"):
     """Read a checkpoint with ``torch.load(weights_only=True)`` (a ``.safetensors`` file with safetensors).
 
@@ -97,8 +107,7 @@ def load_checkpoint(path: str, map_location="cpu"):
     containers (those are never unpickled).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' not found; give the path of an existing checkpoint file")
+    check_checkpoint_file(path)
     if path.endswith(".safetensors"):
         return _load_safetensors(path, map_location)
     _check_not_compressed(path)

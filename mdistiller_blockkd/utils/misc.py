@@ -9,6 +9,8 @@
 * :func:`atomic_write_text`, :func:`append_text`, :func:`append_line`,
   :func:`append_json_line` -- files written so that a killed process never leaves a
   half-written file or line (the atomic writes come from :mod:`.fileio`).
+* :class:`EventFileGuard` -- keeps a storage error of tensorboardX's writing thread for
+  the trainer to raise.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "append_text",
     "append_line",
     "append_json_line",
+    "EventFileGuard",
 ]
 
 
@@ -188,3 +191,41 @@ def _json_safe(value):
 def append_json_line(path: str, record: dict) -> None:
     """Append ``record`` as one JSON line (non-finite floats become ``null``) with :func:`append_line`."""
     append_line(path, json.dumps(_json_safe(record), separators=(", ", ": ")))
+
+
+class EventFileGuard:
+    """Stands between a tensorboardX ``SummaryWriter`` and its events file.
+
+    tensorboardX writes the file in a thread of its own. A storage error there (a full
+    disk) would end that thread with a traceback on stderr, and the trainer would then
+    block for ever on the writer's full queue. Behind this guard the thread keeps going and
+    the first such ``OSError`` is kept; :meth:`check`, called after the trainer's flushes
+    and after ``close``, raises it naming ``path``. Later writes are dropped.
+    """
+
+    def __init__(self, writer, path: str):
+        self.path, self.error = path, None
+        events = writer.file_writer.event_writer  # tensorboardX's parts: the file writer, shared with its thread
+        self._events = events._ev_writer
+        events._ev_writer = events._worker._record_writer = self
+
+    def _call(self, name: str, *args) -> None:
+        if self.error is None:
+            try:
+                getattr(self._events, name)(*args)
+            except OSError as e:
+                self.error = e
+
+    def write_event(self, event) -> None:
+        self._call("write_event", event)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
+
+    def check(self) -> None:
+        """Raise the kept storage error, naming the events file."""
+        if self.error is not None:
+            raise OSError(self.error.errno, os.strerror(self.error.errno), self.path) from self.error
