@@ -16,7 +16,9 @@ a checkout; see :func:`resolve_config` and :func:`list_configs`.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 
 from yacs.config import CfgNode as CN
 
@@ -191,27 +193,6 @@ CFG.SOLVER.WARMUP_EPOCHS = 0.0  # linear / cosine: epochs (fractions allowed) of
 CFG.SOLVER.CLIP_GRAD_NORM = 0.0  # > 0: clip the gradients' global L2 norm to this before each update (BERT: 1.0)
 # ---- end of text block ----
 
-def _check(cfg):
-    amp = str(cfg.SOLVER.AMP).lower()
-    if amp not in ("off", "bf16", "fp16"):
-        raise ConfigError(f"SOLVER.AMP is '{cfg.SOLVER.AMP}'; use one of off, bf16, fp16")
-    if str(cfg.SOLVER.TYPE).strip().upper() not in ("SGD", "ADAMW"):
-        raise ConfigError(f"SOLVER.TYPE is '{cfg.SOLVER.TYPE}'; use SGD (mdistiller's) or AdamW")
-    if cfg.SOLVER.EPOCHS < 1 or cfg.SOLVER.BATCH_SIZE < 1:
-        raise ConfigError("SOLVER.EPOCHS and SOLVER.BATCH_SIZE must be >= 1")
-    _check_text_and_recipe(cfg)
-    if int(cfg.LOG.EVAL_HEADS_FREQ) < 0:
-        raise ConfigError(f"LOG.EVAL_HEADS_FREQ is {cfg.LOG.EVAL_HEADS_FREQ}; use 0 (never) or a positive number of epochs")
-    for key in ("PROJECT", "NAME", "TAG"):  # the run folder is LOG.PREFIX/<PROJECT>/<NAME or TAG>
-        value = str(cfg.EXPERIMENT[key])
-        parts = value.replace("\\", "/").split("/")
-        if os.path.isabs(value) or value.startswith(("/", "\\")) or ".." in parts:
-            raise ConfigError(
-                f"EXPERIMENT.{key} is '{value}'; it names a folder inside LOG.PREFIX, so it may not be an absolute "
-                "path or contain '..': give a plain name such as 'kd_res56_res20' (set LOG.PREFIX to write elsewhere)"
-            )
-
-
 def _check_text_and_recipe(cfg):
     """The keys of the text block: schedule, warm-up, clipping, text length (one error per bad value)."""
     s = cfg.SOLVER
@@ -234,6 +215,213 @@ def _check_text_and_recipe(cfg):
     if isinstance(length, bool) or not isinstance(length, int) or length < 8:
         raise ConfigError(f"DATASET.TEXT.MAX_LENGTH is {length!r}; use an integer >= 8 (GLUE: 128)")
 
+# -- validation ------------------------------------------------------------------------
+#: Ranges of numeric options, checked by :func:`load_cfg` for every command: ``key: (low,
+#: high, what)``; a number is an inclusive bound, ``">0"`` / ``"<1"`` a strict one, None
+#: no bound; a list's every item is checked. Options that one component reads
+#: (``DATASET.SYNTHETIC.*``, the model names...) are checked there.
+_RANGES = {
+    "SOLVER.EPOCHS": (1, None, "a number of epochs"),
+    "SOLVER.BATCH_SIZE": (1, None, "images per step and process"),
+    "SOLVER.LR": (0, None, "a learning rate; mdistiller uses 0.05"),
+    "SOLVER.LR_DECAY_STAGES": (0, None, "epochs after which the learning rate decays, e.g. [150, 180, 210]"),
+    "SOLVER.LR_DECAY_RATE": (0, None, "the factor of each decay; mdistiller uses 0.1"),
+    "SOLVER.WEIGHT_DECAY": (0, None, "an L2 factor; mdistiller uses 5e-4"),
+    "SOLVER.MOMENTUM": (0, "<1", "SGD momentum; mdistiller uses 0.9"),
+    "DATASET.NUM_WORKERS": (0, None, "0 loads in the main process"),
+    "DATASET.TEST.BATCH_SIZE": (1, None, "images per evaluation batch"),
+    "DATASET.TRAIN_SUBSET": (0, None, "0 = the whole set"),
+    "DATASET.TEST_SUBSET": (0, None, "0 = the whole set"),
+    "DATASET.VAL_SPLIT": (0, None, "0 = no validation split"),
+    "DATASET.IMAGE_SIZE": (1, None, "a crop size such as 224"),
+    "LOG.TENSORBOARD_FREQ": (0, None, "0 = never"),
+    "LOG.SAVE_CHECKPOINT_FREQ": (0, None, "0 = never"),
+    "LOG.EVAL_HEADS_FREQ": (0, None, "0 = never"),
+    "KD.TEMPERATURE": (">0", None, "a temperature; mdistiller uses 4"),
+    "DKD.T": (">0", None, "a temperature; mdistiller uses 4.0"),
+    "LSKD.T": (">0", None, "a temperature; the default is 2.0"),
+    "BLOCKKD.T": (">0", None, "a temperature: 4 on CIFAR-style data, 1 on ImageNet"),
+    "DKD.WARMUP": (0, None, "0 = no warm-up"),
+    "REVIEWKD.WARMUP_EPOCHS": (0, None, "0 = no warm-up"),
+    "BLOCKKD.WARMUP": (0, None, "0 = no warm-up"),
+    "BLOCKKD.DENSE_EPOCHS": (0, None, "0 = the STONES schedule from the start"),
+    "DETECTION.DISTILL_WARMUP_STEPS": (0, None, "0 = warm-ups count epochs"),
+    "REVIEWKD.SHAPES": (1, None, "feature sizes in pixels"),
+    "REVIEWKD.OUT_SHAPES": (1, None, "feature sizes in pixels"),
+    "REVIEWKD.IN_CHANNELS": (1, None, "channel counts"),
+    "REVIEWKD.OUT_CHANNELS": (1, None, "channel counts"),
+    "REVIEWKD.MAX_MID_CHANNEL": (1, None, "a channel count"),
+    "DETECTION.MIN_SIZE": (1, None, "a size in pixels; torchvision uses 800"),
+    "DETECTION.MAX_SIZE": (1, None, "a size in pixels; torchvision uses 1333"),
+    "DETECTION.IMAGE_STD": (">0", None, "per-channel standard deviations"),
+    "DETECTION.FPN_CHANNELS": (1, None, "a channel count; torchvision uses 256"),
+    "DETECTION.REPRESENTATION_SIZE": (1, None, "a width; torchvision uses 1024"),
+    "DETECTION.RPN_PRE_NMS_TOP_N_TRAIN": (1, None, "a number of proposals"),
+    "DETECTION.RPN_PRE_NMS_TOP_N_TEST": (1, None, "a number of proposals"),
+    "DETECTION.RPN_POST_NMS_TOP_N_TRAIN": (1, None, "a number of proposals"),
+    "DETECTION.RPN_POST_NMS_TOP_N_TEST": (1, None, "a number of proposals"),
+    "DETECTION.RPN_BATCH_SIZE_PER_IMAGE": (1, None, "a number of anchors"),
+    "DETECTION.BOX_BATCH_SIZE_PER_IMAGE": (1, None, "a number of proposals"),
+    "DETECTION.DETECTIONS_PER_IMAGE": (1, None, "a number of boxes"),
+    "DETECTION.BOX_SCORE_THRESH": (0, 1, "a score threshold"),
+}
+#: Loss weights: each must be >= 0.
+_WEIGHTS = ("KD.LOSS.CE_WEIGHT", "KD.LOSS.KD_WEIGHT", "DKD.CE_WEIGHT", "DKD.ALPHA", "DKD.BETA", "REVIEWKD.CE_WEIGHT",
+            "REVIEWKD.REVIEWKD_WEIGHT", "LSKD.CE_WEIGHT", "LSKD.KD_WEIGHT", "BLOCKKD.ALPHA", "BLOCKKD.BETA",
+            "BLOCKKD.GAMMA", "BLOCKKD.DKD_ALPHA", "BLOCKKD.DKD_BETA")
+#: Integers beyond this overflow torch and numpy (64-bit).
+_INT_LIMIT = 2 ** 63 - 1
+
+_TYPE_WORDS = {bool: "True or False", int: "a whole number", float: "a number with a decimal point",
+               str: "a text value", list: "a list", tuple: "a list"}
+
+
+def _describe_type(default) -> str:
+    if isinstance(default, CN):
+        return "a section of settings (KEY: value lines under it)"
+    words = _TYPE_WORDS.get(type(default), type(default).__name__)
+    return f"{words} such as {default!r}" if not isinstance(default, (list, tuple)) or default else words
+
+
+def _type_hint(given, default) -> str:
+    if isinstance(default, float) and isinstance(given, int) and not isinstance(given, bool):
+        return f"; write {given}.0"
+    if isinstance(default, (int, float)) and isinstance(given, str) and given.strip().lower() in (
+            "nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+        return "; give a finite number"
+    if isinstance(default, (list, tuple)) and isinstance(given, str):
+        return "; write the list with quotes around text items, e.g. ['a', 'b'], or numbers, e.g. [1, 2]"
+    return ""
+
+
+def _lookup(node, key: str, missing=None):
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
+def _items(node, prefix=""):
+    """``(dotted key, key, value)`` of every entry of a nested mapping, depth first."""
+    for k, v in node.items():
+        dotted = f"{prefix}{k}"
+        yield dotted, k, v
+        if isinstance(v, dict):
+            yield from _items(v, dotted + ".")
+
+
+def _number_problem(key: str, value):
+    """Why the number ``value`` (in ``key``, maybe inside a list) cannot be used, or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and abs(value) > _INT_LIMIT:
+        return f"{key} holds {value}, too large (the limit is {_INT_LIMIT}); give a smaller number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key} holds {value}; give a finite number"
+    return None
+
+
+def _check_values(cfg, base) -> None:
+    """Every leaf against its default in ``base``: set (not null), list items of the default's
+    type, numbers that fit 64 bits and are finite. (``BLOCKKD.PAIRS``, empty by default, is
+    checked by Block-KD's own option check.)"""
+    for key, _, value in _items(cfg):
+        if isinstance(value, dict):
+            continue
+        default = _lookup(base, key)
+        if value is None and default is not None:
+            raise ConfigError(f"{key} is empty (null); give {_describe_type(default)}")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            problem = _number_problem(key, item)
+            if problem:
+                raise ConfigError(problem)
+        if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)) and default:
+            want = type(default[0])
+            for item in value:
+                ok = (isinstance(item, (int, float)) and not isinstance(item, bool)) if want is float else (
+                    type(item) is want)
+                if not ok:
+                    raise ConfigError(f"{key} is {list(value)!r}: the item {item!r} is not {_TYPE_WORDS[want]}; "
+                                      f"give a list like the default {list(default)!r}")
+
+
+def _check_ranges(cfg) -> None:
+    checks = dict(_RANGES, **{k: (0, None, "a loss weight") for k in _WEIGHTS})
+    for key, (low, high, what) in checks.items():
+        value = _lookup(cfg, key)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            bounds = []
+            for bound, op in ((low, ">="), (high, "<=")):
+                if bound is None:
+                    continue
+                if isinstance(bound, str):
+                    op, bound = bound[0], float(bound[1:])
+                ok = {">=": v >= bound, ">": v > bound, "<=": v <= bound, "<": v < bound}[op]
+                bounds.append((ok, f"{op} {bound:g}"))
+            if not all(ok for ok, _ in bounds):
+                shown = f"{key} is {value!r}" if v is value else f"{key} is {list(value)!r} (item {v!r})"
+                raise ConfigError(f"{shown}; it must be {' and '.join(b for _, b in bounds)} ({what})")
+
+
+def _check(cfg, base) -> None:
+    """Validate a merged config (see :func:`load_cfg`); raise :class:`ConfigError` naming the first bad key."""
+    _check_values(cfg, base)
+    amp = str(cfg.SOLVER.AMP).lower()
+    if amp not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"SOLVER.AMP is '{cfg.SOLVER.AMP}'; use one of off, bf16, fp16")
+    if str(cfg.SOLVER.TYPE).strip().upper() not in ("SGD", "ADAMW"):
+        raise ConfigError(f"SOLVER.TYPE is '{cfg.SOLVER.TYPE}'; use SGD (mdistiller's) or AdamW")
+    _check_ranges(cfg)
+    _check_text_and_recipe(cfg)
+    for key in ("PROJECT", "NAME", "TAG"):  # the run folder is LOG.PREFIX/<PROJECT>/<NAME or TAG>
+        value = str(cfg.EXPERIMENT[key])
+        parts = value.replace("\\", "/").split("/")
+        if os.path.isabs(value) or value.startswith(("/", "\\")) or ".." in parts:
+            raise ConfigError(
+                f"EXPERIMENT.{key} is '{value}'; it names a folder inside LOG.PREFIX, so it may not be an absolute "
+                "path or contain '..': give a plain name such as 'kd_res56_res20' (set LOG.PREFIX to write elsewhere)"
+            )
+
+
+def _read_yaml(path: str) -> dict:
+    """The mapping a config YAML holds; :class:`ConfigError` for a file that is not one."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; give a YAML config") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{path}: not valid YAML ({what}{at}); fix the syntax there") from None
+    if data is None:
+        raise ConfigError(f"{path} holds no settings (it is empty or only comments); give a config YAML such as "
+                          "configs/cifar100/kd/res56_res20.yaml")
+    if not isinstance(data, dict):
+        shown = " ".join(repr(data).split())[:60]
+        raise ConfigError(f"{path}: the top level is a {type(data).__name__} ({shown}), not a mapping of settings; "
+                          "write sections of KEY: value lines, e.g. 'SOLVER:' then '  LR: 0.05'")
+    bad = next((k for _, k, _ in _items(data) if not isinstance(k, str)), None)
+    if bad is not None:
+        raise ConfigError(f"{path}: the key {bad!r} is not a name; keys are names such as SOLVER or LR")
+    return data
+
+
+def _mismatch(where: str, e: ValueError, cfg, base, given_of) -> ConfigError:
+    """A yacs type mismatch as one line naming the key, the value given and the type it takes."""
+    found = re.search(r"for config key: (\S+)\s*$", str(e))
+    if not found:
+        return ConfigError(f"{where}: {' '.join(str(e).split())[:300]}")
+    key = found.group(1)
+    default, given = _lookup(base, key, _lookup(cfg, key)), given_of(key)
+    shown = "empty (null)" if given is None else " ".join(repr(given).split())[:80]
+    return ConfigError(f"{where}: {key} is {shown}, but it takes {_describe_type(default)}{_type_hint(given, default)}")
+
 
 def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:
     """Return a frozen copy of ``CFG`` merged with the YAML at ``path`` and ``opts``.
@@ -241,26 +429,40 @@ def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:
     ``path`` is a file or the short name of a shipped config (see :func:`resolve_config`).
 
     ``opts`` is the trailing ``KEY VALUE ...`` list of the command line.
+
+    Everything a user can get wrong raises one :class:`ConfigError` line naming the key or
+    the file: a YAML that does not parse or is not a mapping, an unknown key, a value of
+    the wrong type (also inside lists), null, an integer too large for 64 bits, a
+    non-finite number, or a number out of its range (:data:`_RANGES`: negative learning
+    rates, zero epochs, ...).
     """
-    cfg = (base or CFG).clone()
+    base = base or CFG
+    cfg = base.clone()
     if path:
         path = resolve_config(path)
+        data = _read_yaml(path)
         try:
-            cfg.merge_from_file(path)
+            cfg.merge_from_other_cfg(CN(data))
         except KeyError as e:
             raise ConfigError(f"{path}: {e.args[0]}; check the key's spelling against mdistiller_blockkd/config.py") from None
-        except (ValueError, TypeError, AssertionError) as e:
+        except ValueError as e:
+            raise _mismatch(path, e, cfg, base, lambda key: _lookup(data, key)) from None
+        except (TypeError, AssertionError) as e:
             raise ConfigError(f"{path}: {e}") from None
     if opts:
         if len(opts) % 2:
             raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(opts)}")
-        try:
-            cfg.merge_from_list(list(opts))
-        except KeyError as e:
-            raise ConfigError(f"override: {e.args[0]}; check the key's spelling against mdistiller_blockkd/config.py") from None
-        except (ValueError, TypeError, AssertionError) as e:
-            raise ConfigError(f"override: {e}") from None
-    _check(cfg)
+        opts = list(opts)
+        for key, value in zip(opts[0::2], opts[1::2]):  # one at a time: an error names its own pair
+            try:
+                cfg.merge_from_list([key, value])
+            except KeyError as e:
+                raise ConfigError(f"override: {e.args[0]}; check the key's spelling against mdistiller_blockkd/config.py") from None
+            except ValueError as e:
+                raise _mismatch("override", e, cfg, base, lambda _key: CN._decode_cfg_value(value)) from None
+            except (TypeError, AssertionError) as e:
+                raise ConfigError(f"override: {e}") from None
+    _check(cfg, base)
     cfg.freeze()
     return cfg
 

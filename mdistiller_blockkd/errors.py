@@ -4,9 +4,15 @@ Every error a user can cause (bad config key, unknown model, missing checkpoint 
 dataset, NaN loss, ...) is raised as a :class:`UserError` whose message names the bad
 value and the fix. The command-line tools print it as a single line and exit with a
 non-zero status instead of showing a traceback.
+
+The storage the user points a command at fails in ways no code can prevent (a full disk,
+a read-only folder, a name too long for the file system): :func:`run_cli` prints such
+an ``OSError`` as one line too, naming the path and the error in words
+(:func:`describe_os_error`). Other exceptions -- programming errors -- keep their traceback.
 """
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -75,12 +81,58 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+#: errno values of an ``OSError`` that the user's storage caused, with the fix to suggest.
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "free some space, or write somewhere else",
+    errno.EDQUOT: "free some space (disk quota), or write somewhere else",
+    errno.EFBIG: "the file is larger than this file system allows; write somewhere else",
+    errno.EROFS: "the file system is read-only; choose a writable folder",
+    errno.EACCES: "check the permissions, or choose another folder",
+    errno.EPERM: "check the permissions, or choose another folder",
+    errno.ENAMETOOLONG: "use a shorter name (EXPERIMENT.NAME, LOG.PREFIX or the path given)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "it is a folder; give a file path",
+    errno.EEXIST: "a file of that name is in the way; move it or choose another path",
+    errno.ELOOP: "the path has a symbolic-link loop; choose another path",
+    errno.EIO: "the storage reported an input/output error; check the disk or choose another folder",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) or lower DATASET.NUM_WORKERS",
+    errno.ENFILE: "too many open files on the system; raise the limit or lower DATASET.NUM_WORKERS",
+}
+
+
+def describe_os_error(e: BaseException):
+    """One line for an ``OSError`` caused by the user's storage (full, read-only, name too
+    long, ...): ``'<path>': <the errno in words> (<ERRNO>); <fix>`` (``writing failed: ...``
+    when the error names no file, e.g. a full disk under the standard output). ``None`` for
+    any other exception, and for an ``OSError`` with another errno (those are bugs)."""
+    if not isinstance(e, OSError) or e.errno not in _STORAGE_ERRNOS:
+        return None
+    path = e.filename2 if e.filename2 is not None else e.filename  # a rename's destination
+    where = "writing failed" if path is None else f"'{os.fsdecode(path)}'"
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    return f"{where}: {os.strerror(e.errno)} ({name}); {_STORAGE_ERRNOS[e.errno]}"
+
+
+def describe_out_of_memory(e: BaseException):
+    """One line for running out of memory (``MemoryError``, torch's ``OutOfMemoryError``, or
+    its CPU allocator's failure); ``None`` for any other exception."""
+    text = " ".join(str(e).split())
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in text)):
+        return None
+    detail = text[:160] + ("..." if len(text) > 160 else "")
+    return (f"out of memory ({type(e).__name__}: {detail}); lower the batch size (SOLVER.BATCH_SIZE, "
+            "DATASET.TEST.BATCH_SIZE, --batch-size) or the image size, or use a machine with more memory")
+
+
 def run_cli(main, argv=None) -> int:
     """Run ``main(argv)`` as a command: return its exit status, or exit with one line for a user error.
 
     The status is ``main``'s result when it is an ``int``, else 0. A
     :class:`UserError` prints ``error: <message>`` on stderr and exits with its
-    ``exit_code``; Ctrl-C prints ``interrupted`` and exits with 130; SIGTERM unwinds as
+    ``exit_code``, and so does (with status 2) an ``OSError`` of the user's storage
+    (:func:`describe_os_error`) and running out of memory (:func:`describe_out_of_memory`);
+    Ctrl-C prints ``interrupted`` and exits with 130; SIGTERM unwinds as
     :class:`Terminated` (:func:`sigterm_raises`), prints ``terminated`` and exits with 143.
     Every command of the package (``mdistiller_blockkd.cli.*``) runs through this function.
     """
@@ -90,6 +142,12 @@ def run_cli(main, argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except (OSError, MemoryError, RuntimeError) as e:
+        line = describe_os_error(e) or describe_out_of_memory(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

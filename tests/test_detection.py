@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -132,6 +133,41 @@ def test_unknown_category_and_missing_image_are_errors(tmp_path):
     write_coco(str(tmp_path / "b"), [img(1)], [], make_files=False)
     with pytest.raises(DatasetError, match=r"1\.png.*not found"):
         CocoDetection(str(tmp_path / "b"), "train2017")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("bbox", "1,1,5,5", r"annotation 1 has bbox '1,1,5,5'; expected \[x, y, width, height\], four finite numbers"),
+    ("bbox", [1, float("nan"), 5, 5], r"annotation 1 has bbox \[1, nan, 5, 5\]"),
+    ("bbox", [1, 1, 5], r"annotation 1 has bbox \[1, 1, 5\]"),
+    ("bbox", ["1", "1", "5", "5"], "four finite numbers"),
+    ("bbox", None, "annotation 1 has bbox None"),
+    ("category_id", "1", "annotation 1 has 'category_id' '1'; it must be a whole number"),
+    ("image_id", [1], r"annotation 1 has 'image_id' \[1\]; it must be a whole number"),
+    ("iscrowd", "yes", "annotation 1 has iscrowd 'yes'; use 0 or 1"),
+    ("image.width", "40", "image 1 has 'width' '40'; it must be a whole number >= 1"),
+    ("image.height", 0, "image 1 has 'height' 0; it must be a whole number >= 1"),
+    ("image.file_name", 3, "image 1 has 'file_name' 3; it must be a text value"),
+    ("image.id", 1.5, "an entry of 'images' has 'id' 1.5"),
+    ("categories", [{"name": "a"}], "an entry of 'categories' has 'id' missing"),
+    ("categories", [{"id": 1}, {"id": 1}], "category id 1 is listed twice"),
+    ("categories", ["a"], "an entry of 'categories' is 'a', not an object"),
+    ("annotations", [5], "an entry of 'annotations' is 5, not an object"),
+])
+def test_malformed_coco_fields_are_one_dataset_error_naming_file_and_field(tmp_path, field, value, match):
+    root = str(tmp_path)
+    write_coco(root, [img(1)], [ann(1, 1, [1, 1, 5, 5])])
+    path = os.path.join(root, "annotations", "instances_train2017.json")
+    data = json.load(open(path))
+    if field.startswith("image."):
+        data["images"][0][field[len("image."):]] = value
+    elif field in ("categories", "annotations"):
+        data[field] = value
+    else:
+        data["annotations"][0][field] = value
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(DatasetError, match=f"'{re.escape(path)}': .*{match}"):
+        CocoDetection(root, "train2017")
 
 
 def test_teacher_with_other_categories_is_an_error(tmp_path, coco_root):

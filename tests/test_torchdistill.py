@@ -230,6 +230,36 @@ def test_ddp_needs_find_unused_parameters_with_sampled_stones(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"temperature": float("nan")}, "temperature is nan"), ({"temperature": float("inf")}, "temperature is inf"),
+    ({"warmup": float("nan")}, "warmup is nan"), ({"warmup": float("inf")}, "warmup is inf"),
+    ({"temperature": "abc"}, "temperature is 'abc'"), ({"temperature": 0}, "temperature is 0; it must be a finite number > 0"),
+    ({"beta": -1.0}, "beta is -1.0; it must be a finite number >= 0"),
+])
+def test_losses_refuse_non_finite_or_negative_numbers(kwargs, match):
+    from mdistiller_blockkd.integrations import torchdistill as td
+
+    for loss in (td.BlockKDLoss, td.DKDLoss):
+        with pytest.raises(ConfigError, match=f"{loss.__name__} {match}"):
+            loss(**kwargs)
+
+
+def test_other_class_counts_are_one_config_error():
+    from mdistiller_blockkd.integrations import torchdistill as td
+
+    config = load_config()
+    config["models"]["student_model"]["kwargs"]["num_classes"] = 5
+    teacher, student = models(config)
+    with pytest.raises(ConfigError, match="BlockKDStudent: the student classifies 5 classes but the teacher 10"):
+        make_box(config, teacher, student)
+    with pytest.raises(ConfigError, match="DKDLoss: the student gives 5 class scores but the teacher 10"):
+        td.DKDLoss(warmup=0)({".": {"output": torch.zeros(2, 5)}}, {".": {"output": torch.zeros(2, 10)}},
+                             torch.tensor([0, 1]))
+    out = td.BlockKDOutput(torch.zeros(2, 5), [torch.zeros(2, 10)], [1.0], 1.0)
+    with pytest.raises(ConfigError, match="BlockKDLoss: the student gives 5 class scores but the teacher 10"):
+        td.BlockKDLoss(warmup=0)({".": {"output": out}}, {".": {"output": torch.zeros(2, 10)}}, torch.tensor([0, 1]))
+
+
 def test_imagenet_yaml_names_torchvision_resnets_and_the_integration(tmp_path):
     from PIL import Image
 

@@ -131,5 +131,7 @@ def check_options(args) -> None:
         raise ConfigError(f"--warmup is {args.warmup}; it must be >= 0")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads is {args.threads}; it must be >= 1")
+    if not 0 <= args.seed < 2 ** 63 - 1:
+        raise ConfigError(f"--seed is {args.seed}; it must be >= 0 and < 2**63 - 1")
     if args.profile < 0:
         raise ConfigError(f"--profile is {args.profile}; give a number of steps >= 1, or leave it out")

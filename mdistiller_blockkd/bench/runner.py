@@ -24,7 +24,10 @@ class Runner:
     """Builds entries and runs their training steps with the chosen device / AMP / layout."""
 
     def __init__(self, args):
-        self.device = torch.device(args.device)
+        try:
+            self.device = torch.device(args.device)
+        except RuntimeError:
+            raise ConfigError(f"--device '{args.device}' is not a device; use cpu or cuda[:N]") from None
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError("--device cuda asked for but CUDA is not available; use --device cpu")

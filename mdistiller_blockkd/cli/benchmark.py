@@ -95,7 +95,7 @@ import torch
 
 from ..bench import check_options, run_benchmark
 from ..errors import run_cli
-from ..utils.fileio import atomic_write_text
+from ..utils.fileio import atomic_write_text, check_output_path
 from ..utils.overrides import split_overrides
 from ..utils.precision import AMP_CHOICES
 
@@ -146,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     check_options(args)
+    check_output_path(args.json, "--json")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     overrides = split_overrides(args.opts)

@@ -67,7 +67,7 @@ import yaml  # noqa: E402
 from ..errors import ConfigError, UserError, run_cli  # noqa: E402
 from ..results.stats import read_metrics  # noqa: E402
 from ..results.labels import label_keys  # noqa: E402
-from ..utils.fileio import atomic_write_text  # noqa: E402
+from ..utils.fileio import atomic_write_text, check_output_path  # noqa: E402
 from ..utils.runfolder import run_finished  # noqa: E402
 
 DEFAULT_OUT = os.path.join("output", "demo")
@@ -156,6 +156,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(args.opts)}")
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    check_output_path(args.out, "--out", folder=True)
     if args.quick:
         args.epochs = 1 if args.epochs is None else args.epochs
         args.teacher_epochs = 1 if args.teacher_epochs is None else args.teacher_epochs

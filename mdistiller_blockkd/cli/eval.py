@@ -15,7 +15,6 @@ dict, or a training state (``latest``, ``best``, ``epoch_<n>``: its student is u
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..errors import ConfigError, run_cli
@@ -44,7 +43,7 @@ def main(argv=None):
     from ..data import build_datasets, dataset_description
     from ..distillers import Vanilla
     from ..config import load_cfg
-    from ..utils.checkpoint import load_model_weights
+    from ..utils.checkpoint import check_checkpoint_file, load_model_weights
     from ..engine.trainer import evaluate_model
     from ..models import build_model
     from ..registry import import_modules
@@ -59,8 +58,7 @@ def main(argv=None):
         raise ConfigError("name the model: give -m MODEL, or --cfg FILE whose DISTILLER.STUDENT is the model")
     cfg = load_cfg(args.cfg, opts)
     name = args.model or cfg.DISTILLER.STUDENT
-    if not os.path.isfile(args.ckpt):
-        raise ConfigError(f"checkpoint '{args.ckpt}' not found; give the path of an existing checkpoint file")
+    check_checkpoint_file(args.ckpt)  # before the data is read
     _, val_set, num_classes = build_datasets(cfg)
     model = build_model(name, num_classes=num_classes)
     load_model_weights(model, args.ckpt, name=name, prefix="student.")

@@ -32,8 +32,14 @@ error; Block-KD's last scored stone and teacher accuracies; the runs' own traini
 ms/step; and a list of the runs. A run is ``complete`` when it is finished
 (``mdistiller_blockkd.utils.runfolder.run_finished``: the record of epoch ``SOLVER.EPOCHS``
 and the final checkpoints ``latest``, ``student_latest``, ``ckpt_epoch_<N>.pth``); one
-still in progress or stopped counts with its epochs so far and is marked ``partial``. Missing files, unreadable lines and
-runs with no evaluated epoch are reported as warnings on stderr and skipped.
+still in progress or stopped counts with its epochs so far and is marked ``partial``. A run
+folder that cannot be used -- a missing, unreadable or malformed ``config.yaml``
+(``SOLVER.EPOCHS`` not a whole number...), a damaged ``metrics.jsonl`` (a bad line before
+the last one, an epoch that is not a number), no evaluated epoch -- is skipped with a
+warning on stderr and the other runs are reported; a last line cut short by a kill is
+dropped with a warning. ``--out`` and ``--plots`` of the wrong kind (a folder for the file,
+a file for the folder, a path under a file) stop the command with one ``error:`` line
+before anything is read.
 
 ``--plots DIR`` (needs matplotlib; the Agg backend, no display) writes
 ``test_acc.png`` (test top-1 per epoch, one panel per pair, one line per method, mean
@@ -67,7 +73,7 @@ from ..errors import UserError, run_cli
 from ..results.labels import (cfg_get, default_value, distiller_nodes, label_keys as registry_label_keys, method_label,
                               method_sort_key, report_label_keys, variant_label)
 from ..results.stats import mean_std, read_metrics, welch
-from ..utils.fileio import atomic_write_bytes_from, atomic_write_text
+from ..utils.fileio import atomic_write_bytes_from, atomic_write_text, check_output_path
 from ..utils.runfolder import missing_final_files
 
 METRICS, CONFIG = "metrics.jsonl", "config.yaml"
@@ -214,16 +220,25 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
     try:
         with open(cfg_path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        warn(f"{cfg_path}: cannot be read ({e}); skipped")
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8 text
+        warn(f"{cfg_path}: cannot be read ({' '.join(str(e).split())[:160]}); skipped")
         return None
-    if not isinstance(cfg, dict):
-        warn(f"{cfg_path}: not a config mapping; skipped")
+    problem = _config_problem(cfg)
+    if problem:
+        warn(f"{cfg_path}: {problem}; skipped")
         return None
     if not os.path.isfile(met_path):
         warn(f"{path}: no {METRICS} yet (no finished epoch); skipped")
         return None
-    records, problems = read_metrics(met_path)
+    try:
+        records, problems = read_metrics(met_path, skip_damaged=False)
+    except (OSError, ValueError) as e:
+        warn(f"{' '.join(str(e).split())[:200]}; skipped")
+        return None
+    bad = next((r for r in records if "epoch" in r and (type(r["epoch"]) is not int or r["epoch"] < 1)), None)
+    if bad is not None:
+        warn(f"{met_path}: a record has epoch {bad['epoch']!r}, not an epoch number; skipped")
+        return None
     for p in problems:
         warn(p)
     kind = str(cfg_get(cfg, "DISTILLER.TYPE", "NONE")).upper()
@@ -237,8 +252,8 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
         variant=variant_label(cfg, label_keys),
         cost_variant=variant_label(cfg),
         cfg=cfg,
-        seed=int(seed) if isinstance(seed, (int, float)) else 0,
-        planned_epochs=int(cfg_get(cfg, "SOLVER.EPOCHS", 240) or 240),
+        seed=seed,
+        planned_epochs=cfg_get(cfg, "SOLVER.EPOCHS", 240),
         records=records,
     )
     run.missing = missing_final_files(path, run.planned_epochs)
@@ -251,6 +266,20 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
         warn(f"{path}: every epoch is recorded but its final checkpoint(s) {', '.join(run.missing)} are missing "
              "(stopped while saving, or copied without them); included as partial")
     return run
+
+
+def _config_problem(cfg) -> Optional[str]:
+    """What makes a run's loaded ``config.yaml`` unusable here, or None."""
+    if not isinstance(cfg, dict):
+        return "not a config mapping"
+    for node in ("EXPERIMENT", "DATASET", "DISTILLER", "SOLVER", "BLOCKKD"):
+        if node in cfg and not isinstance(cfg[node], dict):
+            return f"{node} is {cfg[node]!r}, not a section of settings"
+    for key, default, low in (("SOLVER.EPOCHS", 240, 1), ("EXPERIMENT.SEED", 0, None), ("BLOCKKD.DENSE_EPOCHS", 0, 0)):
+        value = cfg_get(cfg, key, default)
+        if type(value) is not int or (low is not None and value < low):
+            return f"{key} is {value!r}, not a whole number" + (f" >= {low}" if low is not None else "")
+    return None
 
 
 def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> None:
@@ -930,7 +959,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if not args.runs and not args.root:
         raise UserError("give run directories (RUN_DIR ...) or --root DIR; see --help")
-    plt = import_pyplot() if args.plots else None
+    check_output_path(args.out, "--out")
+    check_output_path(args.plots, "--plots", folder=True)
+    plt = import_pyplot() if args.plots is not None else None
     dirs = list(args.runs)
     for root in args.root:
         found = find_run_dirs(root)
@@ -952,9 +983,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     relabel_against_majority(runs, args.label_keys)
     costs = load_costs(args.cost) if args.cost else None
     groups = group_runs(runs)
+    methods = {m for (_p, m) in groups}
+    for base in args.baseline or []:
+        if base not in methods:
+            warn(f"--baseline {base}: no run of that method (methods: {', '.join(method_rows(groups))}); "
+                 "no difference table against it")
     text = build_markdown(runs, groups, args.baseline or ["KD"], costs, args.twin)
     print(text, end="")
-    if args.out:
+    if args.out is not None:
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)
     if plt is not None:

@@ -224,6 +224,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.jobs < 1:
         raise ConfigError(f"--jobs is {args.jobs}; use 1 or more")
+    if args.threads < 0:
+        raise ConfigError(f"--threads is {args.threads}; use 0 (CPU count // jobs) or more")
     if len(args.opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(args.opts)}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)

@@ -75,6 +75,7 @@ def main(argv=None):
     from ..utils import dist as du
     from ..utils.misc import seed_everything, set_deterministic
     from ..utils.runfolder import recorded_epoch
+    from ..utils.fileio import check_output_path
 
     import_modules(args.imports)
     cfg = load_cfg(args.cfg, args.opts)
@@ -85,6 +86,7 @@ def main(argv=None):
     detection = is_detection(cfg)  # DATASET.TYPE coco: torchvision Faster R-CNN (docs/detection.md)
     (check_detection_config if detection else check_distiller_config)(cfg)  # before any data is read or downloaded
     folder = output_dir(cfg)
+    check_output_path(folder, "the run folder (LOG.PREFIX/EXPERIMENT.PROJECT/NAME)", folder=True)
     if not args.resume:  # the trainer checks again under the folder's lock
         check_fresh_start(folder, int(cfg.SOLVER.EPOCHS), args.overwrite)
     elif os.path.isfile(os.path.join(folder, "latest")):  # again with the epoch of 'latest' by the trainer

@@ -39,6 +39,7 @@ Bad inputs (documented handling; every error is one :class:`DatasetError` line)
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -87,6 +88,22 @@ def _load_json(path: str, root: str, split: str) -> dict:
     return data
 
 
+def _field(path: str, what: str, entry, key: str, kind: type, low: Optional[int] = None):
+    """``entry[key]`` of a COCO ``what`` (image, annotation, category) entry, checked to be a
+    ``kind`` (an int is never a bool) of at least ``low``; else one :class:`DatasetError` line."""
+    plural = {"category": "categories"}.get(what, what + "s")
+    if not isinstance(entry, dict):
+        raise DatasetError(f"'{path}': an entry of '{plural}' is {' '.join(repr(entry).split())[:80]}, not an object "
+                           "with fields; expected a COCO instances file")
+    value = entry.get(key)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)) and (low is None or value >= low):
+        return value
+    name = f"{what} {entry['id']!r}" if isinstance(entry.get("id"), (int, str)) else f"an entry of '{plural}'"
+    want = {int: "a whole number", str: "a text value"}[kind] + (f" >= {low}" if low is not None else "")
+    found = "missing" if key not in entry else f"{' '.join(repr(value).split())[:60]}"
+    raise DatasetError(f"'{path}': {name} has '{key}' {found}; it must be {want} (COCO instances format)")
+
+
 class CocoDetection(Dataset):
     """A COCO-format split (see the module docstring).
 
@@ -111,10 +128,16 @@ class CocoDetection(Dataset):
         data = _load_json(self.ann_file, root, split)
         if not os.path.isdir(self.img_dir):
             raise DatasetError(f"image folder '{self.img_dir}' not found; the {split} images go there (COCO 2017 layout)")
-        self.categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+        for c in data["categories"]:
+            _field(self.ann_file, "category", c, "id", int)
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
         if not self.categories:
             raise DatasetError(f"annotation file '{self.ann_file}' lists no categories")
-        cat_ids = [int(c["id"]) for c in self.categories]
+        cat_ids = [c["id"] for c in self.categories]
+        if len(set(cat_ids)) != len(cat_ids):
+            dup = next(i for i in cat_ids if cat_ids.count(i) > 1)
+            raise DatasetError(f"'{self.ann_file}': category id {dup} is listed twice in 'categories'; give each "
+                               "category one entry")
         if category_ids_as_labels:
             if min(cat_ids) < 1:
                 raise DatasetError(f"'{self.ann_file}': category id {min(cat_ids)} < 1 cannot be a label "
@@ -127,14 +150,14 @@ class CocoDetection(Dataset):
         self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
         images = {}
         for im in data["images"]:
-            try:
-                images[int(im["id"])] = (str(im["file_name"]), int(im["width"]), int(im["height"]))
-            except (KeyError, TypeError, ValueError):
-                raise DatasetError(f"'{self.ann_file}': image entry {str(im)[:120]} needs id, file_name, width and "
-                                   "height") from None
+            iid = _field(self.ann_file, "image", im, "id", int)
+            images[iid] = (_field(self.ann_file, "image", im, "file_name", str),
+                           _field(self.ann_file, "image", im, "width", int, low=1),
+                           _field(self.ann_file, "image", im, "height", int, low=1))
         per_image: Dict[int, List[dict]] = {i: [] for i in images}
         for a in data["annotations"]:
-            iid, cid = int(a.get("image_id", -1)), int(a.get("category_id", -1))
+            iid = _field(self.ann_file, "annotation", a, "image_id", int)
+            cid = _field(self.ann_file, "annotation", a, "category_id", int)
             if iid not in images:
                 raise DatasetError(f"'{self.ann_file}': annotation {a.get('id')} refers to image id {iid}, which is "
                                    "not in 'images'")
@@ -156,14 +179,19 @@ class CocoDetection(Dataset):
                 raise DatasetError(f"image file '{path}' (image id {iid} of '{self.ann_file}') not found")
             boxes, labels = [], []
             for a in per_image[iid]:
+                if a.get("iscrowd", 0) not in (0, 1):  # bools are 0 and 1 too
+                    raise DatasetError(f"'{self.ann_file}': annotation {a.get('id')} has iscrowd {a['iscrowd']!r}; "
+                                       "use 0 or 1")
                 if a.get("iscrowd", 0):
                     self.stats["crowd"] += 1
                     continue
-                try:
-                    x, y, bw, bh = (float(v) for v in a["bbox"])
-                except (KeyError, TypeError, ValueError):
-                    raise DatasetError(f"'{self.ann_file}': annotation {a.get('id')} has no valid bbox "
-                                       "[x, y, width, height]") from None
+                bbox = a.get("bbox")
+                if not (isinstance(bbox, list) and len(bbox) == 4 and all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+                    raise DatasetError(f"'{self.ann_file}': annotation {a.get('id')} has bbox "
+                                       f"{' '.join(repr(bbox).split())[:80]}; expected [x, y, width, height], four "
+                                       "finite numbers (pixels)")
+                x, y, bw, bh = (float(v) for v in bbox)
                 x1, y1, x2, y2 = x, y, x + bw, y + bh
                 if bw > 0 and bh > 0 and (x1 < 0 or y1 < 0 or x2 > w or y2 > h):
                     if box_outside == "error":
@@ -176,7 +204,7 @@ class CocoDetection(Dataset):
                     self.stats["dropped"] += 1
                     continue
                 boxes.append([x1, y1, x2, y2])
-                labels.append(self.cat_to_label[int(a["category_id"])])
+                labels.append(self.cat_to_label[a["category_id"]])
             if not boxes:
                 self.stats["empty_images"] += 1
             self.stats["boxes"] += len(boxes)

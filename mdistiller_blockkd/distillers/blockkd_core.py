@@ -52,9 +52,9 @@ def _number(where: str, value, low: float, hint: str, positive: bool = False) ->
     return v
 
 
-_T_HINT = "the temperature must be a finite number > 0 (4 on CIFAR-style data, 1 on ImageNet)"
-_WARMUP_HINT = "use 0 (no warm-up) or a positive number of epochs"
-_WEIGHT_HINT = "loss weights must be finite numbers >= 0"
+_T_HINT = "it must be a finite number > 0 (the temperature: 4 on CIFAR-style data, 1 on ImageNet)"
+_WARMUP_HINT = "it must be a finite number >= 0 (epochs of warm-up; 0: none)"
+_WEIGHT_HINT = "it must be a finite number >= 0 (a loss weight)"
 
 
 def _loss_field(name: str, value, where: str):

@@ -123,12 +123,14 @@ Non-finite losses
     :data:`CUDA_CHECK_EVERY` steps and at tensorboard / epoch boundaries on CUDA (one
     host synchronisation per check). The first non-finite total loss raises
     :class:`~mdistiller_blockkd.errors.TrainingError` naming the epoch, the step and the
-    value of every loss term; no checkpoint of that epoch is written.
+    value of every loss term, and what to check for the terms that went non-finite (only
+    box regression terms point at the box annotations); no checkpoint of that epoch is written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -145,6 +147,7 @@ from .optim import build_optimizer, train_step
 from .task import ClassificationTask, evaluate_model
 from ..utils.fileio import FolderLock, read_json_lines, remove_temporaries
 from ..utils.misc import (
+    EventFileGuard,
     append_json_line,
     append_text,
     atomic_write_text,
@@ -185,7 +188,7 @@ def check_fresh_start(folder: str, epochs: int, overwrite: bool = False) -> List
             "move it away, or set EXPERIMENT.NAME / LOG.PREFIX to another output folder"
         )
     ckpts = run_checkpoints(folder)
-    records = read_json_lines(os.path.join(folder, METRICS), warnings=[])
+    records = read_json_lines(os.path.join(folder, METRICS), warnings=[], skip_damaged=True)
     if (ckpts or records) and not overwrite:
         raise ConfigError(
             f"'{folder}' already holds a run ({len(records)} epoch(s) in metrics.jsonl, checkpoints: "
@@ -279,6 +282,17 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _nonfinite_advice(bad: List[str]) -> str:
+    """What to check when the loss terms ``bad`` went non-finite (said from what the terms show)."""
+    if bad and all("box" in k for k in bad):  # detection: loss_box_reg, loss_rpn_box_reg
+        return (f"only the box regression term{'s' if len(bad) > 1 else ''} ({', '.join(bad)}) went non-finite, the "
+                "classification terms did not: check the box annotations (degenerate, huge or non-finite boxes in the "
+                "instances files under DATASET.ROOT) and, under SOLVER.AMP fp16, the box deltas' overflow (use bf16 "
+                "or off); a SOLVER.LR too high can do it too")
+    named = f"{', '.join(bad)} went non-finite" if bad else "the sum went non-finite with finite terms"
+    return (f"{named}: lower SOLVER.LR, check the data and the teacher checkpoint, or use SOLVER.AMP off/bf16")
+
+
 class _StepLog:
     """Per-step loss terms and accuracy counts kept on the device until a check point."""
 
@@ -317,10 +331,11 @@ class _StepLog:
                     f"non-finite loss on another process at epoch {epoch}, step {int(flag.item())}/{num_steps}; "
                     "see that process's error"
                 )
-            terms = ", ".join(f"{k}={_fmt(float(v))}" for k, v in zip(self.keys, bad_row[1:-1].tolist()))
+            values = dict(zip(self.keys, bad_row[1:-1].tolist()))
+            terms = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
             raise TrainingError(
                 f"non-finite loss at epoch {epoch}, step {bad_step}/{num_steps}: loss={_fmt(float(bad_row[0]))} "
-                f"({terms}); lower SOLVER.LR, check the data and the teacher checkpoint, or use SOLVER.AMP off/bf16"
+                f"({terms}); {_nonfinite_advice([k for k, v in values.items() if not math.isfinite(v)])}"
             )
         if host is None:
             return
@@ -556,7 +571,7 @@ class Trainer:
         set_rng_state(states[self.info.rank] if self.info.rank < len(states) else states[0],
                       self.device, self._generators())
         if self.is_main:
-            kept = [r for r in read_json_lines(self.path(METRICS)) if int(r.get("epoch", 0)) <= done]
+            kept = self._records_before(self.start_epoch)
             atomic_write_text(self.path(METRICS), "".join(_json_line(r) + "\n" for r in kept))
             self.history = kept
             note = self._record_changes(done, changes)
@@ -592,6 +607,22 @@ class Trainer:
         return (f"; settings changed from epoch {done + 1}: {describe_changes(changes)} (epochs 1-{done}: "
                 f"{os.path.basename(kept)})")
 
+    def _records_before(self, epoch: int) -> List[dict]:
+        """The epoch records of ``metrics.jsonl`` before ``epoch``; a last line cut short by a kill
+        is dropped with a warning, a damaged file raises :class:`CheckpointError`."""
+        path, notes = self.path("metrics.jsonl"), []
+        try:
+            records = read_json_lines(path, notes)
+            bad = next((r for r in records if type(r.get("epoch")) is not int), None)
+            if bad is not None:
+                raise ValueError(f"{path}: the record {str(bad)[:80]} has no whole-number 'epoch'")
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume: {e}; repair or delete that line (records of epochs after "
+                                  "'latest' are dropped anyway), or start afresh with --overwrite") from None
+        for note in notes:
+            self.log(f"warning: {note}")
+        return [r for r in records if r["epoch"] < epoch]
+
     # -- the loop ------------------------------------------------------------------------
     def train(self, resume: bool = False, overwrite: bool = False, accept_changes: bool = False) -> dict:
         """Run epochs ``start..SOLVER.EPOCHS`` (after :meth:`resume` when ``resume``); return a summary.
@@ -620,6 +651,7 @@ class Trainer:
             # hide events of an earlier run (fresh start) or of the epoch lost at the kill (resume)
             purge = (self.start_epoch - 1) * steps + 1 if resume else 0
             self.tb_writer = SummaryWriter(self.path("train.events"), purge_step=purge)
+            self._tb_guard = EventFileGuard(self.tb_writer, self.path("train.events"))
             if self._restored is not None:
                 self.log(f"{METRICS} lacked the record of epoch {self._restored['epoch']} (stopped after its "
                          "checkpoints); written from 'latest'")
@@ -629,16 +661,25 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 self.train_epoch(epoch)
-        finally:
-            if self.tb_writer is not None:
-                self.tb_writer.close()
-                self.tb_writer = None
+        except BaseException:
+            self._close_events(failed=True)
+            raise
+        self._close_events()
         if self.is_main and self.start_epoch <= self.epochs:
             append_text(self.path("worklog.txt"), f"best_acc\t{self.best_acc:.2f}\n")
         if self.start_epoch > self.epochs:
             self.log(f"nothing to do: '{self.path('latest')}' is at epoch {self.start_epoch - 1} of {self.epochs}")
         self.log(f"best test accuracy {self.best_acc:.2f}; outputs in {self.log_path}")
         return {"best_acc": self.best_acc, "last": self.history[-1] if self.history else {}, "log_path": self.log_path}
+
+    def _close_events(self, failed: bool = False) -> None:
+        """Close the TensorBoard writer; raise its storage error (:class:`EventFileGuard`) unless
+        the run is failing already (that error says more)."""
+        writer, self.tb_writer = self.tb_writer, None
+        if writer is not None:
+            writer.close()
+            if not failed:
+                self._tb_guard.check()
 
     def train_epoch(self, epoch: int) -> dict:
         """Train one epoch, evaluate, log and checkpoint; return the epoch's metrics record."""
@@ -735,6 +776,7 @@ class Trainer:
                 if k != "epoch" and isinstance(v, (int, float)):
                     self.tb_writer.add_scalar(f"epoch/{k}", v, step)
             self.tb_writer.flush()
+            self._tb_guard.check()
 
     def _print_epoch(self, epoch: int, record: dict) -> None:
         self.log(self.task.summary(record, self.epochs), "EVAL")

@@ -119,6 +119,25 @@ def _kwargs_error(owner: str, unknown, known) -> ConfigError:
     return ConfigError(f"{owner} got unknown kwargs {sorted(unknown)}; use {', '.join(sorted(known))}")
 
 
+def _number(owner: str, name: str, value, positive: bool = False) -> float:
+    """``value`` as a finite float, >= 0 (> 0 with ``positive``); else one :class:`ConfigError` line."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise ConfigError(f"{owner} {name} is {value!r}; it must be a finite number {'> 0' if positive else '>= 0'}")
+    return number
+
+
+def _same_classes(owner: str, student: Tensor, teacher: Tensor) -> None:
+    """Refuse student and teacher logits of different widths (models built for other numbers of classes)."""
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ConfigError(
+            f"{owner}: the student gives {student.shape[-1]} class scores but the teacher {teacher.shape[-1]}; build "
+            "both models for the dataset's number of classes (models.*.kwargs.num_classes)")
+
+
 def _logits(out) -> Tensor:
     """Logits from a model output: a tensor, ``(logits, feats)`` or a :class:`BlockKDOutput`."""
     if isinstance(out, BlockKDOutput):
@@ -204,6 +223,11 @@ class BlockKDStudent(BlockKD, AuxiliaryModelWrapper):
                 f"BlockKDStudent(link='{link}') found no BlockKDTeacher with that link; set "
                 f"train.teacher.auxiliary_model_wrapper to {{key: BlockKDTeacher, kwargs: {{link: {link}}}}}")
         student = as_staged(student_model, "student")
+        widths = [getattr(m.get_classifier(), "out_features", None) for m in (student, teacher_side.teacher)]
+        if None not in widths and widths[0] != widths[1]:
+            raise ConfigError(
+                f"BlockKDStudent: the student classifies {widths[0]} classes but the teacher {widths[1]}; build both "
+                "models for the dataset's number of classes (models.*.kwargs.num_classes)")
         if student is not student_model:
             _share_parameters(student_model, student)
         cfg = CFG.clone()
@@ -313,6 +337,7 @@ class BlockKDLoss(_EpochAware):
                 f"BlockKDLoss expects the student output to come from the BlockKDStudent auxiliary wrapper, got "
                 f"{type(out).__name__}; set train.student.auxiliary_model_wrapper.key: BlockKDStudent")
         t_logits = _logits(self.io(teacher_io_dict, tp, tio))
+        _same_classes("BlockKDLoss", out.logits, t_logits)
         cross = out.weights if self.opts.weight_cross else [out.factor] * len(out.stones)
         plan = StepPlan(list(range(len(out.stones))), out.weights, cross, out.student_cross)
         warm = losses.warmup_factor(self.current_epoch(), self.opts.warmup)
@@ -344,19 +369,22 @@ class DKDLoss(_EpochAware):
                                                    "student_module_path", "student_module_io",
                                                    "teacher_module_path", "teacher_module_io"])
         c = CFG.DKD
-        self.ce_weight = float(c.CE_WEIGHT if ce_weight is None else ce_weight)
-        self.alpha = float(c.ALPHA if alpha is None else alpha)
-        self.beta = float(c.BETA if beta is None else beta)
-        self.T = float(c.T if temperature is None else temperature)
-        self.warmup = float(c.WARMUP if warmup is None else warmup)
-        if self.T <= 0 or self.warmup < 0:
-            raise ConfigError(f"DKDLoss needs temperature > 0 and warmup >= 0, got {self.T:g} and {self.warmup:g}")
+
+        def number(name, value, default, positive=False):
+            return _number("DKDLoss", name, default if value is None else value, positive)
+
+        self.ce_weight = number("ce_weight", ce_weight, c.CE_WEIGHT)
+        self.alpha = number("alpha", alpha, c.ALPHA)
+        self.beta = number("beta", beta, c.BETA)
+        self.T = number("temperature", temperature, c.T, positive=True)
+        self.warmup = number("warmup", warmup, c.WARMUP)
         self.paths = (student_module_path, student_module_io, teacher_module_path, teacher_module_io)
 
     def forward(self, student_io_dict, teacher_io_dict, targets, *args, **kwargs) -> Tensor:
         sp, sio, tp, tio = self.paths
         s = _logits(self.io(student_io_dict, sp, sio))
         t = _logits(self.io(teacher_io_dict, tp, tio))
+        _same_classes("DKDLoss", s, t)
         warm = losses.warmup_factor(self.current_epoch(), self.warmup)
         return self.ce_weight * F.cross_entropy(s, targets) + warm * losses.dkd_loss(
             s, t, targets, self.alpha, self.beta, self.T)

@@ -28,15 +28,16 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
     return ma - mb, math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
 
 
-def read_metrics(path: str) -> Tuple[List[dict], List[str]]:
+def read_metrics(path: str, skip_damaged: bool = True) -> Tuple[List[dict], List[str]]:
     """Records of a ``metrics.jsonl`` file and warnings about lines that could not be read.
 
-    Read with :func:`~mdistiller_blockkd.utils.fileio.read_json_lines` (bad lines are
-    skipped with a warning). Records are sorted by ``epoch`` when every record has one;
-    a repeated epoch (a resumed run) keeps the last record.
+    Read with :func:`~mdistiller_blockkd.utils.fileio.read_json_lines` (a last line cut
+    short is dropped with a warning; other bad lines are skipped with one when
+    ``skip_damaged``, else raise ``ValueError``). Records are sorted by ``epoch`` when
+    every record has one; a repeated epoch (a resumed run) keeps the last record.
     """
     warnings: List[str] = []
-    records = read_json_lines(path, warnings)
+    records = read_json_lines(path, warnings, skip_damaged)
     if records and all(isinstance(r.get("epoch"), (int, float)) for r in records):
         by_epoch = {}
         for r in records:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
+import zipfile
 from typing import Dict, Optional
 
 import torch
@@ -34,6 +36,7 @@ from .fileio import atomic_write
 __all__ = [
     "save_checkpoint",
     "to_cpu",
+    "check_checkpoint_file",
     "load_checkpoint",
     "extract_state_dict",
     "read_state_dict",
@@ -61,7 +64,44 @@ def save_checkpoint(obj, path: str) -> None:
     (:func:`~mdistiller_blockkd.utils.fileio.remove_temporaries`).
     """
     obj = to_cpu(obj)
-    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+    def write(f) -> None:
+        out = _WriteRecorder(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:  # torch's writer turns the file's OSError (a full disk) into a RuntimeError
+                raise out.error from None
+            raise
+
+    atomic_write(path, write, binary=True)
+
+
+class _WriteRecorder:
+    """A binary file that keeps the ``OSError`` its ``write`` raised (``error``), for :func:`save_checkpoint`."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def check_checkpoint_file(path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is an existing file (a folder gets its own words)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint '{path}' is a folder; give a checkpoint file in it (latest, student_best, ...)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' not found; give the path of an existing checkpoint file")
 
 
 def to_cpu(obj):
@@ -85,26 +125,76 @@ def load_checkpoint(path: str, map_location="cpu"):
     """Read a checkpoint with ``torch.load(weights_only=True)`` (a ``.safetensors`` file with safetensors).
 
     Raises :class:`CheckpointError` naming ``path`` when it is missing, unreadable,
-    corrupt, or holds Python objects other than tensors and plain containers.
+    corrupt, compressed (checked before anything is decompressed: see
+    :func:`_check_not_compressed`), or holds Python objects other than tensors and plain
+    containers (those are never unpickled).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' not found; give the path of an existing checkpoint file")
+    check_checkpoint_file(path)
     if path.endswith(".safetensors"):
         return _load_safetensors(path, map_location)
+    _check_not_compressed(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol; the error below says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = _REFUSED_OBJECT.search(str(e))
         if not found:
             raise _unreadable(path, e) from None
-        fix = f"torch.save({{'model': torch.load('{path}', weights_only=False)['model']}}, 'clean.pth')"
+        what = next(g for g in found.groups() if g)
         raise CheckpointError(
-            f"checkpoint '{path}' holds Python objects that weights_only=True loading refuses ({found.group(1)}); "
-            f"if you trust the file, re-save its state dict alone: {fix}"
+            f"checkpoint '{path}' holds Python objects that are not plain tensors and containers "
+            f"({what}); this toolbox loads checkpoints with torch.load(weights_only=True) "
+            "and does not unpickle such objects, as unpickling can run any code: re-save the weights as a plain "
+            "state dict where the model was made: torch.save({'model': model.state_dict()}, 'weights.pth')"
         ) from None
+    except OSError:  # unreadable file (permissions, I/O error): named by the OSError itself
+        raise
     except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file ...
         raise _unreadable(path, e) from None
+
+
+#: torch's words (2.4 .. 2.14) for an object ``weights_only=True`` refuses; the group that matched names it
+_REFUSED_OBJECT = re.compile(
+    r"(?:GLOBAL (\S+) was not an allowed global"  # a class or function outside the allow-list
+    r"|unsupported GLOBAL (\S+) whose module"  # a function of a blocked module (os.system ...)
+    r"|Unsupported global: GLOBAL (\S+)"
+    r"|(?:Can only build|Can only create new object for) .*?but got (<class '[^']+'>|\S+))"
+)
+
+#: Leading bytes of compressed formats (a checkpoint is a torch zip archive or a pickle, never one of these).
+_COMPRESSED_MAGIC = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"),
+                     b"\xfd7zXZ\x00": ("xz", "unxz"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+                     b"\x04\x22\x4d\x18": ("lz4", "unlz4"), b"7z\xbc\xaf\x27\x1c": ("7z", "7z x")}
+
+
+def _check_not_compressed(path: str) -> None:
+    """Refuse a compressed file, and a zip archive with compressed entries, before anything is inflated.
+
+    ``torch.save`` writes its zip archive with stored (uncompressed) entries; ``torch.load``
+    would inflate a deflated entry whole in memory, so a file of 1 MB could take gigabytes.
+    Only the first bytes and the zip's central directory are read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, (kind, tool) in _COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            raise CheckpointError(
+                f"checkpoint '{path}' is a {kind}-compressed file, not a torch checkpoint; it is not decompressed "
+                f"here: decompress it first ({tool}) and give the file inside")
+    if not head.startswith(b"PK\x03\x04"):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            packed = [i for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # torch.load names the damage
+    if packed:
+        raise CheckpointError(
+            f"checkpoint '{path}' is a zip archive with compressed entries (e.g. '{packed[0].filename}'), which "
+            "torch.save never writes; they are not inflated here (a small file can hold gigabytes): give the "
+            "checkpoint as torch.save wrote it (unzip it if it was zipped)")
 
 
 def _load_safetensors(path: str, map_location) -> Dict[str, Tensor]:

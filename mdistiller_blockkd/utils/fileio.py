@@ -5,13 +5,16 @@ flushed and fsynced, given the usual permissions (:data:`FILE_MODE`) and moved o
 destination with ``os.replace``; the folder is then fsynced. A process killed while
 writing leaves the previous file (if any) untouched and, when the kill reaches Python as
 an exception (Ctrl-C; SIGTERM under :func:`~mdistiller_blockkd.errors.run_cli`), no
-temporary file behind; :func:`remove_temporaries` deletes those a SIGKILL left.
+temporary file behind; :func:`remove_temporaries` deletes those a SIGKILL left. An
+``OSError`` while writing (a full disk, a read-only folder...) names the destination,
+never the temporary file.
 
 * :func:`atomic_write` -- fill an open temporary file with a callback (text or binary).
 * :func:`atomic_write_text` -- write a string (UTF-8).
 * :func:`atomic_write_bytes_from` -- let a library write the temporary file by name
   (matplotlib's ``savefig``), keeping the destination's extension.
 * :func:`remove_temporaries` -- delete the temporary files a killed process left.
+* :func:`name_os_errors` -- give the ``OSError`` of a write (a full disk...) the file's name.
 * :func:`read_json_lines` -- the one JSON-lines reader (``metrics.jsonl``).
 * :class:`FolderLock` -- an exclusive lock on a run folder that a killed process cannot leave stuck.
 
@@ -21,16 +24,17 @@ This module imports neither torch nor numpy, so the light command-line tools
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
 from typing import IO, Callable, List, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 
-__all__ = ["FILE_MODE", "fsync_dir", "atomic_write", "atomic_write_text", "atomic_write_bytes_from", "read_json_lines",
-           "remove_temporaries", "FolderLock"]
+__all__ = ["FILE_MODE", "fsync_dir", "atomic_write", "atomic_write_text", "atomic_write_bytes_from", "name_os_errors",
+           "read_json_lines", "remove_temporaries", "check_output_path", "FolderLock"]
 
 
 def _current_umask() -> int:
@@ -96,6 +100,22 @@ def remove_temporaries(folder) -> List[str]:
     return gone
 
 
+@contextlib.contextmanager
+def name_os_errors(path):
+    """Context manager: re-raise an ``OSError`` that names no file, or only ``path``'s temporary
+    file, as one naming ``path`` (a ``write`` on a full disk names no file: the user must learn
+    which file could not be written)."""
+    try:
+        yield
+    except OSError as e:
+        path = os.fspath(path)
+        named = e.filename2 if e.filename2 is not None else e.filename
+        temporary = named is not None and os.path.basename(os.fsdecode(named)).startswith(f".{os.path.basename(path)}.")
+        if e.errno is None or (named is not None and not temporary):
+            raise
+        raise OSError(e.errno, os.strerror(e.errno), path) from e
+
+
 def atomic_write(path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Write ``path`` atomically: ``write(f)`` fills ``f``, an open temporary file beside it.
 
@@ -110,7 +130,8 @@ def atomic_write(path, write: Callable[[IO], None], binary: bool = False) -> Non
             f.flush()
             os.fsync(f.fileno())
 
-    _replace_with_temporary(path, fill)
+    with name_os_errors(path):
+        _replace_with_temporary(path, fill)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -131,36 +152,42 @@ def atomic_write_bytes_from(path, writer: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
 
-    _replace_with_temporary(path, fill, suffix=f".tmp{os.path.splitext(os.fspath(path))[1]}")
+    with name_os_errors(path):
+        _replace_with_temporary(path, fill, suffix=f".tmp{os.path.splitext(os.fspath(path))[1]}")
 
 
-def read_json_lines(path, warnings: Optional[List[str]] = None) -> List[dict]:
+def read_json_lines(path, warnings: Optional[List[str]] = None, skip_damaged: bool = False) -> List[dict]:
     """Every JSON object of a JSON-lines file, in file order; ``[]`` when the file is missing.
 
-    Blank lines are skipped. A line that is not a JSON object (e.g. the half-written
-    last line of a run being written) is skipped and described in ``warnings`` when a
-    list is given; without one it raises :class:`ValueError` naming the file and line.
+    Blank lines are skipped. A last line that is not a JSON object is the line a run
+    was writing when it was killed: it is dropped, and described in ``warnings`` when a
+    list is given. Such a line anywhere else means the file is damaged: with
+    ``skip_damaged`` it is skipped too (and described in ``warnings``), else
+    :class:`ValueError` names the file and the line.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         return []
-    records: List[dict] = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec, why = None, "not valid JSON (a line being written?)"
-            else:
-                why = "not a JSON object"
-            if isinstance(rec, dict):
-                records.append(rec)
-                continue
-            if warnings is None:
-                raise ValueError(f"{path}:{n}: {why}")
+        lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    records: List[dict] = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec, why = None, "not valid JSON"
+        else:
+            why = "not a JSON object"
+        if isinstance(rec, dict):
+            records.append(rec)
+            continue
+        if i == len(lines) - 1:
+            if warnings is not None:
+                warnings.append(f"{path}:{n}: {why} (the last line, cut short when the run was stopped?); dropped")
+            continue
+        if not skip_damaged:
+            raise ValueError(f"{path}:{n}: {why}, and not the last line: the file is damaged")
+        if warnings is not None:
             warnings.append(f"{path}:{n}: {why}; skipped")
     return records
 
@@ -237,3 +264,26 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_output_path(path: Optional[str], option: str, folder: bool = False) -> None:
+    """Raise :class:`UserError` when ``path`` (given as ``option``) cannot be the file -- or,
+    with ``folder``, the folder -- a command will write: an empty path, an existing folder
+    where a file is needed, an existing file where a folder is needed, or a path under a
+    file. ``None`` (option not given) passes. Reads only, so a command can check its
+    outputs before it works for minutes."""
+    if path is None:
+        return
+    kind = "folder" if folder else "file"
+    if not str(path).strip():
+        raise UserError(f"{option} is empty; give a {kind} path")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} '{path}' is a file, not a folder; give a folder path (it is created if missing)")
+    if not folder and os.path.isdir(path):
+        raise UserError(f"{option} '{path}' is a folder; give a file path (a name inside that folder, for example)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{option} '{path}' lies under '{parent}', which is a file, not a folder; choose another path")
+

@@ -11,10 +11,13 @@
   :func:`append_json_line` -- files written so that a killed process never leaves a
   half-written file or line (the atomic writes come from :mod:`.fileio`); :func:`json_safe`
   -- a record as plain JSON values.
+* :class:`EventFileGuard` -- keeps a storage error of tensorboardX's writing thread for
+  the trainer to raise.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -24,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .fileio import FILE_MODE, atomic_write, atomic_write_text, fsync_dir
+from .fileio import FILE_MODE, atomic_write, atomic_write_text, fsync_dir, name_os_errors
 
 __all__ = [
     "AverageMeter",
@@ -43,6 +46,7 @@ __all__ = [
     "append_line",
     "append_json_line",
     "json_safe",
+    "EventFileGuard",
 ]
 
 
@@ -181,10 +185,11 @@ def append_text(path: str, text: str) -> None:
     data = text.encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        written = os.write(fd, data)
+        with name_os_errors(path):  # a full disk names no file
+            written = os.write(fd, data)
+            os.fsync(fd)
         if written != len(data):  # pragma: no cover - only on a full disk
-            raise OSError(f"short write to '{path}' ({written} of {len(data)} bytes)")
-        os.fsync(fd)
+            raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)", path)
     finally:
         os.close(fd)
 
@@ -217,3 +222,41 @@ def json_safe(value):
 def append_json_line(path: str, record: dict) -> None:
     """Append ``record`` as one JSON line (:func:`json_safe`: NaN becomes ``null``) with :func:`append_line`."""
     append_line(path, json.dumps(json_safe(record), separators=(", ", ": ")))
+
+
+class EventFileGuard:
+    """Stands between a tensorboardX ``SummaryWriter`` and its events file.
+
+    tensorboardX writes the file in a thread of its own. A storage error there (a full
+    disk) would end that thread with a traceback on stderr, and the trainer would then
+    block for ever on the writer's full queue. Behind this guard the thread keeps going and
+    the first such ``OSError`` is kept; :meth:`check`, called after the trainer's flushes
+    and after ``close``, raises it naming ``path``. Later writes are dropped.
+    """
+
+    def __init__(self, writer, path: str):
+        self.path, self.error = path, None
+        events = writer.file_writer.event_writer  # tensorboardX's parts: the file writer, shared with its thread
+        self._events = events._ev_writer
+        events._ev_writer = events._worker._record_writer = self
+
+    def _call(self, name: str, *args) -> None:
+        if self.error is None:
+            try:
+                getattr(self._events, name)(*args)
+            except OSError as e:
+                self.error = e
+
+    def write_event(self, event) -> None:
+        self._call("write_event", event)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
+
+    def check(self) -> None:
+        """Raise the kept storage error, naming the events file."""
+        if self.error is not None:
+            raise OSError(self.error.errno, os.strerror(self.error.errno), self.path) from self.error
