@@ -412,6 +412,33 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
+def _merge_into(base: dict, over: dict) -> dict:
+    """``over`` merged onto ``base`` (nested mappings merge key by key; any other value replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge_into(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_with_bases(path: str, seen=()) -> dict:
+    """A config YAML with its ``_BASE_`` chain resolved: ``_BASE_: other.yaml`` (relative to the file's
+    folder) is read first and this file's keys are merged onto it, as in detectron2 and mmcv configs."""
+    data = _read_yaml(path)
+    base_name = data.pop("_BASE_", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise ConfigError(f"{path}: _BASE_ is {base_name!r}; give the path of the base YAML, relative to this file")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), base_name))
+    if base_path in seen or base_path == os.path.abspath(path):
+        raise ConfigError(f"{path}: _BASE_ '{base_name}' leads back to a file already read ({base_path}); "
+                          "remove the cycle")
+    if not os.path.isfile(base_path):
+        raise ConfigError(f"{path}: _BASE_ '{base_name}' not found (looked for {base_path}); give the base YAML's "
+                          "path relative to this file")
+    return _merge_into(_read_with_bases(base_path, tuple(seen) + (os.path.abspath(path),)), data)
+
+
 def _mismatch(where: str, e: ValueError, cfg, base, given_of) -> ConfigError:
     """A yacs type mismatch as one line naming the key, the value given and the type it takes."""
     found = re.search(r"for config key: (\S+)\s*$", str(e))
@@ -426,7 +453,9 @@ def _mismatch(where: str, e: ValueError, cfg, base, given_of) -> ConfigError:
 def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:
     """Return a frozen copy of ``CFG`` merged with the YAML at ``path`` and ``opts``.
 
-    ``path`` is a file or the short name of a shipped config (see :func:`resolve_config`).
+    ``path`` is a file or the short name of a shipped config (see :func:`resolve_config`). A
+    file may start from another with ``_BASE_: other.yaml`` (relative to its folder; chains
+    allowed): the base is read first and the file's keys are merged onto it.
 
     ``opts`` is the trailing ``KEY VALUE ...`` list of the command line.
 
@@ -440,7 +469,7 @@ def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:
     cfg = base.clone()
     if path:
         path = resolve_config(path)
-        data = _read_yaml(path)
+        data = _read_with_bases(path)
         try:
             cfg.merge_from_other_cfg(CN(data))
         except KeyError as e:

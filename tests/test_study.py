@@ -200,7 +200,31 @@ def test_study600_configs_share_split_recipe_and_teacher():
         recipes.append(solver.pop())
         assert sum(1 for _ in (root / pair).glob("*.yaml")) == len(cfgs)
     assert recipes[0] == recipes[1]
-    assert len(names) == sum(1 for _ in root.rglob("*.yaml"))
+    assert len(names) == sum(1 for p in root.rglob("*.yaml") if "_base" not in p.parts)
+
+
+def test_study600_configs_are_a_base_per_pair_and_small_overrides(tmp_path):
+    """Each study600 config is its pair's _base/recipe.yaml (Block-KD variants: _base/blockkd.yaml) plus a few
+    lines; _BASE_ merges nested keys, resolves relative paths, and refuses a missing base or a cycle."""
+    from mdistiller_blockkd.config import load_cfg
+    from mdistiller_blockkd.errors import ConfigError
+
+    root = REPO / "configs" / "fmnist" / "study600"
+    for path in root.glob("*/*.yaml"):
+        body = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        assert body[0].startswith("_BASE_: _base/") and len(body) <= 10, path
+    cfg = load_cfg(str(root / "res56_res20" / "blockkd_t2.yaml"))
+    assert (cfg.BLOCKKD.T, cfg.BLOCKKD.WARMUP, cfg.BLOCKKD.DETACH_ENSEMBLE, cfg.SOLVER.LR) == (2.0, 2, True, 0.05)
+    (tmp_path / "a.yaml").write_text("_BASE_: b.yaml\nSOLVER: {LR: 0.1}\n")
+    (tmp_path / "b.yaml").write_text("SOLVER: {LR: 0.2, EPOCHS: 7}\n")
+    c = load_cfg(str(tmp_path / "a.yaml"))
+    assert (c.SOLVER.LR, c.SOLVER.EPOCHS) == (0.1, 7)
+    (tmp_path / "b.yaml").write_text("_BASE_: a.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to a file already read"):
+        load_cfg(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("_BASE_: nope.yaml\n")
+    with pytest.raises(ConfigError, match="_BASE_ 'nope.yaml' not found"):
+        load_cfg(str(tmp_path / "c.yaml"))
 
 
 def test_configs_with_recorded_runs_pin_the_changed_default():
@@ -214,6 +238,8 @@ def test_configs_with_recorded_runs_pin_the_changed_default():
                 REPO / "configs" / "detection" / "fmnist_det" / "blockkd.yaml"]
     assert len(recorded) > 40
     for path in recorded:
-        raw = yaml.safe_load(path.read_text())
-        assert "DETACH_ENSEMBLE" in raw["BLOCKKD"], path
+        chain = [path]  # the file and its _BASE_ files: one of them names the setting
+        while "_BASE_" in yaml.safe_load(chain[-1].read_text()):
+            chain.append(chain[-1].parent / yaml.safe_load(chain[-1].read_text())["_BASE_"])
+        assert any("DETACH_ENSEMBLE" in (yaml.safe_load(p.read_text()).get("BLOCKKD") or {}) for p in chain), path
         assert load_cfg(str(path)).BLOCKKD.DETACH_ENSEMBLE is ("nodetach" not in path.stem), path
