@@ -18,7 +18,7 @@ Pair and recipe (measured on 2 CPU cores; see the configs): teacher resnet32 (0.
 parameters) for 15 epochs, students resnet8 (0.08M) for 10 epochs; SGD batch 64, LR 0.05
 decayed x0.1 near the end, weight decay 5e-4; KD and Block-KD at T 4. The three students
 share architecture, recipe and seed; they read the teacher's ``student_best``. About 8-10
-minutes in all (Block-KD is the slowest stage, about 2x KD per step). Each stage writes ``<out>/runs/<stage>/`` (``metrics.jsonl``,
+minutes in all (Block-KD is the slowest stage: its table's ms/step column gives its cost against KD's). Each stage writes ``<out>/runs/<stage>/`` (``metrics.jsonl``,
 ``worklog.txt``, ``config.yaml``, checkpoints, tensorboard events; see
 ``mdistiller_blockkd.engine.trainer``). At the end the demo prints a table (best and
 last-epoch top-1, training time, ms per step; for Block-KD the last epoch's stepping-stone
@@ -47,9 +47,7 @@ Options
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import io
 import os
 import statistics
 import sys
@@ -268,35 +266,17 @@ def plan_stage(stage: Stage, cfg, out: str, resume: bool) -> tuple:
 
 
 # -- running ------------------------------------------------------------------------
-class _HideConfigDump(io.TextIOBase):
-    """A stdout wrapper that replaces the trainer's multi-line ``CONFIG:`` dump by one line."""
-
-    def __init__(self, stream, where: str):
-        self.stream, self.where = stream, where
-
-    def write(self, s: str) -> int:
-        if "[INFO] CONFIG:\n" in s:
-            self.stream.write(f"[INFO] config: {self.where} (full dump there; --verbose shows it here)")
-        else:
-            self.stream.write(s)
-        return len(s)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
 def run_stage(stage: Stage, opts: Sequence[str], action: str, out: str, verbose: bool) -> None:
     """Train ``stage`` through the train command's ``main`` (``--resume``, or afresh with ``--overwrite``)."""
     folder = run_dir(out, stage)
     if stage.needs_teacher:  # which teacher these students learn from (checked by --resume)
         os.makedirs(folder, exist_ok=True)
         atomic_write_text(os.path.join(folder, TEACHER_MARK), (file_sha256(teacher_file(out)) or "") + "\n")
-    argv = ["--cfg", stage.yaml] + (["--resume"] if action == "resume" else ["--overwrite"]) + list(opts)
+    argv = (["--cfg", stage.yaml] + (["--resume"] if action == "resume" else ["--overwrite"])
+            + ([] if verbose else ["--brief"]) + list(opts))
     from . import train
-    ctx = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(
-        _HideConfigDump(sys.stdout, os.path.join(folder, "config.yaml")))
-    with ctx:
-        train.main(argv)
+
+    train.main(argv)
 
 
 # -- results ------------------------------------------------------------------------

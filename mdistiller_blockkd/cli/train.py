@@ -51,6 +51,8 @@ def parse_args(argv=None):
                         help="start afresh in a run folder that already holds a run, replacing its results")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (an outside package that registers models or distillers)")
+    parser.add_argument("--brief", action="store_true",
+                        help="name the run's config.yaml instead of printing the whole merged config")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides, e.g. SOLVER.EPOCHS 2 LOG.PREFIX ./output")
     args = parser.parse_args(argv)
@@ -110,7 +112,10 @@ def main(argv=None):
             train_loader, test_loader, holdout = loaders.train, loaders.test, loaders.val
             desc = dataset_description(cfg)
         say(log_msg(f"data: {desc}", "INFO"))
-        say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
+        if args.brief:
+            say(log_msg(f"config: {os.path.join(folder, 'config.yaml')} (the merged config)", "INFO"))
+        else:
+            say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
         say(log_msg(f"{cfg.DISTILLER.TYPE} ({cfg.DISTILLER.STUDENT}"
                     + (f" from {cfg.DISTILLER.TEACHER}" if distiller.teacher is not None else "")
                     + f"); device {info.device}, {info.world_size} process(es), "

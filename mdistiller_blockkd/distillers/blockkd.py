@@ -384,7 +384,4 @@ class BlockKD(Distiller):
                 f"teacher block {nt} + head" if j + 2 == nt else f"teacher blocks {j + 2}..{nt} + head")
             lines.append(f"stone{sid}: student block {i + 1} ({si.num_chs}ch, /{si.reduction}) -> connector -> "
                          f"{rest} (input {ti.num_chs}ch, /{ti.reduction}), w={w:g}")
-        if self.mode in ("sample", "every") and self.planner.dense_epochs == 0:
-            lines.append(f"note: STONES {self.mode}:{self.k} without DENSE_EPOCHS lost accuracy against 'all' in the "
-                         f"validation study (docs/blockkd.md, 'Cheap variants'); the measured cheap option is last:2")
         return "\n".join(lines)

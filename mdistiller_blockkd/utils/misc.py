@@ -1,7 +1,6 @@
 """Small helpers of the training engine.
 
-* :class:`AverageMeter` -- running weighted average (mdistiller's name and fields).
-* :func:`accuracy` -- top-k accuracy in percent (mdistiller's signature).
+* :func:`correct_topk` -- how many samples have their target among the top-k logits.
 * :func:`seed_everything` -- seed python, numpy and torch (CPU and every CUDA device).
 * :func:`set_deterministic` -- deterministic kernels (``EXPERIMENT.DETERMINISTIC``).
 * :func:`get_rng_state` / :func:`set_rng_state` -- every random generator's state as a
@@ -30,8 +29,6 @@ import torch
 from .fileio import FILE_MODE, atomic_write, atomic_write_text, fsync_dir, name_os_errors
 
 __all__ = [
-    "AverageMeter",
-    "accuracy",
     "correct_topk",
     "seed_everything",
     "set_deterministic",
@@ -50,27 +47,6 @@ __all__ = [
 ]
 
 
-class AverageMeter:
-    """Running average of a value weighted by counts: ``update(val, n)``; ``avg``, ``sum``, ``count``, ``val``."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        """Forget every update."""
-        self.val = 0.0
-        self.sum = 0.0
-        self.count = 0
-        self.avg = 0.0
-
-    def update(self, val: float, n: int = 1):
-        """Add ``n`` observations whose mean is ``val``."""
-        self.val = float(val)
-        self.sum += float(val) * n
-        self.count += n
-        self.avg = self.sum / self.count if self.count else 0.0
-
-
 def correct_topk(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> List[torch.Tensor]:
     """Number of samples whose target is among the ``k`` largest logits, for each ``k``.
 
@@ -81,12 +57,6 @@ def correct_topk(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int]
     pred = output.topk(maxk, dim=1, largest=True, sorted=True).indices  # (N, maxk)
     hit = pred.eq(target.view(-1, 1))
     return [hit[:, : min(k, maxk)].any(dim=1).sum() for k in topk]
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> List[torch.Tensor]:
-    """Top-k accuracies in percent of ``output`` logits against ``target`` labels (one 0-d tensor per ``k``)."""
-    n = max(int(target.shape[0]), 1)
-    return [c.float() * (100.0 / n) for c in correct_topk(output, target, topk)]
 
 
 def seed_everything(seed: int) -> None:
