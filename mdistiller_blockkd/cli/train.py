@@ -76,6 +76,7 @@ def main(argv=None):
     from ..registry import import_modules
     from ..utils import dist as du
     from ..utils.misc import seed_everything, set_deterministic
+    from ..utils.precision import precision_name, resolve_amp
     from ..utils.runfolder import recorded_epoch
     from ..utils.fileio import check_output_path
 
@@ -118,7 +119,8 @@ def main(argv=None):
             say(log_msg(f"CONFIG:\n{cfg.dump()}", "INFO"))
         say(log_msg(f"{cfg.DISTILLER.TYPE} ({cfg.DISTILLER.STUDENT}"
                     + (f" from {cfg.DISTILLER.TEACHER}" if distiller.teacher is not None else "")
-                    + f"); device {info.device}, {info.world_size} process(es), "
+                    + f"); device {info.device}, precision "
+                    f"{precision_name(resolve_amp(cfg.SOLVER.AMP, info.device))}, {info.world_size} process(es), "
                     f"batch {cfg.SOLVER.BATCH_SIZE} per process", "INFO"))
         say(log_msg(distiller.describe(), "INFO"))
         trainer = Trainer(experiment_name(cfg), distiller, train_loader, test_loader, cfg, dist_info=info,

@@ -143,6 +143,7 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..utils import dist as du
 from ..config import log_msg
 from ..utils.checkpoint import load_checkpoint, save_checkpoint
+from ..utils.precision import AMP_DTYPES, autocast, resolve_amp
 from .optim import build_optimizer, train_step
 from .task import ClassificationTask, evaluate_model
 from ..utils.fileio import FolderLock, read_json_lines, remove_temporaries
@@ -164,7 +165,6 @@ __all__ = ["Trainer", "evaluate_model", "check_fresh_start", "check_resume_confi
 #: On CUDA, loss values are copied to the host (and checked) every this many steps.
 CUDA_CHECK_EVERY = 25
 
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Checkpoint files a run writes (``epoch_<n>``, ``student_<n>``, ``ckpt_epoch_<n>.pth`` too).
 _CKPT_NAMES = ("latest", "best", "student_latest", "student_best")
@@ -399,10 +399,8 @@ class Trainer:
         self.save_freq = max(int(cfg.LOG.SAVE_CHECKPOINT_FREQ), 0)
         self.check_every = 1 if self.device.type == "cpu" else CUDA_CHECK_EVERY
 
-        amp = str(cfg.SOLVER.AMP).lower()
-        if amp not in ("off", *_AMP_DTYPES):
-            raise ConfigError(f"SOLVER.AMP is '{cfg.SOLVER.AMP}'; use one of off, bf16, fp16")
-        self.amp_dtype = _AMP_DTYPES.get(amp)
+        amp = resolve_amp(cfg.SOLVER.AMP, self.device)  # the one AMP map (utils.precision)
+        self.amp_dtype = AMP_DTYPES[amp]
         self.channels_last = bool(cfg.SOLVER.CHANNELS_LAST)
         deterministic = bool(cfg.EXPERIMENT.DETERMINISTIC)
         if deterministic or self.device.type == "cuda":
@@ -455,7 +453,7 @@ class Trainer:
             self._print(log_msg(msg, mode))
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp_dtype)
 
     def _to_device(self, image, target):
         return self.task.to_device(image, target, self.device, self.channels_last)
