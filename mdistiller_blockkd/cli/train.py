@@ -86,6 +86,10 @@ def main(argv=None):
         raise ConfigError(f"SOLVER.TRAINER is '{cfg.SOLVER.TRAINER}'; this toolbox has one trainer: base")
     from ..detection.task import build_detection_run, check_detection_config, is_detection
 
+    if str(cfg.DATASET.TYPE).lower() in ("glue", "tsv"):
+        raise ConfigError(f"DATASET.TYPE {cfg.DATASET.TYPE}: the train command has no text task yet (GLUE's metrics, "
+                          "padded text batches); the text data, hf: models and their stones are library pieces for "
+                          "now (docs/nlp.md); train on image data, or use the library functions named there")
     detection = is_detection(cfg)  # DATASET.TYPE coco: torchvision Faster R-CNN (docs/detection.md)
     (check_detection_config if detection else check_distiller_config)(cfg)  # before any data is read or downloaded
     folder = output_dir(cfg)
