@@ -424,20 +424,20 @@ def difference_table(groups, baseline: str, what: str = "best") -> Optional[str]
     for method in method_rows(groups):
         if method == baseline:
             continue
-        cells = []
-        for pair in cols:
-            a = _values(cell_runs(groups, pair, method), what)
-            b = _values(cell_runs(groups, pair, baseline), what)
-            if not a or not b:
-                cells.append("–")
-                continue
-            d, se = welch(a, b)
-            if len(a) < 2 or len(b) < 2:
-                cells.append(f"{d:+.2f}")
-                continue
-            cells.append(f"{d:+.2f} ± {se:.2f} ({d / se:+.1f})" if se > 0 else f"{d:+.2f} ± 0.00")
+        cells = [diff_cell(_values(cell_runs(groups, pair, method), what),
+                           _values(cell_runs(groups, pair, baseline), what)) for pair in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def diff_cell(a: Sequence[float], b: Sequence[float]) -> str:
+    """``mean(a) - mean(b) ± Welch's standard error (difference / se)``; ``–`` when a side is empty."""
+    if not a or not b:
+        return "–"
+    d, se = welch(a, b)
+    if len(a) < 2 or len(b) < 2:
+        return f"{d:+.2f}"
+    return f"{d:+.2f} ± {se:.2f} ({d / se:+.1f})" if se > 0 else f"{d:+.2f} ± 0.00"
 
 
 def twin_table(groups, label: str, what: str) -> Optional[str]:
@@ -453,18 +453,9 @@ def twin_table(groups, label: str, what: str) -> Optional[str]:
         if label not in words:
             continue
         twin = " ".join(w for w in words if w != label)
-        cells, found = [], False
-        for pair in cols:
-            a = _values(cell_runs(groups, pair, method), what)
-            b = _values(cell_runs(groups, pair, twin), what)
-            if not a or not b:
-                cells.append("–")
-                continue
-            found = True
-            d, se = welch(a, b)
-            cells.append(f"{d:+.2f}" if len(a) < 2 or len(b) < 2 else
-                         f"{d:+.2f} ± {se:.2f} ({d / se:+.1f})" if se > 0 else f"{d:+.2f} ± 0.00")
-        if found:
+        cells = [diff_cell(_values(cell_runs(groups, pair, method), what), _values(cell_runs(groups, pair, twin), what))
+                 for pair in cols]
+        if any(c != "–" for c in cells):
             rows.append(f"| {twin} | " + " | ".join(cells) + " |")
     if not rows:
         return None
