@@ -77,6 +77,36 @@ def test_a_job_with_several_gpus_runs_torchrun(tmp_path):
     assert job.command() == slurm.launch_command(c.command(True), 2) and "--resume" in job.command()
 
 
+def test_the_job_exits_with_its_train_status_and_requeues_itself(tmp_path):
+    def job(code):
+        cmd = [sys.executable, "-c", code]
+        return slurm.TrainJob(cmd, cmd, str(tmp_path / "latest"), str(tmp_path), {"MARK": "1"})
+
+    assert job("import os, sys; sys.exit(os.environ['MARK'] != '1')")() == 0
+    with pytest.raises(SystemExit) as e:
+        job("import sys; sys.exit(3)")()
+    assert e.value.code == 3
+    with pytest.raises(SystemExit) as e:
+        job("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")()
+    assert e.value.code == 143
+    again = job("pass").checkpoint()  # what submitit pickles again when it requeues the job
+    assert again.function.fresh == [sys.executable, "-c", "pass"] and not again.args and not again.kwargs
+
+
+@pytest.mark.slow
+def test_the_torchrun_command_of_a_job_trains(tmp_path, capfd):
+    """The command of a two-GPU job, run here with two CPU processes (gloo): torchrun finds the train command."""
+    c = Cell(CFG, 0, "ddp", str(tmp_path / "out" / "synthetic" / "ddp"), str(tmp_path / "ddp.log"), 1,
+             ["EXPERIMENT.NAME", "ddp", "SOLVER.EPOCHS", "1", "DATASET.SYNTHETIC.TRAIN_SIZE", "64",
+              "DATASET.SYNTHETIC.TEST_SIZE", "32", "LOG.PREFIX", str(tmp_path / "out"), "LOG.PROGRESS", "False"])
+    job = slurm.train_job(c, slurm.SlurmOptions(time="5", cpus_per_task=2, gpus_per_task=2))
+    assert job.command()[2] == "torch.distributed.run" and job.env["OMP_NUM_THREADS"] == "1"
+    job.cwd, job.env = str(tmp_path), {**job.env, "PYTHONPATH": str(REPO)}
+    assert job() == 0
+    assert c.finished()
+    assert "2 process(es)" in capfd.readouterr().out
+
+
 def test_sbatch_script_holds_every_option(tmp_path):
     from submitit.slurm.slurm import _make_sbatch_string
 

@@ -248,7 +248,8 @@ def parse_args(argv=None):
     s.add_argument("--mem", help="memory of each job, e.g. 32G (default: the cluster's)")
     s.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
                    help="another sbatch option, repeatable: --sbatch account=myproject --sbatch exclusive")
-    s.add_argument("--log-folder", help="the jobs' logs and submitit's files (default: <LOG.PREFIX>/<PROJECT>/logs/slurm)")
+    s.add_argument("--log-folder",
+                   help="the jobs' logs and submitit's files (default: <LOG.PREFIX>/<PROJECT>/logs/slurm)")
     s.add_argument("--array", action="store_true", help="submit the runs as one job array (--jobs: at most N at once)")
     s.add_argument("--no-wait", action="store_true", help="submit and return (default: wait, showing progress)")
     s.add_argument("--poll", type=float, help="seconds between squeue checks while waiting (default 15)")
@@ -269,9 +270,10 @@ def slurm_options(args) -> Optional[slurm.SlurmOptions]:
             raise ConfigError(f"{given[0]} is an option of --executor slurm; add --executor slurm or drop it")
         return None
     return slurm.SlurmOptions(
-        time=args.time, partition=args.partition, cpus_per_task=1 if args.cpus_per_task is None else args.cpus_per_task,
-        gpus_per_task=args.gpus_per_task or 0, mem=args.mem, sbatch=args.sbatch or (), log_folder=args.log_folder,
-        array=args.array, parallel=args.jobs, threads=args.threads, poll_s=15.0 if args.poll is None else args.poll)
+        time=args.time, partition=args.partition,
+        cpus_per_task=1 if args.cpus_per_task is None else args.cpus_per_task, gpus_per_task=args.gpus_per_task or 0,
+        mem=args.mem, sbatch=args.sbatch or (), log_folder=args.log_folder, array=args.array, parallel=args.jobs,
+        threads=args.threads, poll_s=15.0 if args.poll is None else args.poll)
 
 
 def main(argv=None) -> int:

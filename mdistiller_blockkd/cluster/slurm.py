@@ -34,7 +34,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -57,7 +56,8 @@ ENDED = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "
 #: sbatch options the study sets itself: the study's flag for each, or None where it keeps it
 OWN_SBATCH = {"partition": "--partition", "time": "--time", "cpus-per-task": "--cpus-per-task",
               "gpus-per-task": "--gpus-per-task", "gpus-per-node": "--gpus-per-task", "gpus": "--gpus-per-task",
-              "nodes": None, "ntasks": None, "ntasks-per-node": None, "mem": "--mem", "output": "--log-folder", "error": "--log-folder",
+              "nodes": None, "ntasks": None, "ntasks-per-node": None, "mem": "--mem", "output": "--log-folder",
+              "error": "--log-folder",
               "array": "--array and --jobs", "job-name": None, "open-mode": None, "signal": None}
 
 
@@ -447,5 +447,6 @@ def run_study(cells: Sequence, opts: SlurmOptions, wait_for_jobs: bool = True, d
         return
     failed = [r for r in wait(cells, opts.poll_s, echo) if r.state != "done"]
     if failed:
-        raise UserError(f"{len(failed)} run(s) did not finish: " + ", ".join(f"{r.cell.name} (log {r.log})" for r in failed)
+        raise UserError(f"{len(failed)} run(s) did not finish: "
+                        + ", ".join(f"{r.cell.name} (log {r.log})" for r in failed)
                         + "; rerun the same command to resume them")
