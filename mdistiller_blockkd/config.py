@@ -343,7 +343,8 @@ def _check_values(cfg, base) -> None:
                 ok = (isinstance(item, (int, float)) and not isinstance(item, bool)) if want is float else (
                     type(item) is want)
                 if not ok:
-                    raise ConfigError(f"{key} is {list(value)!r}: the item {item!r} is not {_TYPE_WORDS[want]}; "
+                    words = "a number" if want is float else _TYPE_WORDS[want]
+                    raise ConfigError(f"{key} is {list(value)!r}: the item {item!r} is not {words}; "
                                       f"give a list like the default {list(default)!r}")
 
 

@@ -374,3 +374,8 @@ def test_a_non_finite_box_term_points_at_the_boxes_not_the_learning_rate():
     assert "only the box regression term (loss_box_reg) went non-finite" in box and "box annotations" in box
     ce = fail({"loss_ce": torch.tensor(float("inf")), "loss_kd": torch.tensor(1.0)})
     assert "loss_ce went non-finite: lower SOLVER.LR" in ce and "box" not in ce
+
+
+def test_demo_resume_with_an_unreadable_stage_config_starts_it_afresh(tmp_path):
+    (tmp_path / "config.yaml").write_bytes(b"\xff\xfe\x00")
+    assert demo.same_config(str(tmp_path), load_cfg(None)) is False

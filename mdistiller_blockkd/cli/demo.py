@@ -240,7 +240,7 @@ def same_config(folder: str, cfg) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
             saved = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text
         return False
     return saved == yaml.safe_load(cfg.dump())
 

@@ -146,8 +146,8 @@ def load_checkpoint(path: str, map_location="cpu"):
         raise CheckpointError(
             f"checkpoint '{path}' holds Python objects that are not plain tensors and containers "
             f"({what}); this toolbox loads checkpoints with torch.load(weights_only=True) "
-            "and does not unpickle such objects, as unpickling can run any code: re-save the weights as a plain "
-            "state dict where the model was made: torch.save({'model': model.state_dict()}, 'weights.pth')"
+            "and does not unpickle such objects, as unpickling can run any code. To use it, re-save the weights as "
+            "a plain state dict where the model was made, e.g. torch.save({'model': model.state_dict()}, 'weights.pth')"
         ) from None
     except OSError:  # unreadable file (permissions, I/O error): named by the OSError itself
         raise
