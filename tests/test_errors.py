@@ -267,7 +267,9 @@ def test_resume_after_a_cut_last_record_and_refusal_of_a_damaged_file(tmp_path, 
     assert train.cli(train_args(tmp_path, "SOLVER.EPOCHS", "3", "--resume")) == 0
     out = capsys.readouterr().out
     assert "warning:" in out and "metrics.jsonl:2: not valid JSON (the last line" in out
-    assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 3]
+    # the cut record of epoch 2 comes back from 'latest' (it holds the epoch's record), then epoch 3 runs
+    assert "written from 'latest'" in out
+    assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
     metrics.write_text('{"epoch": 1, "test_a\n' + "\n".join(metrics.read_text().splitlines()[1:]) + "\n")
     line = one_error(capsys, lambda: train.cli(train_args(tmp_path, "SOLVER.EPOCHS", "4", "--resume")))
     assert "cannot resume" in line and "metrics.jsonl:1: not valid JSON, and not the last line" in line
@@ -281,6 +283,8 @@ def write_run(root, name, cfg_text=None, lines=None, opts=()):
                                    load_cfg(None, ["DISTILLER.TYPE", "KD", "SOLVER.EPOCHS", "2", *opts]).dump())
     recs = lines if lines is not None else [json.dumps({"epoch": e, "test_acc": 50.0 + e}) for e in (1, 2)]
     (d / "metrics.jsonl").write_text("\n".join(recs) + "\n")
+    for name in ("latest", "student_latest", "ckpt_epoch_2.pth"):  # a finished run's final files
+        (d / name).write_bytes(b"")
     return d
 
 

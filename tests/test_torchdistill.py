@@ -255,7 +255,7 @@ def test_other_class_counts_are_one_config_error():
     with pytest.raises(ConfigError, match="DKDLoss: the student gives 5 class scores but the teacher 10"):
         td.DKDLoss(warmup=0)({".": {"output": torch.zeros(2, 5)}}, {".": {"output": torch.zeros(2, 10)}},
                              torch.tensor([0, 1]))
-    out = td.BlockKDOutput(torch.zeros(2, 5), [torch.zeros(2, 10)], [1.0], 1.0)
+    out = td.BlockKDOutput(torch.zeros(2, 5), [torch.zeros(2, 10)], torch.tensor([[1.0, 1.0, 1.0]]))
     with pytest.raises(ConfigError, match="BlockKDLoss: the student gives 5 class scores but the teacher 10"):
         td.BlockKDLoss(warmup=0)({".": {"output": out}}, {".": {"output": torch.zeros(2, 10)}}, torch.tensor([0, 1]))
 

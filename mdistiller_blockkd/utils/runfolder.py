@@ -63,7 +63,7 @@ def missing_final_files(folder: str, epochs: int) -> List[str]:
 
 def recorded_epoch(folder: str) -> int:
     """The last epoch with a record in ``folder/metrics.jsonl`` (0 when none; unreadable lines are skipped)."""
-    epochs = [r.get("epoch") for r in read_json_lines(os.path.join(folder, METRICS), warnings=[])]
+    epochs = [r.get("epoch") for r in read_json_lines(os.path.join(folder, METRICS), warnings=[], skip_damaged=True)]
     return int(max((e for e in epochs if isinstance(e, (int, float)) and not isinstance(e, bool)), default=0))
 
 
