@@ -462,8 +462,9 @@ def test_step_profile_splits_a_blockkd_step_into_its_parts(bench_tool):
     kd, bk = parts["KD"], parts["BLOCKKD"]
     for part in ("student forward", "student backward", "teacher forward", "optimizer"):
         assert kd[part] > 0 and bk[part] > 0, part
-    for part in ("stones forward", "stones backward", "connectors forward", "connectors backward", "losses forward"):
-        assert bk[part] > 0 and part not in kd or part.startswith("losses"), part
+    for part in ("stones forward", "stones backward", "connectors forward", "connectors backward"):
+        assert bk[part] > 0 and part not in kd, part
+    assert bk["losses forward"] > 0
     assert "teacher backward" not in bk and "teacher backward" not in kd
     # the teacher's own pass is one forward of the same modules the stones run with autograd on
     assert set(bk) <= {f"{p} {d}" for p in ("student", "teacher", "stones", "connectors", "losses")
