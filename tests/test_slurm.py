@@ -178,6 +178,14 @@ def test_missing_submitit_is_one_error_line(tmp_path):
         "pip install 'mdistiller_blockkd[cluster]'"]
 
 
+def test_no_srun_is_one_clear_error(tmp_path, monkeypatch):
+    import submitit.slurm.slurm
+
+    monkeypatch.setattr(submitit.slurm.slurm.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="srun is not on PATH"):
+        slurm.submit([cell(tmp_path)], slurm.SlurmOptions(time="5"))
+
+
 def test_slurm_options_are_refused_by_the_local_executor(tmp_path):
     from mdistiller_blockkd.cli.study import main
 

@@ -342,7 +342,7 @@ def status_lines(cells: Sequence) -> List[str]:
 # -- submit and wait ----------------------------------------------------------------------------
 
 
-def submit(cells: Sequence, opts: SlurmOptions, echo: Callable[[str], None] = print) -> List[RunState]:
+def submit(cells: Sequence, opts: SlurmOptions, echo: Callable[[str], None] = print) -> None:
     """Submit one job per cell (or one array for all, ``opts.array``) and write each cell's state file."""
     submitit = import_submitit()
     from submitit.core.utils import FailedJobError, FailedSubmissionError
@@ -354,16 +354,15 @@ def submit(cells: Sequence, opts: SlurmOptions, echo: Callable[[str], None] = pr
         executor = submitit.SlurmExecutor(folder=folder)
     except OSError as e:
         raise UserError(f"cannot create the Slurm log folder {folder} ({e}); give a writable --log-folder") from None
-    except RuntimeError as e:  # no srun on PATH
-        raise UserError(f"{e}: --executor slurm runs where Slurm's commands are installed") from None
+    except RuntimeError:  # submitit finds no srun
+        raise UserError("srun is not on PATH: --executor slurm runs where Slurm's commands are installed "
+                        "(a login node of the cluster)") from None
     executor.update_parameters(**params)
-    rows = []
 
     def record(cell, job, name):
         log = str(job.paths.stdout)
         write_state(cell, str(job.job_id), name, log)
         echo(f"[submitted] {cell.name}: job {job.job_id} (log {log})")
-        rows.append(RunState(cell, "queued", cell.epochs_done(), str(job.job_id), log))
 
     try:
         if opts.array:
@@ -384,7 +383,6 @@ def submit(cells: Sequence, opts: SlurmOptions, echo: Callable[[str], None] = pr
                         f"--mem and --sbatch against the cluster (sinfo)") from None
     except OSError as e:
         raise UserError(f"cannot submit through the log folder {folder} ({e}); give a writable --log-folder") from None
-    return rows
 
 
 def _progress(r: RunState) -> str:
