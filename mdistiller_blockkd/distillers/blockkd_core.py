@@ -13,7 +13,7 @@ stones and call these; none copies another's methods. See ``docs/blockkd.md``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -138,8 +138,6 @@ class BlockKDOptions:
         parse_stones(opts.stones, None)
         return opts
 
-    def with_loss(self, **changes) -> "BlockKDOptions":
-        return replace(self, loss=replace(self.loss, **changes))
 
 
 def pair_list(explicit) -> List[Tuple[int, int]]:
@@ -263,8 +261,6 @@ class StonePlanner:
         self.deck, self.pos = [int(v) for v in state.get("deck", [])], int(state.get("pos", 0))
         self.step = int(state.get("step", 0))
 
-    def describe(self) -> str:
-        return "all" if self.mode == "all" else f"{self.mode}:{self.k}"
 
 
 def distance(opts: LossOptions, logits: Tensor, target_logits: Tensor, target: Tensor) -> Tensor:
@@ -304,7 +300,3 @@ def blockkd_loss(opts: LossOptions, s_logits: Tensor, stones: Sequence[Tensor], 
         "loss_cross": (opts.gamma * warm) * cross,
     }
 
-
-def option_names() -> List[str]:
-    """The fields of :class:`LossOptions` (lower case), e.g. for a wrapper's keyword arguments."""
-    return [f.name for f in fields(LossOptions)]
