@@ -50,11 +50,9 @@ def run_benchmark(args, overrides: Sequence[str], echo: Callable[[str], None] = 
         runner.prime(amp, cl)
     mem = PeakMemory(runner.device)
     for e in entries:  # warm-up pass, one entry at a time
+        runner.build(e)
         if memory == "inline":
-            runner.build(e)
             mem.start()
-        else:
-            runner.build(e)
         loss = None
         for _ in range(args.warmup):
             loss = runner.step(e)
