@@ -74,7 +74,7 @@ CFG.SOLVER.LR_DECAY_RATE = 0.1
 CFG.SOLVER.WEIGHT_DECAY = 0.0001
 CFG.SOLVER.MOMENTUM = 0.9
 CFG.SOLVER.TYPE = "SGD"  # SGD | AdamW (added; engine/optim.py)
-CFG.SOLVER.AMP = "off"  # added: off | bf16 | fp16 (fp16 uses a grad scaler)
+CFG.SOLVER.AMP = "off"  # added: off | bf16 | fp16 (fp16 uses a grad scaler) | auto (bf16 where native, else off)
 CFG.SOLVER.CHANNELS_LAST = False  # added
 
 # Log
@@ -369,9 +369,10 @@ def _check_ranges(cfg) -> None:
 def _check(cfg, base) -> None:
     """Validate a merged config (see :func:`load_cfg`); raise :class:`ConfigError` naming the first bad key."""
     _check_values(cfg, base)
-    amp = str(cfg.SOLVER.AMP).lower()
-    if amp not in ("off", "bf16", "fp16"):
-        raise ConfigError(f"SOLVER.AMP is '{cfg.SOLVER.AMP}'; use one of off, bf16, fp16")
+    from .utils.precision import AMP_CHOICES
+
+    if str(cfg.SOLVER.AMP).strip().lower() not in AMP_CHOICES:
+        raise ConfigError(f"SOLVER.AMP is '{cfg.SOLVER.AMP}'; use one of {', '.join(AMP_CHOICES)}")
     if str(cfg.SOLVER.TYPE).strip().upper() not in ("SGD", "ADAMW"):
         raise ConfigError(f"SOLVER.TYPE is '{cfg.SOLVER.TYPE}'; use SGD (mdistiller's) or AdamW")
     _check_ranges(cfg)

@@ -222,3 +222,30 @@ def test_sigterm_while_saving_leaves_no_temporary_file(tmp_path):
         proc.kill()
     assert rc == 128 + signal.SIGTERM and "terminated" in err and "Traceback" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_records_what_it_chose_and_resume_compares_that(tmp_path, capsys, monkeypatch, native):
+    """SOLVER.AMP auto: bf16 where the CPU computes it natively, fp32 elsewhere; the start line says so, config.yaml
+    holds the chosen setting, and resuming where auto means something else is a recipe change (refused)."""
+    import yaml
+
+    from mdistiller_blockkd.cli import train
+    from mdistiller_blockkd.utils import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    folder = tmp_path / "synthetic" / "vanilla_resnet8"
+    base = ["--cfg", SMOKE, "LOG.PREFIX", str(tmp_path), *TINY, "SOLVER.AMP", "auto"]
+    assert train.cli(base + ["SOLVER.EPOCHS", "1"]) == 0
+    chosen = "bf16" if native else "off"
+    out = capsys.readouterr().out
+    assert f"precision {'bf16' if native else 'fp32'} (SOLVER.AMP auto)" in out, out
+    assert yaml.safe_load((folder / "config.yaml").read_text())["SOLVER"]["AMP"] == chosen
+    assert train.cli(base + ["--resume", "SOLVER.EPOCHS", "2"]) == 0  # the same machine: auto chooses the same
+    monkeypatch.setattr(precision, "native_bf16", lambda device: not native)
+    with pytest.raises(SystemExit):
+        train.cli(base + ["--resume", "SOLVER.EPOCHS", "3"])
+    other = "off" if native else "bf16"
+    err = capsys.readouterr().err
+    assert f'SOLVER.AMP: "{chosen}" -> "{other}"' in err, err
+    assert [r["epoch"] for r in metrics(folder)] == [1, 2]

@@ -76,7 +76,7 @@ def main(argv=None):
     from ..registry import import_modules
     from ..utils import dist as du
     from ..utils.misc import seed_everything, set_deterministic
-    from ..utils.precision import precision_name, resolve_amp
+    from ..utils.precision import precision_name, resolve_amp, resolve_config_amp
     from ..utils.runfolder import recorded_epoch
     from ..utils.fileio import check_output_path
 
@@ -90,6 +90,8 @@ def main(argv=None):
         raise ConfigError(f"DATASET.TYPE {cfg.DATASET.TYPE}: the train command has no text task yet (GLUE's metrics, "
                           "padded text batches); the text data, hf: models and their stones are library pieces for "
                           "now (docs/nlp.md); train on image data, or use the library functions named there")
+    requested = str(cfg.SOLVER.AMP).strip().lower()
+    resolve_config_amp(cfg)  # 'auto' -> what it means here; config.yaml records that (and --resume compares it)
     detection = is_detection(cfg)  # DATASET.TYPE coco: torchvision Faster R-CNN (docs/detection.md)
     (check_detection_config if detection else check_distiller_config)(cfg)  # before any data is read or downloaded
     folder = output_dir(cfg)
@@ -124,7 +126,8 @@ def main(argv=None):
         say(log_msg(f"{cfg.DISTILLER.TYPE} ({cfg.DISTILLER.STUDENT}"
                     + (f" from {cfg.DISTILLER.TEACHER}" if distiller.teacher is not None else "")
                     + f"); device {info.device}, precision "
-                    f"{precision_name(resolve_amp(cfg.SOLVER.AMP, info.device))}, {info.world_size} process(es), "
+                    f"{precision_name(resolve_amp(cfg.SOLVER.AMP, info.device))}"
+                    + (" (SOLVER.AMP auto)" if requested == "auto" else "") + f", {info.world_size} process(es), "
                     f"batch {cfg.SOLVER.BATCH_SIZE} per process", "INFO"))
         say(log_msg(distiller.describe(), "INFO"))
         trainer = Trainer(experiment_name(cfg), distiller, train_loader, test_loader, cfg, dist_info=info,

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["AMP_CHOICES", "AMP_DTYPES", "amp_dtype", "resolve_amp", "native_bf16", "precision_name", "autocast"]
+__all__ = ["AMP_CHOICES", "AMP_DTYPES", "amp_dtype", "resolve_amp", "resolve_config_amp", "native_bf16", "precision_name",
+           "autocast"]
 
 #: Values ``SOLVER.AMP`` accepts.
 AMP_CHOICES = ("off", "bf16", "fp16", "auto")
@@ -63,6 +64,25 @@ def resolve_amp(value, device) -> str:
     if value == "auto":
         return "bf16" if native_bf16(device) else "off"
     return value
+
+
+def resolve_config_amp(cfg, device=None) -> str:
+    """Replace ``SOLVER.AMP auto`` in ``cfg`` by the setting it means on ``device``; return that setting.
+
+    ``device`` defaults to the run's device kind (CUDA when visible, else the CPU). Run before
+    ``config.yaml`` is written or compared on ``--resume``: the folder records what ran, and a run
+    resumed with ``auto`` on a machine that resolves it otherwise is a recipe change, refused like any.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    setting = resolve_amp(cfg.SOLVER.AMP, device)
+    if str(cfg.SOLVER.AMP).strip().lower() != setting:
+        frozen = cfg.is_frozen()
+        cfg.defrost()
+        cfg.SOLVER.AMP = setting
+        if frozen:
+            cfg.freeze()
+    return setting
 
 
 def amp_dtype(value, device) -> Optional[torch.dtype]:
