@@ -63,6 +63,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from . import doc_parser
 from ..errors import UserError, run_cli
 from ..results.labels import report_label_keys
 from ..results.plots import import_pyplot, write_plots
@@ -73,12 +74,7 @@ from ..utils.fileio import atomic_write_text, check_output_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mdistiller-blockkd-report",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__[__doc__.index("Reads run"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser("mdistiller-blockkd-report", __doc__, "Reads run")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (config.yaml + metrics.jsonl)")
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="find every run directory under DIR (repeatable)")

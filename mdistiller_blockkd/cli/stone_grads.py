@@ -28,13 +28,13 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from . import doc_parser
 from ..distillers.blockkd_grads import first_block_parameters, stone_gradients
 from ..errors import ConfigError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdistiller-blockkd stone-grads", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser("mdistiller-blockkd stone-grads", __doc__, "Builds the config's")
     p.add_argument("--cfg", required=True, metavar="FILE", help="a BLOCKKD config (file or shipped short name)")
     p.add_argument("--ckpt", metavar="FILE", help="a run's training state (latest/best) for student and connectors")
     p.add_argument("--batches", type=int, default=8, help="training batches to average over (default 8)")

@@ -7,7 +7,7 @@ Cells are ``mean ± std (n seeds)`` over seeds; differences carry Welch's standa
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .runs import (Run, cell_runs, column_pairs, mean_of_records, method_rows, number, pair_name, run_cost,
                    several_datasets, stone_keys)
@@ -32,6 +32,15 @@ def _header(groups, cols: Sequence) -> List[str]:
     return ["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |", "|---|" + "---|" * len(cols)]
 
 
+def _method_table(groups, cols: Sequence, cell: Callable[[tuple, str], str], skip: str = "") -> str:
+    """A table with a row per method (but ``skip``) and a column per pair of ``cols``: ``cell(pair, method)``."""
+    lines = _header(groups, cols)
+    for method in method_rows(groups):
+        if method != skip:
+            lines.append(f"| {method} | " + " | ".join(cell(pair, method) for pair in cols) + " |")
+    return "\n".join(lines)
+
+
 def _values(runs: Sequence[Run], what: str) -> List[float]:
     return [v for v in (getattr(r, what) for r in runs) if v is not None]
 
@@ -39,15 +48,11 @@ def _values(runs: Sequence[Run], what: str) -> List[float]:
 def markdown_table(groups, what: str) -> str:
     """Markdown table of ``what`` (a :class:`Run` property: ``best``, ``last``, ``val_last``,
     ``test_at_val_best``) top-1, rows methods, columns pairs."""
-    cols = column_pairs(groups)
-    lines = _header(groups, cols)
-    for method in method_rows(groups):
-        cells = []
-        for pair in cols:
-            runs = cell_runs(groups, pair, method)
-            cells.append(format_cell(_values(runs, what), sum(not r.complete for r in runs)))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def cell(pair, method):
+        runs = cell_runs(groups, pair, method)
+        return format_cell(_values(runs, what), sum(not r.complete for r in runs))
+
+    return _method_table(groups, column_pairs(groups), cell)
 
 
 def difference_table(groups, baseline: str, what: str = "best") -> Optional[str]:
@@ -59,14 +64,12 @@ def difference_table(groups, baseline: str, what: str = "best") -> Optional[str]
     cols = [p for p in column_pairs(groups) if cell_runs(groups, p, baseline)]
     if not cols:
         return None
-    lines = _header(groups, cols)
-    for method in method_rows(groups):
-        if method == baseline:
-            continue
-        cells = [diff_cell(_values(cell_runs(groups, pair, method), what),
-                           _values(cell_runs(groups, pair, baseline), what)) for pair in cols]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _method_table(groups, cols, lambda pair, method: _diff(groups, pair, method, baseline, what), skip=baseline)
+
+
+def _diff(groups, pair, method: str, other: str, what: str) -> str:
+    """:func:`diff_cell` of ``method``'s ``what`` values minus ``other``'s in the column ``pair``."""
+    return diff_cell(_values(cell_runs(groups, pair, method), what), _values(cell_runs(groups, pair, other), what))
 
 
 def diff_cell(a: Sequence[float], b: Sequence[float]) -> str:
@@ -92,15 +95,12 @@ def twin_table(groups, label: str, what: str) -> Optional[str]:
         if label not in words:
             continue
         twin = " ".join(w for w in words if w != label)
-        cells = [diff_cell(_values(cell_runs(groups, pair, method), what), _values(cell_runs(groups, pair, twin), what))
-                 for pair in cols]
+        cells = [_diff(groups, pair, method, twin, what) for pair in cols]
         if any(c != "–" for c in cells):
             rows.append(f"| {twin} | " + " | ".join(cells) + " |")
     if not rows:
         return None
     return "\n".join(_header(groups, cols) + rows)
-
-
 
 
 def cost_table(groups, costs=None) -> str:
@@ -109,21 +109,17 @@ def cost_table(groups, costs=None) -> str:
     With ``costs`` (a benchmark's ratios, :func:`load_costs`) each cell also gives the
     benchmark's step-cost ratio and the run's training cost in KD-epochs (ratio x epochs).
     """
-    cols = column_pairs(groups)
-    lines = _header(groups, cols)
-    for method in method_rows(groups):
-        cells = []
-        for pair in cols:
-            runs = cell_runs(groups, pair, method)
-            ms = mean_of_records(runs, "ms_per_step")
-            kd = mean_of_records(cell_runs(groups, pair, "KD"), "ms_per_step")
-            cell = "–" if ms is None else f"{ms:.0f}" + (f" ({ms / kd:.2f}× KD)" if kd else "")
-            ratio = run_cost(runs[0], costs) if runs else None
-            if ratio is not None:
-                cell += f"; benchmark {ratio:.2f}× KD, {ratio * runs[0].planned_epochs:.1f} KD-epochs"
-            cells.append(cell)
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def cell(pair, method):
+        runs = cell_runs(groups, pair, method)
+        ms = mean_of_records(runs, "ms_per_step")
+        kd = mean_of_records(cell_runs(groups, pair, "KD"), "ms_per_step")
+        text = "–" if ms is None else f"{ms:.0f}" + (f" ({ms / kd:.2f}× KD)" if kd else "")
+        ratio = run_cost(runs[0], costs) if runs else None
+        if ratio is not None:
+            text += f"; benchmark {ratio:.2f}× KD, {ratio * runs[0].planned_epochs:.1f} KD-epochs"
+        return text
+
+    return _method_table(groups, column_pairs(groups), cell)
 
 
 DETECTION_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -282,7 +278,7 @@ def summary_table(rows: Sequence[Tuple[str, Optional[Run]]]) -> str:
         if run is None:
             lines.append(f"| {label} | - | 0 | - | - | - | - | not run |")
             continue
-        epochs = f"{run.epochs}" if run.epochs >= run.planned_epochs else f"{run.epochs} of {run.planned_epochs} (partial)"
+        epochs = f"{run.epochs}" + ("" if run.epochs >= run.planned_epochs else f" of {run.planned_epochs} (partial)")
         lines.append(f"| {label} | {run.student} | {epochs} | {run.best:.2f} | {run.last:.2f} | "
                      f"{run.seconds:.0f} | {run.ms_per_step:.0f} | {heads_text([run]) or '-'} |")
     return "\n".join(lines)
