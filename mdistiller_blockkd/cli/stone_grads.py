@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..config import load_cfg, resolve_config
     from ..data import get_loaders
     from ..engine.build import build_distiller
-    from ..utils.checkpoint import load_checkpoint
+    from ..utils.checkpoint import load_checkpoint, load_distiller_state
     from ..utils.fileio import atomic_write_text
     from ..utils.misc import seed_everything
 
@@ -64,11 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         state = load_checkpoint(args.ckpt)
         if not isinstance(state, dict) or "model" not in state:
             raise ConfigError(f"--ckpt '{args.ckpt}' is not a training state (no 'model'); give a run's latest or best")
-        missing, unexpected = distiller.load_state_dict(state["model"], strict=False)
-        missing = [k for k in missing if not k.startswith("teacher.")]
-        if missing or unexpected:
-            raise ConfigError(f"--ckpt '{args.ckpt}' does not fit this config's distiller ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected keys)")
+        load_distiller_state(distiller, state["model"], args.ckpt)
     batches = []
     for image, target in loaders.train:
         batches.append((image, target))
