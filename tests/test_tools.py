@@ -555,6 +555,20 @@ def outside_distiller():
         DISTILLERS.pop("TESTKD")
 
 
+def test_the_plots_in_docs_fit_a_screen_and_every_link_to_one_resolves():
+    """No PNG under docs/ is over 2,400 px a side (one row of 22 panels was 9,062 px), and the markdown
+    links to PNGs in README.md and docs/ name files that exist."""
+    import re
+
+    from PIL import Image
+
+    sizes = {p: Image.open(p).size for p in (REPO / "docs").rglob("*.png")}
+    assert sizes and not {p: s for p, s in sizes.items() if max(s) > 2400}
+    for md in [REPO / "README.md", *(REPO / "docs").rglob("*.md")]:
+        for link in re.findall(r"\]\(([^)\s]+\.png)\)", md.read_text(encoding="utf-8")):
+            assert (md.parent / link).is_file(), (md, link)
+
+
 def test_an_outside_distiller_shows_in_the_report_and_the_benchmark(outside_distiller, bench_tool, report, tmp_path,
                                                                      capsys):
     from mdistiller_blockkd.results.labels import label_keys, method_sort_key
