@@ -16,7 +16,7 @@ import torch
 
 from mdistiller_blockkd.cli import benchmark, demo, eval as eval_cmd, report, study, train
 from mdistiller_blockkd.config import list_configs, load_cfg
-from mdistiller_blockkd.errors import CheckpointError, ConfigError, TrainingError, UserError, run_cli
+from mdistiller_blockkd.errors import CheckpointError, ConfigError, TrainingError, run_cli
 from mdistiller_blockkd.utils import fileio, misc
 from mdistiller_blockkd.utils.checkpoint import load_checkpoint, save_checkpoint
 from mdistiller_blockkd.utils.fileio import read_json_lines

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from mdistiller_blockkd.distillers import distiller_dict
 from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError, UserError
 from mdistiller_blockkd import bench as bench_lib

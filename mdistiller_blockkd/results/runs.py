@@ -90,6 +90,12 @@ class Run:
         return self.seconds / 60.0
 
     @property
+    def ms_per_step(self) -> float:
+        """Median over the scored epochs of the training ms per step (``ms_per_step``); NaN without any."""
+        steps = [float(r["ms_per_step"]) for r in self.scored if number(r.get("ms_per_step")) is not None]
+        return statistics.median(steps) if steps else float("nan")
+
+    @property
     def scored(self) -> List[dict]:
         """Records that carry a numeric score (``test_acc``; ``test_AP`` for detection)."""
         return [r for r in self.records if number(r.get(self.score)) is not None]
@@ -136,14 +142,8 @@ class Run:
         return float(v[best]["test_acc"])
 
 
-    @property
-    def ms_per_step(self) -> float:
-        """Median over the scored epochs of the training ms per step (``ms_per_step``); NaN without any."""
-        steps = [float(r["ms_per_step"]) for r in self.scored if number(r.get("ms_per_step")) is not None]
-        return statistics.median(steps) if steps else float("nan")
-
-
 def number(v) -> Optional[float]:
+    """``v`` as a float when it is a finite number (not a bool), else None: how a record's value is read."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v) if math.isfinite(v) else None
@@ -368,8 +368,6 @@ def mean_of_records(runs: Sequence[Run], key: str, last_only: bool = False) -> O
 
 def load_costs(path: str) -> Dict[Tuple[str, str, str, str], float]:
     """``{(teacher, student, distiller, variant): ratio_to_kd}`` from a benchmark ``--json`` file."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
