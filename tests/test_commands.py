@@ -12,7 +12,7 @@ import torch
 
 from mdistiller_blockkd import cli
 from mdistiller_blockkd.config import config_dir, list_configs, load_cfg, resolve_config
-from mdistiller_blockkd.errors import ConfigError
+from mdistiller_blockkd.errors import ConfigError, run_cli
 from mdistiller_blockkd.registry import DISTILLERS, MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,6 +168,7 @@ def test_stone_grads_measures_the_first_blocks_gradient(tmp_path):
     """Unbiased single-stone gradients average to all's exactly without the cross term; bad input is one error."""
     from mdistiller_blockkd.cli import stone_grads
     from mdistiller_blockkd.config import load_cfg
+    from mdistiller_blockkd.distillers.blockkd_grads import first_block_parameters, stone_gradients
     from mdistiller_blockkd.distillers import distiller_dict
     from mdistiller_blockkd.models import build_model
 
@@ -176,14 +177,40 @@ def test_stone_grads_measures_the_first_blocks_gradient(tmp_path):
     d = distiller_dict["BLOCKKD"](build_model("resnet8", num_classes=5), build_model("resnet14", num_classes=5), cfg)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
-    params = stone_grads.first_block_parameters(d, batches[0][0])
+    params = first_block_parameters(d, batches[0][0])
     names = {n for n, p in d.student.named_parameters() if any(p is q for q in params)}
     assert "conv1.weight" in names and any(n.startswith("layer1.") for n in names)
     assert not any(n.startswith(("layer2.", "layer3.", "fc.")) for n in names)
-    out = stone_grads.stone_gradients(d, batches, params)
+    out = stone_gradients(d, batches, params)
     assert out["num_stones"] == 3 and out["batches"] == 2
     assert out["unbiased_mean_error"] < 1e-4
     assert out["relative_error_vs_all"]["sample1_unbiased"] > 0.01
     assert set(out["stone_gradient_norm_unbiased"]) == {"stone1", "stone2", "stone3"}
     with pytest.raises(ConfigError, match="stone-grads measures a BLOCKKD config"):
         stone_grads.main(["--cfg", "synthetic/vanilla_resnet8"])
+
+
+def test_stone_grads_refuses_a_training_state_of_another_distiller(tmp_path, capsys):
+    """A --ckpt whose weights do not fit (a weight of another shape, a missing one) is one error line."""
+    from mdistiller_blockkd.cli import stone_grads
+    from mdistiller_blockkd.config import load_cfg
+    from mdistiller_blockkd.distillers import distiller_dict
+    from mdistiller_blockkd.models import build_model
+    from mdistiller_blockkd.utils.checkpoint import save_checkpoint
+
+    d = distiller_dict["BLOCKKD"](build_model("resnet8", num_classes=10), build_model("resnet8", num_classes=10),
+                                  load_cfg(None, ["DISTILLER.TYPE", "BLOCKKD"]))
+    save_checkpoint({"model": d.teacher.state_dict()}, str(tmp_path / "teacher.pth"))
+    weights = {k: v for k, v in d.state_dict().items() if not k.startswith("teacher.")}
+    argv = ["--cfg", "synthetic/vanilla_resnet8", "--batches", "1", "--ckpt", str(tmp_path / "state"),
+            "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "resnet8", "DISTILLER.TEACHER_CKPT", str(tmp_path / "teacher.pth")]
+    for change, words in (({"student.fc.weight": torch.zeros(3, 3)}, "size mismatch"),
+                          ({"student.fc.weight": None}, "1 missing, 0 unexpected keys, e.g. student.fc.weight")):
+        bad = {k: v for k, v in {**weights, **change}.items() if v is not None}
+        save_checkpoint({"model": bad}, str(tmp_path / "state"))
+        with pytest.raises(SystemExit) as ended:
+            run_cli(stone_grads.main, argv)
+        assert ended.value.code != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: '{tmp_path / 'state'}' does not fit this config's distiller")
+        assert words in err[0] and "another DISTILLER.TYPE / STUDENT / TEACHER" in err[0]

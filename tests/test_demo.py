@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -170,7 +169,7 @@ def test_table_and_warning_on_fabricated_runs(demo, tmp_path):
     _fake_run(root, "vanilla", "NONE", "resnet8", [72.0, 78.5, 78.0])  # better than the teacher
     _fake_run(root, "kd", "KD", "resnet8", [71.0, 78.0, 77.9])
     _fake_run(root, "blockkd", "BLOCKKD", "resnet8", [70.0, 79.0], stones=True)  # partial: 2 of 2 planned
-    text, ok, check = demo.results_text(root, "fashion_mnist from somewhere", quick=False)
+    text, ok, check = demo.results_text(root, demo.stage_runs(root), "fashion_mnist from somewhere", quick=False)
     assert not ok and check.startswith("WARNING") and check in text
     rows = table_rows(text)
     assert len(rows) == 4
@@ -183,16 +182,29 @@ def test_table_and_warning_on_fabricated_runs(demo, tmp_path):
     root2 = str(tmp_path / "b")
     _fake_run(root2, "teacher", "NONE", "resnet32", [85.0])
     _fake_run(root2, "vanilla", "NONE", "resnet8", [80.0])
-    text, ok, check = demo.results_text(root2, "x", quick=False)
+    text, ok, check = demo.results_text(root2, demo.stage_runs(root2), "x", quick=False)
     rows = table_rows(text)
     assert ok and len(rows) == 4 and rows[2].endswith("not run |") and "WARNING" not in text
 
 
-def test_partial_row_and_decay_scaling(demo):
-    row = demo.summarize("x", [{"epoch": 1, "test_acc": 50.0, "ms_per_step": 10.0, "epoch_time_s": 2.0}], 5, "m")
-    assert row.epochs == 1 and row.planned == 5
-    assert "1 of 5 (partial)" in demo.format_table([row, None, None, None])
-    assert demo.summarize("x", [{"epoch": 1}], 5, "m") is None
+def test_partial_row_and_decay_scaling(demo, tmp_path):
+    from mdistiller_blockkd.results.tables import summary_table
+
+    root = str(tmp_path)
+    _fake_run(root, "teacher", "NONE", "resnet32", [50.0])
+    with open(os.path.join(root, "runs", "teacher", "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["SOLVER"]["EPOCHS"] = 5
+    with open(os.path.join(root, "runs", "teacher", "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    _fake_run(root, "vanilla", "NONE", "resnet8", [50.0])
+    with open(os.path.join(root, "runs", "vanilla", "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"epoch": 1}) + "\n")  # no evaluated epoch: no result
+    runs = demo.stage_runs(root)
+    assert runs[0].epochs == 1 and runs[0].planned_epochs == 5 and runs[1:] == [None, None, None]
+    table = summary_table([(s.label, r) for s, r in zip(demo.STAGES, runs)])
+    assert "| teacher (vanilla) | resnet32 | 1 of 5 (partial) | 50.00 | 50.00 | 10 | 101 | - |" in table
+    assert "| student vanilla | - | 0 | - | - | - | - | not run |" in table
     assert demo.scale_decay([7, 9], 10, 10) == [7, 9]
     assert demo.scale_decay([7, 9], 10, 20) == [14, 18]
     assert demo.scale_decay([7, 9], 10, 1) == []

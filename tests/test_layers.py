@@ -33,8 +33,8 @@ LAYERS = [
     (f"{PKG}.engine.build", 3, "assembler"),
     (f"{PKG}.engine.task", 3, "assembler"),  # the task interface (classification; detection's is detection.task)
     (f"{PKG}.engine.optim", 3, "assembler"),  # the optimizer factory and the one training step
-    (f"{PKG}.detection", 3, "detection"),
-    (f"{PKG}.results", 3, "results"),  # run labels (from the distiller registry) and seed statistics  # detection task: data, models, distillers, COCO mAP (beside the assembler)
+    (f"{PKG}.detection", 3, "detection"),  # detection task: data, models, distillers, COCO mAP (beside the assembler)
+    (f"{PKG}.results", 3, "results"),  # runs read from their folders, labels (from the registry), statistics, tables, plots
     (f"{PKG}.engine.trainer", 4, "trainer"),
     (f"{PKG}.bench", 4, "trainer"),  # benchmark library: step profiles (times the trainer's pieces)
     (f"{PKG}.cluster", 4, "cluster"),  # a study's runs as Slurm jobs (submitit); runs train commands, imports no trainer

@@ -280,19 +280,24 @@ def test_slurm_study_matches_the_local_study(tmp_path, on_slurm):
     assert r.returncode == 0 and r.stdout.splitlines()[0] == "study: 4 runs: 4 done", r.stdout
 
 
+def submit_one(tmp_path, seed, epochs):
+    """One run of ``epochs`` epochs (seed ``seed``) submitted without waiting: ``(study arguments, run folder,
+    LOG.PREFIX, job id)``."""
+    prefix = tmp_path / "out"
+    args = ["--executor", "slurm", "--time", "10", "--poll", "0.5", "--cfg", CFG, "--seeds", str(seed),
+            *tiny(prefix, epochs=epochs, train_size=256)]
+    r = study("--no-wait", *args, cwd=tmp_path)
+    assert r.returncode == 0 and "[submitted]" in r.stdout, r.stdout + r.stderr
+    name = f"vanilla_resnet8_s{seed}"
+    return args, prefix / "synthetic" / name, prefix, state(prefix, name)["job_id"]
+
+
 @pytest.mark.slow
 def test_a_cancelled_job_resumes_when_the_study_is_run_again(tmp_path, on_slurm):
-    prefix = tmp_path / "out"
-    args = ["--executor", "slurm", "--time", "10", "--poll", "0.5", "--cfg", CFG, "--seeds", "2"]
-    args_tail = tiny(prefix, epochs=5, train_size=256)
-    run_dir = prefix / "synthetic" / "vanilla_resnet8_s2"
-    r = study(*args, "--no-wait", *args_tail, cwd=tmp_path)
-    assert r.returncode == 0 and "[submitted]" in r.stdout, r.stdout + r.stderr
-    job = state(prefix, "vanilla_resnet8_s2")["job_id"]
+    args, run_dir, prefix, job = submit_one(tmp_path, seed=2, epochs=5)
     # the same command while the job is queued or running: not submitted twice
-    r = study(*args, "--no-wait", *args_tail, cwd=tmp_path)
+    r = study("--no-wait", *args, cwd=tmp_path)
     assert r.returncode == 0 and "not submitted again" in r.stdout and "[submitted]" not in r.stdout, r.stdout
-    args += args_tail
     wait_for(lambda: epochs_written(run_dir) >= 1, 120, "the first epoch")
     subprocess.run(["scancel", job], check=True)
     wait_for(lambda: slurm.squeue_jobs().get(job, ("gone",))[0] in slurm.ENDED | {"gone"}, 60,
@@ -312,14 +317,7 @@ def test_a_cancelled_job_resumes_when_the_study_is_run_again(tmp_path, on_slurm)
 @pytest.mark.slow
 def test_submitit_requeues_a_signalled_job_and_it_resumes(tmp_path, on_slurm):
     """SIGUSR2 (what Slurm sends before the time limit): submitit requeues the same job, which resumes the run."""
-    prefix = tmp_path / "out"
-    args = ["--executor", "slurm", "--time", "10", "--poll", "0.5", "--cfg", CFG, "--seeds", "3"]
-    args_tail = tiny(prefix, epochs=4, train_size=256)
-    run_dir = prefix / "synthetic" / "vanilla_resnet8_s3"
-    r = study(*args, "--no-wait", *args_tail, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    args += args_tail
-    job = state(prefix, "vanilla_resnet8_s3")["job_id"]
+    args, run_dir, prefix, job = submit_one(tmp_path, seed=3, epochs=4)
     wait_for(lambda: epochs_written(run_dir) >= 1, 120, "the first epoch")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     wait_for(lambda: slurm.squeue_jobs().get(job, ("gone",))[0] in slurm.QUEUED, 60, "the job to be requeued")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from mdistiller_blockkd.distillers import distiller_dict
 from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError, UserError
 from mdistiller_blockkd import bench as bench_lib
 from mdistiller_blockkd.bench import cost as bench_cost, entries as bench_entries
 from mdistiller_blockkd.results.labels import variant_label
+from mdistiller_blockkd.results.plots import MAX_SERIES, PANELS_PER_ROW
 from mdistiller_blockkd.results.stats import mean_std, read_metrics
 from mdistiller_blockkd.utils.overrides import split_overrides, split_top_level
 
@@ -523,14 +523,14 @@ def test_report_plots_stay_readable_with_many_methods(report, tmp_path):
         series = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
         series += [c for c in ax.containers]  # errorbar points
         named = [s for s in series if not s.get_label().startswith(("Pareto", "_"))]
-        assert len(named) <= report.MAX_SERIES, ax.get_title()
+        assert len(named) <= MAX_SERIES, ax.get_title()
         styles = [(str(getattr(s, "get_color", lambda: s.lines[0].get_color())()),
                    getattr(s, "get_marker", lambda: s.lines[0].get_marker())()) for s in named]
         assert len(set(styles)) == len(styles), ax.get_title()  # distinct colour and marker within a panel
         legend = ax.get_legend()
         assert legend is not None and legend.get_bbox_to_anchor().y0 < ax.get_window_extent().y0  # below the axes
     assert max(len([a for a in seen_axes if a.get_figure() is f]) for f in {a.get_figure() for a in seen_axes}) >= 5
-    assert all(a.get_subplotspec().colspan.start < report.PANELS_PER_ROW for a in seen_axes)
+    assert all(a.get_subplotspec().colspan.start < PANELS_PER_ROW for a in seen_axes)
 
 
 @pytest.fixture
@@ -552,6 +552,20 @@ def outside_distiller():
         yield TestKD
     finally:
         DISTILLERS.pop("TESTKD")
+
+
+def test_the_plots_in_docs_fit_a_screen_and_every_link_to_one_resolves():
+    """No PNG under docs/ is over 2,400 px a side (one row of 22 panels was 9,062 px), and the markdown
+    links to PNGs in README.md and docs/ name files that exist."""
+    import re
+
+    from PIL import Image
+
+    sizes = {p: Image.open(p).size for p in (REPO / "docs").rglob("*.png")}
+    assert sizes and not {p: s for p, s in sizes.items() if max(s) > 2400}
+    for md in [REPO / "README.md", *(REPO / "docs").rglob("*.md")]:
+        for link in re.findall(r"\]\(([^)\s]+\.png)\)", md.read_text(encoding="utf-8")):
+            assert (md.parent / link).is_file(), (md, link)
 
 
 def test_an_outside_distiller_shows_in_the_report_and_the_benchmark(outside_distiller, bench_tool, report, tmp_path,

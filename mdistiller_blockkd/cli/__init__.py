@@ -25,6 +25,7 @@ configs. In a checkout, ``python tools/<command>.py`` is a thin wrapper around t
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from typing import Optional, Sequence
@@ -45,6 +46,13 @@ COMMANDS = {
 
 _USAGE = ("usage: python -m mdistiller_blockkd {" + ",".join(COMMANDS) + ",configs} [args ...]\n"
           "       (also: mdistiller-blockkd <command> ..., mdistiller-blockkd-<command> ...)")
+
+
+def doc_parser(prog: str, doc: str, epilog_from: str) -> argparse.ArgumentParser:
+    """A command's parser from its module docstring ``doc``: the first paragraph describes the command,
+    the text from ``epilog_from`` on closes ``--help``, laid out as written."""
+    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=doc[doc.index(epilog_from):],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def command_module(name: str):

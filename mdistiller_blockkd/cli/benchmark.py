@@ -93,6 +93,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import doc_parser
 from ..bench import check_options, run_benchmark
 from ..errors import run_cli
 from ..utils.fileio import atomic_write_text, check_output_path
@@ -101,12 +102,7 @@ from ..utils.precision import AMP_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mdistiller-blockkd-benchmark",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__[__doc__.index("Procedure"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser("mdistiller-blockkd-benchmark", __doc__, "Procedure")
     p.add_argument("--cfg", nargs="+", metavar="FILE", help="YAML configs, one entry each")
     p.add_argument("--pairs", nargs="+", metavar="T:S", help="teacher:student pairs, e.g. resnet56:resnet20")
     p.add_argument("--distillers", nargs="+", metavar="NAME",

@@ -23,7 +23,8 @@ minutes in all (Block-KD is the slowest stage: its table's ms/step column gives 
 ``mdistiller_blockkd.engine.trainer``). At the end the demo prints a table (best and
 last-epoch top-1, training time, ms per step; for Block-KD the last epoch's stepping-stone
 and teacher accuracies), writes it to ``<out>/demo_results.md`` and plots to ``<out>/plots/``
-(the report command's functions; matplotlib is a dependency). It checks that the
+(read, tabled and plotted by :mod:`mdistiller_blockkd.results`, as the report command does;
+matplotlib is a dependency). It checks that the
 teacher beats the vanilla student by at least 1 point (best top-1) and prints a WARNING
 when it does not: a teacher worse than its student makes the distillation comparison
 meaningless.
@@ -49,11 +50,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 # OpenMP threads that wait passively: on a CPU shared with other busy processes, spinning
 # threads make torch's CPU kernels up to ~10x slower (measured on 2 shared cores); when the
@@ -63,8 +63,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml  # noqa: E402
 
 from ..errors import ConfigError, UserError, run_cli  # noqa: E402
-from ..results.stats import read_metrics  # noqa: E402
 from ..results.labels import label_keys  # noqa: E402
+from ..results.plots import import_pyplot, write_plots  # noqa: E402
+from ..results.runs import CONFIG, METRICS, Run, group_runs, load_run  # noqa: E402
+from ..results.tables import summary_table  # noqa: E402
 from ..utils.fileio import atomic_write_text, check_output_path  # noqa: E402
 from ..utils.runfolder import run_finished  # noqa: E402
 
@@ -95,21 +97,6 @@ STAGES = (
     Stage("kd", "demo/kd", "student KD", True),
     Stage("blockkd", "demo/blockkd", "student Block-KD", True),
 )
-
-
-@dataclass
-class Row:
-    """One line of the results table, summarised from a run's ``metrics.jsonl``."""
-
-    label: str
-    model: str
-    epochs: int
-    planned: int
-    best: float
-    last: float
-    train_time_s: float
-    ms_per_step: float
-    heads: Dict[str, float] = field(default_factory=dict)  # acc_stone<i>, acc_teacher of the last epoch
 
 
 # -- configuration ------------------------------------------------------------------
@@ -280,65 +267,14 @@ def run_stage(stage: Stage, opts: Sequence[str], action: str, out: str, verbose:
 
 
 # -- results ------------------------------------------------------------------------
-def summarize(label: str, records: Sequence[dict], planned: int, model: str) -> Optional[Row]:
-    """A table row from a run's metrics records (None when no epoch was evaluated)."""
-    scored = [r for r in records if isinstance(r.get("test_acc"), (int, float))]
-    if not scored:
-        return None
-    steps = [float(r["ms_per_step"]) for r in scored if isinstance(r.get("ms_per_step"), (int, float))]
-    last = scored[-1]
-    heads = {k: float(v) for k, v in last.items() if k.startswith("acc_") and isinstance(v, (int, float))}
-    return Row(
-        label=label,
-        model=model,
-        epochs=len(scored),
-        planned=planned,
-        best=max(float(r["test_acc"]) for r in scored),
-        last=float(last["test_acc"]),
-        train_time_s=sum(float(r.get("epoch_time_s", 0.0) or 0.0) for r in scored),
-        ms_per_step=statistics.median(steps) if steps else float("nan"),
-        heads=heads,
-    )
-
-
-def collect(out: str) -> List[Optional[Row]]:
-    """One :class:`Row` per stage (None for a stage with no evaluated epoch), in stage order."""
-    rows: List[Optional[Row]] = []
+def stage_runs(out: str) -> List[Optional[Run]]:
+    """Each stage's run (read as the report reads runs), in stage order; None for a stage not run yet."""
+    runs: List[Optional[Run]] = []
     for stage in STAGES:
         folder = run_dir(out, stage)
-        met, cfg_path = os.path.join(folder, "metrics.jsonl"), os.path.join(folder, "config.yaml")
-        if not (os.path.isfile(met) and os.path.isfile(cfg_path)):
-            rows.append(None)
-            continue
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f) or {}
-        records, _problems = read_metrics(met)
-        solver, dist = cfg.get("SOLVER", {}), cfg.get("DISTILLER", {})
-        rows.append(summarize(stage.label, records, int(solver.get("EPOCHS", 0)), str(dist.get("STUDENT", "?"))))
-    return rows
-
-
-def _heads_text(heads: Dict[str, float]) -> str:
-    stones = sorted((k for k in heads if k.startswith("acc_stone")), key=lambda k: int(k[len("acc_stone"):] or 0))
-    parts = [f"{k[len('acc_'):]} {heads[k]:.2f}" for k in stones]
-    if "acc_teacher" in heads:
-        parts.append(f"teacher {heads['acc_teacher']:.2f}")
-    return ", ".join(parts)
-
-
-def format_table(rows: Sequence[Optional[Row]]) -> str:
-    """The results table (markdown): one line per stage, ``-`` for a stage without results."""
-    lines = ["| method | model | epochs | best top-1 (%) | last top-1 (%) | train time (s) | ms/step | "
-             "last-epoch stones / teacher top-1 (%) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for stage, row in zip(STAGES, rows):
-        if row is None:
-            lines.append(f"| {stage.label} | - | 0 | - | - | - | - | not run |")
-            continue
-        epochs = f"{row.epochs}" if row.epochs >= row.planned else f"{row.epochs} of {row.planned} (partial)"
-        lines.append(f"| {row.label} | {row.model} | {epochs} | {row.best:.2f} | {row.last:.2f} | "
-                     f"{row.train_time_s:.0f} | {row.ms_per_step:.0f} | {_heads_text(row.heads) or '-'} |")
-    return "\n".join(lines)
+        started = all(os.path.isfile(os.path.join(folder, name)) for name in (METRICS, CONFIG))
+        runs.append(load_run(folder, label_keys()) if started else None)
+    return runs
 
 
 def teacher_check(teacher_best: Optional[float], vanilla_best: Optional[float],
@@ -356,42 +292,29 @@ def teacher_check(teacher_best: Optional[float], vanilla_best: Optional[float],
                    "stronger teacher before comparing methods.")
 
 
-def make_plots(out: str) -> str:
-    """Write the report command's plots of the demo runs to ``<out>/plots``; return a line saying what happened."""
-    from . import report
-
+def make_plots(out: str, runs: Sequence[Optional[Run]]) -> str:
+    """Write the report's plots of the demo runs to ``<out>/plots``; return a line saying what happened."""
     try:
-        plt = report.import_pyplot()
+        plt = import_pyplot()
     except UserError:
         return "plots: skipped (matplotlib is not installed; `pip install matplotlib` to get them)"
-    runs = []
-    for stage in STAGES:
-        folder = run_dir(out, stage)
-        if os.path.isfile(os.path.join(folder, "metrics.jsonl")):
-            run = report.load_run(folder, label_keys())
-            if run is not None:
-                runs.append(run)
-    if not runs:
+    done = [r for r in runs if r is not None]
+    if not done:
         return "plots: skipped (no run with results)"
-    plot_dir = os.path.join(out, "plots")
-    os.makedirs(plot_dir, exist_ok=True)
-    groups = report.group_runs(runs)
-    paths = [report.plot_test_acc(groups, plot_dir, plt)] + report.plot_stones(groups, plot_dir, plt)
-    return "plots: " + ", ".join(paths)
+    return "plots: " + ", ".join(write_plots(group_runs(done), os.path.join(out, "plots"), plt))
 
 
-def results_text(out: str, data_line: str, quick: bool) -> tuple:
-    """``(text, ok, check)``: the report (data line, table, teacher check, where the runs are), whether
-    the teacher check passed, and its message."""
-    rows = collect(out)
-    teacher, vanilla = rows[0], rows[1]
+def results_text(out: str, runs: Sequence[Optional[Run]], data_line: str, quick: bool) -> tuple:
+    """``(text, ok, check)`` of the stages' ``runs`` (:func:`stage_runs`): the report (data line, table,
+    teacher check, where the runs are), whether the teacher check passed, and its message."""
+    teacher, vanilla = runs[0], runs[1]
     ok, check = teacher_check(teacher.best if teacher else None, vanilla.best if vanilla else None)
     text = [
         "## Demo results" + (" (--quick smoke run: numbers mean nothing)" if quick else ""),
         "",
         f"data: {data_line}",
         "",
-        format_table(rows),
+        summary_table([(stage.label, run) for stage, run in zip(STAGES, runs)]),
         "",
         "best/last top-1: the student's test accuracy at its best / final epoch; train time: all epochs "
         "including evaluation; ms/step: median over epochs of the training time per step.",
@@ -438,8 +361,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"demo: {stage.name} done in {time.perf_counter() - t_stage:.0f}s", flush=True)
         if stage is STAGES[0]:
             teacher_retrained = True
-    text, ok, check = results_text(args.out, data_line, args.quick)
-    plots = make_plots(args.out)
+    runs = stage_runs(args.out)
+    text, ok, check = results_text(args.out, runs, data_line, args.quick)
+    plots = make_plots(args.out, runs)
     md_path = os.path.join(args.out, "demo_results.md")
     atomic_write_text(md_path, text + f"\n{plots}\n")
     print("\n" + text, flush=True)

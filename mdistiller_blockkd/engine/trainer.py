@@ -142,7 +142,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..utils import dist as du
 from ..config import log_msg
-from ..utils.checkpoint import load_checkpoint, save_checkpoint
+from ..utils.checkpoint import load_checkpoint, load_distiller_state, save_checkpoint
 from ..utils.precision import AMP_DTYPES, autocast, resolve_amp
 from .optim import build_optimizer, train_step
 from .task import ClassificationTask, evaluate_model
@@ -539,20 +539,7 @@ class Trainer:
         problem = du.all_gather_object(problem)[0]
         if problem:
             raise ConfigError(problem)
-        try:
-            missing, unexpected = self.distiller.load_state_dict(ckpt["model"], strict=False)
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"'{path}' does not fit this config's distiller ({' '.join(str(e).split())[:200]}); was it written "
-                "with another DISTILLER.TYPE / STUDENT / TEACHER?"
-            ) from None
-        missing = [k for k in missing if not k.startswith("teacher.")]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"'{path}' does not fit this config's distiller ({len(missing)} missing, {len(unexpected)} unexpected "
-                f"keys, e.g. {', '.join((missing + unexpected)[:3])}); was it written with another DISTILLER.TYPE / "
-                "STUDENT / TEACHER?"
-            )
+        load_distiller_state(self.distiller, ckpt["model"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:

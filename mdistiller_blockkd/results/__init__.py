@@ -1,1 +1,2 @@
-"""Results of runs: method and variant labels from the registry, seed statistics (and the report's run model)."""
+"""Results of runs: run folders read and grouped (:mod:`.runs`), labels from the registry (:mod:`.labels`),
+seed statistics (:mod:`.stats`), the report's tables (:mod:`.tables`) and plots (:mod:`.plots`)."""

@@ -296,3 +296,21 @@ def load_model_weights(model: nn.Module, path: str, name: Optional[str] = None, 
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:  # pragma: no cover - mismatches are caught above
         raise CheckpointError(f"checkpoint '{path}' does not fit {label}: {' '.join(str(e).split())[:300]}") from None
+
+
+def load_distiller_state(distiller: nn.Module, weights: Dict[str, Tensor], path: str) -> None:
+    """Load a training state's ``model`` weights (written from ``path``) into ``distiller``.
+
+    The teacher's weights may be absent (a training state leaves the fixed teacher out);
+    any other missing, unexpected or mis-shaped weight raises one :class:`CheckpointError`.
+    """
+    hint = "was it written with another DISTILLER.TYPE / STUDENT / TEACHER?"
+    try:
+        missing, unexpected = distiller.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a weight of another shape
+        raise CheckpointError(f"'{path}' does not fit this config's distiller ({' '.join(str(e).split())[:200]}); "
+                              f"{hint}") from None
+    missing = [k for k in missing if not k.startswith("teacher.")]
+    if missing or unexpected:
+        raise CheckpointError(f"'{path}' does not fit this config's distiller ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected keys, e.g. {', '.join((missing + unexpected)[:3])}); {hint}")

@@ -1,0 +1,433 @@
+"""The run model: run folders read into :class:`Run`, grouped by pair, method and seed.
+
+A run folder (``LOG.PREFIX/<PROJECT>/<NAME or TAG>/``) holds ``config.yaml`` (the merged
+config the trainer dumped) and ``metrics.jsonl`` (one JSON object per finished epoch).
+:func:`load_run` reads one (or skips it with a warning on stderr), :func:`load_runs` a list
+of them; :func:`relabel_against_majority` names each run's variant against the other runs;
+:func:`group_runs` gives ``{(pair, method): {seed: run}}``, read by the report's tables and
+plots (:mod:`.tables`, :mod:`.plots`) and the demo through :func:`column_pairs`,
+:func:`method_rows` and :func:`cell_runs`. :func:`load_costs` and :func:`run_cost` join runs
+with a benchmark's step-cost ratios.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from ..errors import UserError
+from ..utils.runfolder import missing_final_files
+from .labels import (cfg_get, default_value, distiller_nodes, label_keys as registry_label_keys, method_label,
+                     method_sort_key, variant_label)
+from .stats import mean_std, read_metrics
+
+METRICS, CONFIG = "metrics.jsonl", "config.yaml"
+#: Column order: mdistiller's CIFAR-100 pairs first, then the others in order of appearance.
+UPSTREAM_PAIRS = [
+    ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
+    ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"),
+    ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"), ("ResNet50", "MobileNetV2"),
+    ("vgg13", "MobileNetV2"), ("wrn_40_2", "ShuffleV1"),
+    ("ResNet34", "ResNet18"), ("ResNet50", "MobileNetV1"),
+]
+
+Pair = Tuple[str, Optional[str], str]  # (dataset, teacher or None for plain training, student)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+@dataclass
+class Run:
+    """One run directory: its grouping keys and per-epoch records."""
+
+    path: str
+    dataset: str
+    teacher: str
+    student: str
+    kind: str
+    variant: str
+    seed: int
+    planned_epochs: int
+    records: List[dict] = field(default_factory=list)
+    cfg: dict = field(default_factory=dict, repr=False)
+    #: variant by the registry's label keys (``results.labels.label_keys``) against the package defaults (what the benchmark names)
+    cost_variant: str = ""
+    #: final checkpoints the folder lacks (``latest``, ``student_latest``, ``ckpt_epoch_<N>.pth``)
+    missing: List[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return method_label(self.kind, self.variant)
+
+    @property
+    def pair(self) -> Pair:
+        return (self.dataset, None if self.kind == "NONE" else self.teacher, self.student)
+
+    @property
+    def score(self) -> str:
+        """The metric the run is ranked by: ``test_acc``, or box AP ``test_AP`` for detection (``coco``)."""
+        return "test_AP" if self.dataset == "coco" else "test_acc"
+
+    @property
+    def seconds(self) -> float:
+        """Wall-clock seconds the run's epochs took (training and evaluation: ``epoch_time_s``)."""
+        return sum(float(r["epoch_time_s"]) for r in self.records if number(r.get("epoch_time_s")) is not None)
+
+    @property
+    def minutes(self) -> float:
+        return self.seconds / 60.0
+
+    @property
+    def ms_per_step(self) -> float:
+        """Median over the scored epochs of the training ms per step (``ms_per_step``); NaN without any."""
+        steps = [float(r["ms_per_step"]) for r in self.scored if number(r.get("ms_per_step")) is not None]
+        return statistics.median(steps) if steps else float("nan")
+
+    @property
+    def scored(self) -> List[dict]:
+        """Records that carry a numeric score (``test_acc``; ``test_AP`` for detection)."""
+        return [r for r in self.records if number(r.get(self.score)) is not None]
+
+    @property
+    def epochs(self) -> int:
+        return len(self.scored)
+
+    @property
+    def last_epoch(self) -> float:
+        s = self.scored
+        return s[-1].get("epoch", len(s)) if s else 0
+
+    @property
+    def complete(self) -> bool:
+        """Finished: the last planned epoch is recorded and the final checkpoints exist."""
+        return self.last_epoch >= self.planned_epochs and not self.missing
+
+    @property
+    def best(self) -> float:
+        return max(float(r[self.score]) for r in self.scored)
+
+    @property
+    def last(self) -> float:
+        return float(self.scored[-1][self.score])
+
+    @property
+    def has_val(self) -> bool:
+        return any(number(r.get("val_acc")) is not None for r in self.scored)
+
+    @property
+    def val_last(self) -> Optional[float]:
+        """Validation top-1 of the last epoch (``DATASET.VAL_SPLIT``), or None."""
+        v = [r for r in self.scored if number(r.get("val_acc")) is not None]
+        return float(v[-1]["val_acc"]) if v else None
+
+    @property
+    def test_at_val_best(self) -> Optional[float]:
+        """Test top-1 at the epoch of the best validation top-1 (ties: the later epoch), or None."""
+        v = [r for r in self.scored if number(r.get("val_acc")) is not None]
+        if not v:
+            return None
+        best = max(range(len(v)), key=lambda i: (float(v[i]["val_acc"]), i))
+        return float(v[best]["test_acc"])
+
+
+def number(v) -> Optional[float]:
+    """``v`` as a float when it is a finite number (not a bool), else None: how a record's value is read."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def pair_name(pair: Pair, with_dataset: bool = False) -> str:
+    """``"resnet56->resnet20"`` (``"cifar100: resnet56->resnet20"`` with the dataset)."""
+    ds, t, s = pair
+    text = f"{t}->{s}" if t is not None else f"(plain)->{s}"
+    return f"{ds}: {text}" if with_dataset else text
+
+
+def several_datasets(groups) -> bool:
+    """True when the runs come from more than one dataset (pair names then show it)."""
+    return len({pair[0] for (pair, _m) in groups}) > 1
+
+
+# -- loading ------------------------------------------------------------------------
+def find_run_dirs(root: str) -> List[str]:
+    """Every directory under ``root`` (itself included) holding ``metrics.jsonl`` or ``config.yaml``, sorted."""
+    if not os.path.isdir(root):
+        raise UserError(f"--root '{root}' is not a directory; give the folder holding run directories (LOG.PREFIX)")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        if METRICS in files or CONFIG in files:
+            found.append(folder)
+    return sorted(found)
+
+
+def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
+    """The run in ``path``, or None (with a warning) when it cannot be used."""
+    if not os.path.isdir(path):
+        warn(f"{path}: not a directory; skipped")
+        return None
+    cfg_path, met_path = os.path.join(path, CONFIG), os.path.join(path, METRICS)
+    if not os.path.isfile(cfg_path):
+        warn(f"{path}: no {CONFIG} (needed to know pair, method and seed); skipped")
+        return None
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8 text
+        warn(f"{cfg_path}: cannot be read ({' '.join(str(e).split())[:160]}); skipped")
+        return None
+    problem = _config_problem(cfg)
+    if problem:
+        warn(f"{cfg_path}: {problem}; skipped")
+        return None
+    if not os.path.isfile(met_path):
+        warn(f"{path}: no {METRICS} yet (no finished epoch); skipped")
+        return None
+    try:
+        records, problems = read_metrics(met_path, skip_damaged=False)
+    except (OSError, ValueError) as e:
+        warn(f"{' '.join(str(e).split())[:200]}; skipped")
+        return None
+    bad = next((r for r in records if "epoch" in r and (type(r["epoch"]) is not int or r["epoch"] < 1)), None)
+    if bad is not None:
+        warn(f"{met_path}: a record has epoch {bad['epoch']!r}, not an epoch number; skipped")
+        return None
+    for p in problems:
+        warn(p)
+    kind = str(cfg_get(cfg, "DISTILLER.TYPE", "NONE")).upper()
+    seed = cfg_get(cfg, "EXPERIMENT.SEED", 0)
+    run = Run(
+        path=path,
+        dataset=str(cfg_get(cfg, "DATASET.TYPE", "cifar100")).lower(),
+        teacher=str(cfg_get(cfg, "DISTILLER.TEACHER", "?")),
+        student=str(cfg_get(cfg, "DISTILLER.STUDENT", "?")),
+        kind=kind,
+        variant=variant_label(cfg, label_keys),
+        cost_variant=variant_label(cfg),
+        cfg=cfg,
+        seed=seed,
+        planned_epochs=cfg_get(cfg, "SOLVER.EPOCHS", 240),
+        records=records,
+    )
+    run.missing = missing_final_files(path, run.planned_epochs)
+    if not run.scored:
+        warn(f"{path}: {METRICS} has no epoch with a {run.score} yet; skipped")
+        return None
+    if run.last_epoch < run.planned_epochs:
+        warn(f"{path}: in progress or stopped ({run.last_epoch:g} of {run.planned_epochs} epochs); included as partial")
+    elif run.missing:
+        warn(f"{path}: every epoch is recorded but its final checkpoint(s) {', '.join(run.missing)} are missing "
+             "(stopped while saving, or copied without them); included as partial")
+    return run
+
+
+def _config_problem(cfg) -> Optional[str]:
+    """What makes a run's loaded ``config.yaml`` unusable here, or None."""
+    if not isinstance(cfg, dict):
+        return "not a config mapping"
+    for node in ("EXPERIMENT", "DATASET", "DISTILLER", "SOLVER", "BLOCKKD"):
+        if node in cfg and not isinstance(cfg[node], dict):
+            return f"{node} is {cfg[node]!r}, not a section of settings"
+    for key, default, low in (("SOLVER.EPOCHS", 240, 1), ("EXPERIMENT.SEED", 0, None), ("BLOCKKD.DENSE_EPOCHS", 0, 0)):
+        value = cfg_get(cfg, key, default)
+        if type(value) is not int or (low is not None and value < low):
+            return f"{key} is {value!r}, not a whole number" + (f" >= {low}" if low is not None else "")
+    return None
+
+
+def load_runs(dirs: Sequence[str], label_keys: Sequence[str]) -> List[Run]:
+    """The usable runs of ``dirs`` (each folder once, however it is named), in order; see :func:`load_run`."""
+    seen, runs = set(), []
+    for d in dirs:
+        key = os.path.realpath(d)
+        if key in seen:
+            continue
+        seen.add(key)
+        run = load_run(d, label_keys)
+        if run is not None:
+            runs.append(run)
+    return runs
+
+
+def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> None:
+    """Name each run's variant by its label keys: method options against the package defaults,
+    hyper-parameters (``results.labels.hyper_label_keys``) against the majority of the report's runs.
+
+    The distillers' label keys (``STONES``, ``LOGIT_LOSS``...) always count
+    against the package default, so a report of ``sample:1`` runs alone still says so.
+    For the other keys the reference value is the most common value among the runs it
+    concerns. For a distiller's own options (``BLOCKKD.*``, ``LSKD.*``) those are that
+    distiller's runs on the same dataset, all pairs together, so every column of a study
+    reads alike and one row means one setting. For recipe keys (``SOLVER.EPOCHS``) they are
+    the runs of the same dataset and student, so pairs with other recipes do not label each
+    other. A tie goes to the package default when it is among the tied values, else to the
+    value read first. So settings every run of a study shares (a short warm-up, say) name
+    nothing, and an ablation reads as what it changes (``BLOCKKD GAMMA=0.0``).
+    """
+    refs: Dict[tuple, object] = {}
+    method_keys = set(registry_label_keys())
+    nodes = set(distiller_nodes())
+
+    def reference_for(run: Run):
+        def reference(key: str, kind: str):
+            if key in method_keys:
+                return default_value(key)
+            node = key.split(".", 1)[0].upper()
+            # a method's options: the whole dataset; a recipe key (SOLVER.EPOCHS): each student's pair alone
+            scope = (run.dataset, kind, None) if node in nodes else (run.dataset, "*", run.student)
+            if (key, scope) not in refs:
+                peers = [r for r in runs if r.dataset == scope[0] and scope[1] in ("*", r.kind)
+                         and scope[2] in (None, r.student)]
+                values = [cfg_get(r.cfg, key, None) for r in peers]
+                counts = Counter(repr(v) for v in values if v is not None)
+                default = default_value(key)
+                if not counts:
+                    refs[(key, scope)] = default
+                else:
+                    top = max(counts.values())
+                    tied = [c for c, n in counts.items() if n == top]
+                    pick = repr(default) if repr(default) in tied else tied[0]
+                    refs[(key, scope)] = next(v for v in values if repr(v) == pick)
+            return refs[(key, scope)]
+        return reference
+
+    for r in runs:
+        r.variant = variant_label(r.cfg, label_keys, reference=reference_for(r))
+
+
+def group_runs(runs: Sequence[Run]) -> Dict[Tuple[Pair, str], Dict[int, Run]]:
+    """``{(pair, method): {seed: run}}``; of two runs with the same keys the one with more epochs is kept."""
+    groups: Dict[Tuple[Pair, str], Dict[int, Run]] = {}
+    for run in runs:
+        g = groups.setdefault((run.pair, run.method), {})
+        other = g.get(run.seed)
+        if other is not None:
+            keep, drop = (run, other) if run.epochs >= other.epochs else (other, run)
+            warn(f"{drop.path} and {keep.path} share pair {pair_name(run.pair, True)}, method {run.method} and seed "
+                 f"{run.seed}; using {keep.path} (more epochs). Give them different EXPERIMENT.SEED, or name the "
+                 f"differing key with --label-keys")
+            g[run.seed] = keep
+        else:
+            g[run.seed] = run
+    return groups
+
+
+def column_pairs(groups) -> List[Pair]:
+    """Table columns: teacher->student pairs, upstream order first; plain runs without a matching pair get their own."""
+    pairs: List[Pair] = []
+    for (pair, _method) in groups:
+        if pair[1] is not None and pair not in pairs:
+            pairs.append(pair)
+    order = {p: i for i, p in enumerate(UPSTREAM_PAIRS)}
+    first = {p: i for i, p in enumerate(pairs)}
+    pairs.sort(key=lambda p: (p[0], order.get(p[1:], len(order)), first[p]))
+    students = {(ds, s) for ds, _, s in pairs}
+    for (pair, _method) in groups:
+        if pair[1] is None and (pair[0], pair[2]) not in students and pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def method_rows(groups) -> List[str]:
+    """Method labels in table order (the registry's ``table_order``, then name and variant)."""
+    return sorted({m for (_p, m) in groups}, key=method_sort_key)
+
+
+def cell_runs(groups, pair: Pair, method: str) -> List[Run]:
+    """Runs of ``method`` for the column ``pair`` (plain training matches by student)."""
+    if method.split(" ", 1)[0] == "NONE":
+        g = groups.get(((pair[0], None, pair[2]), method), {})
+    else:
+        g = groups.get((pair, method), {})
+    return [g[s] for s in sorted(g)]
+
+
+
+
+def mean_of_records(runs: Sequence[Run], key: str, last_only: bool = False) -> Optional[float]:
+    """Mean of ``key`` over the runs' scored records (or each run's last record holding it)."""
+    vals = []
+    for r in runs:
+        rec = [x for x in r.scored if number(x.get(key)) is not None]
+        vals += [float(x[key]) for x in (rec[-1:] if last_only else rec)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def load_costs(path: str) -> Dict[Tuple[str, str, str, str], float]:
+    """``{(teacher, student, distiller, variant): ratio_to_kd}`` from a benchmark ``--json`` file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        rows = doc["results"]
+        out = {(str(r["teacher"]), str(r["student"]), str(r["distiller"]).upper(), str(r["variant"] or "")):
+               float(r["ratio_to_kd"]) for r in rows if r.get("ratio_to_kd") is not None}
+    except FileNotFoundError:
+        raise UserError(f"--cost '{path}' not found; write it with mdistiller-blockkd-benchmark ... --json {path}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--cost '{path}' is not a benchmark --json file ({type(e).__name__}: {e}); write it with "
+                        "mdistiller-blockkd-benchmark ... --json FILE") from None
+    if not out:
+        raise UserError(f"--cost '{path}' holds no ratio to KD (run the benchmark with KD among the entries)")
+    return out
+
+
+def run_cost(run: Run, costs) -> Optional[float]:
+    """Training cost of ``run`` in KD-step units per step (the benchmark's ratio), or None.
+
+    A Block-KD run with ``DENSE_EPOCHS`` N costs ``(N * all + (E - N) * its schedule) / E``
+    over its E epochs (the benchmark times the schedule after the dense epochs).
+    """
+    if not costs:
+        return None
+    kind = run.kind
+    if kind == "NONE":  # a plain run appears in every pair with its student; any teacher's NONE entry will do
+        vals = [v for (t, st, k, var), v in costs.items() if st == run.student and k == "NONE"]
+        return vals[0] if vals else None
+    cheap = costs.get((run.teacher, run.student, kind, run.cost_variant))
+    dense = float(cfg_get(run.cfg, "BLOCKKD.DENSE_EPOCHS", 0) or 0) if kind == "BLOCKKD" else 0.0
+    if cheap is None or dense <= 0 or run.planned_epochs <= 0:
+        return cheap
+    # DENSE_EPOCHS: every stone for the first epochs, then the cheap schedule: the cost per step, amortised
+    dense_cfg = copy.deepcopy(run.cfg)
+    dense_cfg["BLOCKKD"]["STONES"] = "all"
+    dense_cfg["BLOCKKD"]["STONE_SCALE"] = default_value("BLOCKKD.STONE_SCALE")
+    full = costs.get((run.teacher, run.student, kind, variant_label(dense_cfg)))
+    if full is None:
+        return None
+    n = min(dense, run.planned_epochs)
+    return (n * full + (run.planned_epochs - n) * cheap) / run.planned_epochs
+
+
+def mean_curve(runs: Sequence[Run], key: str) -> Tuple[List[float], List[float], List[float]]:
+    """``(epochs, mean, std)`` of ``key`` at every epoch some run has, over the runs that have it."""
+    by_epoch: Dict[float, List[float]] = {}
+    for r in runs:
+        for i, rec in enumerate(r.records):
+            v = number(rec.get(key))
+            if v is not None:
+                by_epoch.setdefault(rec.get("epoch", i + 1), []).append(v)
+    xs = sorted(by_epoch)
+    stats = [mean_std(by_epoch[x]) for x in xs]
+    return xs, [m for m, _ in stats], [s for _, s in stats]
+
+
+def stone_keys(runs: Sequence[Run]) -> List[str]:
+    """The ``acc_stone<i>`` keys the runs' records hold, by stone number."""
+    keys = set()
+    for r in runs:
+        for rec in r.records:
+            keys.update(k for k in rec if re.fullmatch(r"acc_stone\d+", k))
+    return sorted(keys, key=lambda k: int(k[len("acc_stone"):]))
