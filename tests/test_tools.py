@@ -631,3 +631,14 @@ def test_report_twin_table_compares_each_method_with_its_fp32_twin(report, tmp_p
     assert rows["KD"].startswith("-1.00 ± 0.00") or rows["KD"].startswith("-1.00")
     assert set(rows) >= {"KD", "BLOCKKD"}
     assert "KD AMP=bf16" in text  # the bf16 runs are their own rows, not mixed with fp32 seeds
+
+
+def test_report_names_bf16_runs_even_when_most_runs_are_bf16(report, tmp_path, capsys):
+    """The precision is named against the package default (fp32), never against the report's majority."""
+    root = tmp_path / "runs"
+    write_run(root, "KD_fp32_s0", "KD", 0, [60.0, 70.0], val=[61.0, 71.0])
+    for seed in range(2):
+        write_run(root, f"KD_bf16_s{seed}", "KD", seed, [60.0, 70.5], val=[61.0, 70.0], extra=["SOLVER.AMP", "bf16"])
+    assert report.main(["--root", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert "| KD AMP=bf16 |" in text and "| KD |" in text and "AMP=off" not in text

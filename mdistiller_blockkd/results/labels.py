@@ -52,6 +52,9 @@ def bare_label_keys() -> Tuple[str, ...]:
 
 #: Recipe keys that name a variant where a run differs from most runs of a report.
 RECIPE_LABEL_KEYS = ("SOLVER.EPOCHS", "SOLVER.AMP")
+#: Recipe keys named against the package default, never the majority: a precision is a
+#: setting of its own (``AMP=bf16``), whichever precision most runs of a report used.
+DEFAULT_REFERENCED_KEYS = ("SOLVER.AMP",)
 
 
 def hyper_label_keys() -> Tuple[str, ...]:

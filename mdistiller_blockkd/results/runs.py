@@ -27,7 +27,7 @@ import yaml
 
 from ..errors import UserError
 from ..utils.runfolder import missing_final_files
-from .labels import (cfg_get, default_value, distiller_nodes, label_keys as registry_label_keys, method_label,
+from .labels import (DEFAULT_REFERENCED_KEYS, cfg_get, default_value, distiller_nodes, label_keys as registry_label_keys, method_label,
                      method_sort_key, variant_label)
 from .stats import mean_std, read_metrics
 
@@ -267,8 +267,9 @@ def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> 
     hyper-parameters (``results.labels.hyper_label_keys``) against the majority of the report's runs.
 
     The distillers' label keys (``STONES``, ``LOGIT_LOSS``...) always count
-    against the package default, so a report of ``sample:1`` runs alone still says so.
-    For the other keys the reference value is the most common value among the runs it
+    against the package default, so a report of ``sample:1`` runs alone still says so; so
+    does the precision (``labels.DEFAULT_REFERENCED_KEYS``: a bf16 run reads ``AMP=bf16``
+    even in a report of mostly bf16 runs). For the other keys the reference value is the most common value among the runs it
     concerns. For a distiller's own options (``BLOCKKD.*``, ``LSKD.*``) those are that
     distiller's runs on the same dataset, all pairs together, so every column of a study
     reads alike and one row means one setting. For recipe keys (``SOLVER.EPOCHS``) they are
@@ -283,7 +284,7 @@ def relabel_against_majority(runs: Sequence[Run], label_keys: Sequence[str]) -> 
 
     def reference_for(run: Run):
         def reference(key: str, kind: str):
-            if key in method_keys:
+            if key in method_keys or key in DEFAULT_REFERENCED_KEYS:
                 return default_value(key)
             node = key.split(".", 1)[0].upper()
             # a method's options: the whole dataset; a recipe key (SOLVER.EPOCHS): each student's pair alone
