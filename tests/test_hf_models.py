@@ -300,6 +300,17 @@ def test_cnn_transformer_pair_is_one_clear_error(vits):
         BlockKD(vits["student"], cnn, cfg)
 
 
+def test_reviewkd_refuses_transformers(vits, folders):
+    from mdistiller_blockkd.distillers.reviewkd import ReviewKD
+
+    cfg = load_cfg(None, ["DISTILLER.TYPE", "REVIEWKD"])
+    with pytest.raises(ConfigError, match="REVIEWKD fuses CNN feature maps, but the student .* is a transformer"):
+        ReviewKD(vits["student"], vits["teacher"], cfg, input_size=32)
+    bert = build_model(f"hf:{folders['student']}", num_classes=3)
+    with pytest.raises(ConfigError, match="the teacher HFEncoderStagedModel is a transformer.*KD, DKD, LSKD or BLOCKKD"):
+        ReviewKD(build_model("resnet8", num_classes=3), bert, cfg, input_size=32)
+
+
 @pytest.mark.parametrize("kind", ["NONE", "KD", "DKD", "LSKD"])
 def test_logit_distillers_run_on_a_bert_pair(folders, kind):
     from mdistiller_blockkd.distillers import distiller_dict
