@@ -152,6 +152,17 @@ def same(a, b, where):
         assert a == b or a != a and b != b, where  # NaN (python's gauss state when unused) equals NaN
 
 
+def test_eval_scores_a_text_checkpoint_as_the_run_did(text, capsys):
+    from mdistiller_blockkd.cli import eval as eval_cli
+
+    folder = os.path.join(text["root"], "out", "text", "teacher")
+    m = eval_cli.main(["--cfg", text["cfg"], "--ckpt", os.path.join(folder, "student_latest"),
+                       "-m", f"hf:{text['teacher']}", "LOG.PROGRESS", "False"])
+    assert m["test_acc"] == pytest.approx(text["teacher_run"][-1]["test_acc"])
+    assert m["test_loss"] == pytest.approx(text["teacher_run"][-1]["test_loss"], rel=1e-5)
+    assert f": acc {m['test_acc']:.2f} loss" in capsys.readouterr().out  # SST-2's metric, no top-5
+
+
 def test_the_fine_tuned_teacher_loads_into_the_teacher_and_beats_a_random_head(text):
     """student_best of a NONE run with the hf: model as student is the teacher format of that model."""
     folder = os.path.join(text["root"], "out", "text", "teacher")

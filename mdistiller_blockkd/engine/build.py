@@ -136,15 +136,21 @@ def check_text_models(cfg, kind: Optional[str] = None) -> None:
         check_student_vocabulary(str(cfg.DISTILLER.STUDENT), str(cfg.DISTILLER.TEACHER))
 
 
-def text_collator(cfg) -> TextCollator:
-    """The text loaders' ``collate_fn``: the teacher's tokenizer (the student's for ``NONE``), at most
-    ``DATASET.TEXT.MAX_LENGTH`` tokens per example."""
-    from ..models.hf_encoder import load_tokenizer
+def text_collator(cfg, model: Optional[str] = None) -> TextCollator:
+    """The text loaders' ``collate_fn``: the teacher's tokenizer (the student's for ``NONE``; ``model``'s
+    when given: the eval command's), at most ``DATASET.TEXT.MAX_LENGTH`` tokens per example."""
+    from ..models.hf_encoder import check_max_length, load_tokenizer
 
-    kind = distiller_type(cfg)
-    check_text_models(cfg, kind)
-    name = _model_names(cfg, kind)[-1][1]
-    return TextCollator(load_tokenizer(name), int(cfg.DATASET.TEXT.MAX_LENGTH))
+    if model is None:
+        kind = distiller_type(cfg)
+        check_text_models(cfg, kind)
+        model = _model_names(cfg, kind)[-1][1]
+    elif not str(model).startswith("hf:"):
+        raise ConfigError(f"DATASET.TYPE {cfg.DATASET.TYPE} is text but the model is '{model}'; text data need "
+                          "hf:<folder> models (local BERT-family encoders, docs/nlp.md)")
+    else:
+        check_max_length(model, int(cfg.DATASET.TEXT.MAX_LENGTH))
+    return TextCollator(load_tokenizer(model), int(cfg.DATASET.TEXT.MAX_LENGTH))
 
 
 def check_distiller_config(cfg) -> None:
