@@ -300,6 +300,17 @@ def test_cnn_transformer_pair_is_one_clear_error(vits):
         BlockKD(vits["student"], cnn, cfg)
 
 
+def test_reviewkd_refuses_transformers(vits, folders):
+    from mdistiller_blockkd.distillers.reviewkd import ReviewKD
+
+    cfg = load_cfg(None, ["DISTILLER.TYPE", "REVIEWKD"])
+    with pytest.raises(ConfigError, match="REVIEWKD fuses CNN feature maps, but the student .* is a transformer"):
+        ReviewKD(vits["student"], vits["teacher"], cfg, input_size=32)
+    bert = build_model(f"hf:{folders['student']}", num_classes=3)
+    with pytest.raises(ConfigError, match="the teacher HFEncoderStagedModel is a transformer.*KD, DKD, LSKD or BLOCKKD"):
+        ReviewKD(build_model("resnet8", num_classes=3), bert, cfg, input_size=32)
+
+
 @pytest.mark.parametrize("kind", ["NONE", "KD", "DKD", "LSKD"])
 def test_logit_distillers_run_on_a_bert_pair(folders, kind):
     from mdistiller_blockkd.distillers import distiller_dict
@@ -311,3 +322,29 @@ def test_logit_distillers_run_on_a_bert_pair(folders, kind):
     sum(v.mean() for v in losses.values()).backward()
     assert logits.shape == (4, 3) and student.classifier.weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_deit_pair_trains_blockkd_through_the_train_command(tmp_path):
+    """timm DeiTs at 32 px (synthetic images): Block-KD from the train command, stones scored, teacher frozen."""
+    import json
+
+    from mdistiller_blockkd.cli import train
+    from mdistiller_blockkd.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    teacher = f"{VIT},depth=4,embed_dim=64,num_heads=2"
+    torch.manual_seed(0)
+    save_checkpoint({"model": build_model(teacher, num_classes=10).state_dict()}, tmp_path / "teacher")
+    train.main(["--cfg", "synthetic/vanilla_resnet8", "--brief", "LOG.PREFIX", str(tmp_path), "LOG.PROGRESS", "False",
+                "DATASET.SYNTHETIC.TRAIN_SIZE", "32", "DATASET.SYNTHETIC.TEST_SIZE", "16", "SOLVER.BATCH_SIZE", "8",
+                "DISTILLER.TYPE", "BLOCKKD", "BLOCKKD.CONNECTOR", "linear", "BLOCKKD.WARMUP", "0",
+                "DISTILLER.TEACHER", teacher, "DISTILLER.TEACHER_CKPT", str(tmp_path / "teacher"),
+                "DISTILLER.STUDENT", f"{VIT},depth=2,embed_dim=32,num_heads=2", "SOLVER.TYPE", "AdamW",
+                "SOLVER.LR", "1.0e-3", "SOLVER.SCHEDULER", "cosine", "SOLVER.WARMUP_EPOCHS", "0.5",
+                "SOLVER.CLIP_GRAD_NORM", "1.0", "LOG.EVAL_HEADS_FREQ", "1"])
+    folder = tmp_path / "synthetic" / "vanilla_resnet8"
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all({"acc_stone1", "acc_stone2", "acc_teacher", "loss_kd"} <= set(r) for r in rows)
+    assert rows[0]["acc_teacher"] == rows[1]["acc_teacher"]  # frozen
+    latest = load_checkpoint(folder / "latest")["model"]
+    assert not any(k.startswith("teacher.") for k in latest) and any(k.startswith("connectors.") for k in latest)

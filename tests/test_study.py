@@ -129,7 +129,7 @@ def test_sigterm_stops_the_cells_and_a_rerun_resumes_them(tmp_path):
 
 def test_every_shipped_config_loads_and_names_known_models():
     from mdistiller_blockkd.engine.build import check_distiller_config
-    from mdistiller_blockkd.errors import CheckpointError
+    from mdistiller_blockkd.errors import CheckpointError, ConfigError
     from mdistiller_blockkd.config import load_cfg
 
     paths = sorted(str(p) for p in (REPO / "configs").rglob("*.yaml"))
@@ -143,6 +143,8 @@ def test_every_shipped_config_loads_and_names_known_models():
         except CheckpointError as e:  # a teacher (or detection backbone) this clean checkout has not trained or downloaded
             assert "not found" in str(e) and (str(cfg.DISTILLER.TEACHER) in str(e)
                                               or "STUDENT_BACKBONE_CKPT" in str(e)), (path, e)
+        except ConfigError as e:  # a local Hugging Face folder (hf:) this clean checkout does not hold
+            assert str(e).startswith("hf: model folder 'data/models/") and "not found" in str(e), (path, e)
 
 
 def test_study_configs_put_every_method_on_equal_footing():
@@ -166,6 +168,26 @@ def test_study_configs_put_every_method_on_equal_footing():
         assert cfgs["vanilla"].DISTILLER.TYPE == "NONE" and cfgs["blockkd_sample1"].BLOCKKD.STONES == "sample:1"
         assert len({c.EXPERIMENT.NAME for c in cfgs.values()}) == len(methods)
     assert recipes[0] == recipes[1]
+
+
+def test_wordnet_text_study_configs_share_recipe_and_teacher():
+    """The text study: teacher and students share data and recipe; every distiller learns from the teacher
+    config's seed-0 run; the student is 3 of the teacher's layers; names are unique."""
+    from mdistiller_blockkd.config import load_cfg
+
+    root = REPO / "configs" / "wordnet"
+    teacher = load_cfg(str(root / "teachers" / "minilm_l6.yaml"))
+    cfgs = {p.stem: load_cfg(str(p)) for p in (root / "minilm_l6_l3").glob("*.yaml")}
+    assert set(cfgs) == {"vanilla", "kd", "dkd", "lskd", "blockkd", "blockkd_last2"}
+    assert {(c.DATASET.dump(), c.SOLVER.dump()) for c in cfgs.values()} == {(teacher.DATASET.dump(), teacher.SOLVER.dump())}
+    assert teacher.DISTILLER.TYPE == "NONE" and teacher.SOLVER.TYPE == "AdamW" and teacher.SOLVER.BATCH_SIZE == 32
+    run = f"{teacher.LOG.PREFIX}/{teacher.EXPERIMENT.PROJECT}/{teacher.EXPERIMENT.NAME}_s0/student_best"
+    for name, c in cfgs.items():
+        assert c.DISTILLER.TEACHER == teacher.DISTILLER.STUDENT and c.DISTILLER.TEACHER_CKPT == run, name
+        assert c.DISTILLER.STUDENT == f"{teacher.DISTILLER.STUDENT},layers=3,pick=every_other", name
+    assert cfgs["vanilla"].DISTILLER.TYPE == "NONE" and cfgs["blockkd_last2"].BLOCKKD.STONES == "last:2"
+    assert {cfgs[k].BLOCKKD.CONNECTOR for k in ("blockkd", "blockkd_last2")} == {"linear_ln"}
+    assert len({c.EXPERIMENT.NAME for c in cfgs.values()} | {teacher.EXPERIMENT.NAME}) == len(cfgs) + 1
 
 
 def test_study600_configs_share_split_recipe_and_teacher():

@@ -15,6 +15,7 @@ from mdistiller_blockkd.distillers import Vanilla
 from mdistiller_blockkd.engine.build import build_distiller
 from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from mdistiller_blockkd.engine.task import ClassificationTask
 from mdistiller_blockkd.engine.trainer import Trainer, experiment_name, learning_rate
 from mdistiller_blockkd.utils.misc import get_rng_state, seed_everything, set_rng_state
 from mdistiller_blockkd.errors import CheckpointError, ConfigError, TrainingError
@@ -428,6 +429,41 @@ def test_validation_split_is_scored_and_chooses_the_best_epoch(tmp_path):
     make_trainer(cfg2).train()
     rows2 = read_metrics(cfg2)
     assert "val_acc" not in rows2[0] and rows2[-1]["best_acc"] == max(r["test_acc"] for r in rows2)
+
+
+class NegativeScores(ClassificationTask):
+    """A task whose primary metric (like CoLA's Matthews correlation) is negative and is not accuracy."""
+
+    score_key = "test_mcc"
+
+    def __init__(self):
+        self.val_scores = iter([-40.0, -10.0, -30.0])
+        self.test_scores = iter([-5.0, -6.0, -7.0])
+
+    def evaluate(self, trainer, epoch=None):
+        return {**super().evaluate(trainer, epoch), "test_mcc": next(self.test_scores)}
+
+    def validate(self, trainer, epoch=None):
+        return {**super().validate(trainer, epoch), "val_acc": 100.0 + epoch, "val_mcc": next(self.val_scores)}
+
+
+def test_the_tasks_primary_metric_picks_best_even_when_negative(tmp_path):
+    """best follows the task's val_score_key (not val_acc), and a score below -1 still makes a best checkpoint."""
+    cfg = make_cfg(tmp_path, "DATASET.SYNTHETIC.TRAIN_SIZE", "96", "DATASET.VAL_SPLIT", "48", "SOLVER.EPOCHS", "3")
+    t = make_trainer(cfg)
+    t.task = NegativeScores()
+    summary = t.train()
+    rows = read_metrics(cfg)
+    assert [r["best_val_acc"] for r in rows] == [-40.0, -10.0, -10.0]
+    assert summary["best_acc"] == rows[-1]["best_acc"] == -6.0  # the test score at the best validation epoch
+    assert load_checkpoint(os.path.join(run_dir(cfg), "best"))["epoch"] == 2
+    # without a split: the best test score, negative too
+    cfg2 = make_cfg(tmp_path, "EXPERIMENT.NAME", "plain", "SOLVER.EPOCHS", "2")
+    t2 = make_trainer(cfg2)
+    t2.task = NegativeScores()
+    t2.train()
+    assert [r["best_acc"] for r in read_metrics(cfg2)] == [-5.0, -5.0]
+    assert os.path.isfile(os.path.join(run_dir(cfg2), "student_best"))
 
 
 # -- run state: records after checkpoints, completeness, temporaries, the folder lock ---------------

@@ -1,4 +1,4 @@
-"""Top-1 / top-5 accuracy of a checkpoint on a dataset's validation set.
+"""Top-1 / top-5 accuracy of a checkpoint on a dataset's validation set (text: GLUE's metrics).
 
     mdistiller-blockkd-eval --cfg FILE --ckpt PATH [KEY VALUE ...]
     mdistiller-blockkd-eval -m resnet56 -c download_ckpts/cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth [-d cifar100]
@@ -10,6 +10,8 @@ The model is ``-m`` or the config's ``DISTILLER.STUDENT``; the dataset is the co
 ``DATASET.ROOT embedded``). The checkpoint may be in the teacher format
 (``{"model": state_dict}``: mdistiller's teachers, ``student_best``...), a bare state
 dict, or a training state (``latest``, ``best``, ``epoch_<n>``: its student is used).
+On text data (``DATASET.TYPE glue`` / ``tsv``) the ``hf:`` model's own tokenizer reads the
+test set and the task's metrics are printed (accuracy; F1 for MRPC / QQP, Matthews for CoLA).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def main(argv=None):
     from ..distillers import Vanilla
     from ..config import load_cfg
     from ..utils.checkpoint import check_checkpoint_file, load_model_weights
+    from ..data.text import metric_names
+    from ..engine.build import is_text, text_collator
     from ..engine.trainer import evaluate_model
     from ..models import build_model
     from ..registry import import_modules
@@ -59,17 +63,26 @@ def main(argv=None):
     cfg = load_cfg(args.cfg, opts)
     name = args.model or cfg.DISTILLER.STUDENT
     check_checkpoint_file(args.ckpt)  # before the data is read
+    text = is_text(cfg)
+    collate = text_collator(cfg, name) if text else None
     _, val_set, num_classes = build_datasets(cfg)
     model = build_model(name, num_classes=num_classes)
     load_model_weights(model, args.ckpt, name=name, prefix="student.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     wrapper = Vanilla(model, None, cfg).to(device)
     loader = DataLoader(val_set, batch_size=int(cfg.DATASET.TEST.BATCH_SIZE), shuffle=False,
-                        num_workers=int(cfg.DATASET.NUM_WORKERS), pin_memory=device.type == "cuda")
-    metrics = evaluate_model(wrapper, loader, device, progress=bool(cfg.LOG.PROGRESS))
+                        num_workers=int(cfg.DATASET.NUM_WORKERS), pin_memory=device.type == "cuda",
+                        collate_fn=collate)
+    names = metric_names(cfg) if text else ()
+    metrics = evaluate_model(wrapper, loader, device, progress=bool(cfg.LOG.PROGRESS), metrics=names,
+                             num_classes=num_classes)
     print(f"data: {dataset_description(cfg)}")
-    print(f"{name} from {args.ckpt}: top-1 {metrics['test_acc']:.2f} top-5 {metrics['test_acc_top5']:.2f} "
-          f"loss {metrics['test_loss']:.4f} ({len(val_set)} images)")
+    if text:
+        scores = " ".join(f"{m} {metrics[f'test_{m}']:.2f}" for m in names)
+        print(f"{name} from {args.ckpt}: {scores} loss {metrics['test_loss']:.4f} ({len(val_set)} examples)")
+    else:
+        print(f"{name} from {args.ckpt}: top-1 {metrics['test_acc']:.2f} top-5 {metrics['test_acc_top5']:.2f} "
+              f"loss {metrics['test_loss']:.4f} ({len(val_set)} images)")
     return metrics
 
 

@@ -72,6 +72,7 @@ def main(argv=None):
     from ..config import load_cfg, log_msg
     from ..data import dataset_description
     from ..engine.build import assemble, check_distiller_config
+    from ..engine.task import build_task
     from ..engine.trainer import Trainer, check_fresh_start, check_resume_config, experiment_name, output_dir
     from ..registry import import_modules
     from ..utils import dist as du
@@ -86,10 +87,6 @@ def main(argv=None):
         raise ConfigError(f"SOLVER.TRAINER is '{cfg.SOLVER.TRAINER}'; this toolbox has one trainer: base")
     from ..detection.task import build_detection_run, check_detection_config, is_detection
 
-    if str(cfg.DATASET.TYPE).lower() in ("glue", "tsv"):
-        raise ConfigError(f"DATASET.TYPE {cfg.DATASET.TYPE}: the train command has no text task yet (GLUE's metrics, "
-                          "padded text batches); the text data, hf: models and their stones are library pieces for "
-                          "now (docs/nlp.md); train on image data, or use the library functions named there")
     requested = str(cfg.SOLVER.AMP).strip().lower()
     resolve_config_amp(cfg)  # 'auto' -> what it means here; config.yaml records that (and --resume compares it)
     detection = is_detection(cfg)  # DATASET.TYPE coco: torchvision Faster R-CNN (docs/detection.md)
@@ -117,6 +114,7 @@ def main(argv=None):
         else:
             loaders, distiller = assemble(cfg, info.rank, info.world_size, info.device)
             train_loader, test_loader, holdout = loaders.train, loaders.test, loaders.val
+            task = build_task(cfg, loaders.num_classes)  # images or text (GLUE's metrics)
             desc = dataset_description(cfg)
         say(log_msg(f"data: {desc}", "INFO"))
         if args.brief:

@@ -211,7 +211,7 @@ def get_dataloaders(cfg, rank: int = 0, world_size: int = 1):
     return loaders.train, loaders.test, loaders.num_classes
 
 
-def get_loaders(cfg, rank: int = 0, world_size: int = 1) -> Loaders:
+def get_loaders(cfg, rank: int = 0, world_size: int = 1, collate_fn=None) -> Loaders:
     """Return the :class:`Loaders` (train, validation, test) for process ``rank`` of ``world_size``.
 
     Train: batches of ``SOLVER.BATCH_SIZE`` (per process) drawn by a
@@ -228,7 +228,9 @@ def get_loaders(cfg, rank: int = 0, world_size: int = 1) -> Loaders:
     (``DATASET.NUM_WORKERS > 0``) are started afresh every epoch (not persistent): their
     seeds derive from the loader's generator, seeded from ``EXPERIMENT.SEED`` and
     ``rank`` and saved by the trainer too. Memory is pinned only when CUDA is available. The validation split
-    (``DATASET.VAL_SPLIT``), if any, is loaded like the test set.
+    (``DATASET.VAL_SPLIT``), if any, is loaded like the test set. ``collate_fn`` (every loader's)
+    batches the items: text data need one (:class:`.text.TextCollator`, built with the
+    models' tokenizer by the assembler).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -248,7 +250,7 @@ def get_loaders(cfg, rank: int = 0, world_size: int = 1) -> Loaders:
     seed = int(cfg.EXPERIMENT.SEED)
     if workers == 0:  # augmentation in this process: its own generator, distinct per rank (not the global RNG)
         train_set = PrivateRNGDataset(train_set, torch.Generator().manual_seed(seed * 1000 + rank + _AUGMENT_SEED_OFFSET))
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available())
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     train_loader = DataLoader(
         train_set,

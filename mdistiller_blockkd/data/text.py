@@ -55,10 +55,12 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DatasetError
 from ..utils.text_batch import pack_text_batch
 
-__all__ = ["GLUE_TASKS", "GlueTask", "TextDataset", "TextCollator", "build_glue", "build_tsv", "read_glue",
+__all__ = ["TEXT_TYPES", "GLUE_TASKS", "GlueTask", "TextDataset", "TextCollator", "build_glue", "build_tsv", "read_glue",
            "read_tsv_folder", "metric_names", "DEFAULT_GLUE_ROOT"]
 
 DEFAULT_GLUE_ROOT = "./data/glue_data"
+#: The ``DATASET.TYPE`` values of text data.
+TEXT_TYPES = ("glue", "tsv")
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,12 @@ class ReviewKD(Distiller):
         super().__init__(student, teacher, cfg, input_size=input_size, **kwargs)
         if teacher is None:
             raise ConfigError("DISTILLER.TYPE REVIEWKD needs a teacher; set DISTILLER.TEACHER")
+        for role, model in (("student", student), ("teacher", teacher)):
+            info = getattr(model, "feature_info", None) or [{}]
+            if info[-1].get("kind", "map") == "tokens":
+                raise ConfigError(
+                    f"DISTILLER.TYPE REVIEWKD fuses CNN feature maps, but the {role} {type(model).__name__} is a "
+                    "transformer (token sequences); distil transformers with KD, DKD, LSKD or BLOCKKD")
         if self.input_size is None or self.input_size < 1:
             raise TypeError("ReviewKD needs input_size, the side of the input images (the assembler passes it)")
         self.check_cfg(cfg)

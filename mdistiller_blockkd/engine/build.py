@@ -7,7 +7,8 @@ reads both ``DATASET.*`` and ``DISTILLER.*``) and below the trainer and the comm
 * :func:`build_distiller` -- student, teacher and the ``DISTILLER.TYPE`` method;
 * :func:`make_distiller` -- the method around a given student and teacher;
 * :func:`input_size` -- the side of the dataset's images, which the distillers receive;
-* :func:`check_distiller_config` -- fail fast before data is read;
+* :func:`check_distiller_config` -- fail fast before data is read (text data: :func:`check_text_models`);
+* :func:`text_collator` -- the text loaders' batching, with the teacher's tokenizer;
 * :func:`teacher_checkpoint_path` -- where the teacher's weights are read from.
 
 Distillers and models of outside packages are found through the registries
@@ -23,6 +24,7 @@ import torch
 
 from ..config import shipped_config
 from ..data import get_loaders
+from ..data.text import TEXT_TYPES, TextCollator
 from ..distillers import distiller_dict
 from ..errors import CheckpointError, ConfigError
 from ..models import build_model, default_teacher_ckpt, list_models
@@ -30,7 +32,7 @@ from ..registry import load_plugins
 from ..utils.checkpoint import load_model_weights
 
 __all__ = ["assemble", "build_distiller", "make_distiller", "input_size", "check_distiller_config", "teacher_checkpoint_path",
-           "distiller_type"]
+           "distiller_type", "is_text", "check_text_models", "text_collator"]
 
 
 def distiller_type(cfg) -> str:
@@ -102,6 +104,55 @@ def _check_teacher_file(cfg, path: str) -> None:
     )
 
 
+def is_text(cfg) -> bool:
+    """True for text data (``DATASET.TYPE glue`` / ``tsv``)."""
+    return str(cfg.DATASET.TYPE).strip().lower() in TEXT_TYPES
+
+
+def _model_names(cfg, kind: str):
+    return [("DISTILLER.STUDENT", str(cfg.DISTILLER.STUDENT))] + (
+        [("DISTILLER.TEACHER", str(cfg.DISTILLER.TEACHER))] if kind != "NONE" else [])
+
+
+def check_text_models(cfg, kind: Optional[str] = None) -> None:
+    """Text data need ``hf:`` models and ``hf:`` models need text data; a student must share the
+    teacher's vocabulary and ``DATASET.TEXT.MAX_LENGTH`` must fit every model (reads configs only)."""
+    from ..models.hf_encoder import check_max_length, check_student_vocabulary
+
+    kind = distiller_type(cfg) if kind is None else kind
+    names = _model_names(cfg, kind)
+    if not is_text(cfg):
+        for key, name in names:
+            if name.startswith("hf:"):
+                raise ConfigError(f"{key} is '{name}', a text model, but DATASET.TYPE is '{cfg.DATASET.TYPE}'; hf: "
+                                  f"models train on text data: DATASET.TYPE {' or '.join(TEXT_TYPES)} (docs/nlp.md)")
+        return
+    for key, name in names:
+        if not name.startswith("hf:"):
+            raise ConfigError(f"DATASET.TYPE {cfg.DATASET.TYPE} is text but {key} is '{name}'; text data need "
+                              "hf:<folder> models (local BERT-family encoders, docs/nlp.md)")
+        check_max_length(name, int(cfg.DATASET.TEXT.MAX_LENGTH))
+    if kind != "NONE":
+        check_student_vocabulary(str(cfg.DISTILLER.STUDENT), str(cfg.DISTILLER.TEACHER))
+
+
+def text_collator(cfg, model: Optional[str] = None) -> TextCollator:
+    """The text loaders' ``collate_fn``: the teacher's tokenizer (the student's for ``NONE``; ``model``'s
+    when given: the eval command's), at most ``DATASET.TEXT.MAX_LENGTH`` tokens per example."""
+    from ..models.hf_encoder import check_max_length, load_tokenizer
+
+    if model is None:
+        kind = distiller_type(cfg)
+        check_text_models(cfg, kind)
+        model = _model_names(cfg, kind)[-1][1]
+    elif not str(model).startswith("hf:"):
+        raise ConfigError(f"DATASET.TYPE {cfg.DATASET.TYPE} is text but the model is '{model}'; text data need "
+                          "hf:<folder> models (local BERT-family encoders, docs/nlp.md)")
+    else:
+        check_max_length(model, int(cfg.DATASET.TEXT.MAX_LENGTH))
+    return TextCollator(load_tokenizer(model), int(cfg.DATASET.TEXT.MAX_LENGTH))
+
+
 def check_distiller_config(cfg) -> None:
     """Fail fast, before any data is read: the distiller type, the model names and the teacher file.
 
@@ -109,10 +160,10 @@ def check_distiller_config(cfg) -> None:
     """
     kind = distiller_type(cfg)
     distiller_dict[kind].check_cfg(cfg)
-    names = [cfg.DISTILLER.STUDENT] + ([cfg.DISTILLER.TEACHER] if kind != "NONE" else [])
+    check_text_models(cfg, kind)
     known = list_models()
-    for name in names:
-        if not str(name).startswith("timm:") and name not in known:
+    for _, name in _model_names(cfg, kind):
+        if not name.startswith(("timm:", "hf:")) and name not in known:
             build_model(name)  # raises the registry's ConfigError naming the model and the known ones
     if kind != "NONE":
         ckpt = teacher_checkpoint_path(cfg)
@@ -170,8 +221,9 @@ def assemble(cfg, rank: int = 0, world_size: int = 1, device="cpu"):
     """The data and the distiller of a run: ``(loaders, distiller)``.
 
     ``loaders`` is :func:`mdistiller_blockkd.data.get_loaders` for process ``rank`` of
-    ``world_size`` (train, validation split, test, number of classes); ``distiller`` is
-    :func:`build_distiller` for that number of classes, on ``device``.
+    ``world_size`` (train, validation split, test, number of classes; text batched by
+    :func:`text_collator`); ``distiller`` is :func:`build_distiller` for that number of
+    classes, on ``device``.
     """
-    loaders = get_loaders(cfg, rank, world_size)
+    loaders = get_loaders(cfg, rank, world_size, collate_fn=text_collator(cfg) if is_text(cfg) else None)
     return loaders, build_distiller(cfg, loaders.num_classes, device)

@@ -8,7 +8,7 @@ Recipe (as in mdistiller)
     minimises the sum of the means of the returned loss values.
 
 Per epoch
-    evaluation on the validation set: top-1, top-5 and cross-entropy of the student,
+    evaluation on the validation set (the task's metrics: :mod:`.task`): top-1, top-5 and cross-entropy of the student,
     plus top-1 of every extra head ``distiller.eval_logits(image)`` returns (Block-KD's
     stepping stones, its teacher) as ``acc_<head>``; the epoch's checkpoints; then one
     JSON line in ``metrics.jsonl`` (epoch, lr, train_loss, each loss term, train_acc,
@@ -20,8 +20,9 @@ Per epoch
 
 Validation split (``holdout_loader``, from ``DATASET.VAL_SPLIT``)
     when given, the student is also scored every epoch on training images held out of
-    training: ``val_acc``, ``val_acc_top5``, ``val_loss`` in ``metrics.jsonl``. The
-    ``best`` checkpoints are then chosen by validation top-1, and ``best_acc`` is the
+    training: ``val_acc``, ``val_acc_top5``, ``val_loss`` in ``metrics.jsonl`` (the task's
+    ``validate``; text: GLUE's ``val_<metric>``). The ``best`` checkpoints are then chosen by
+    the task's validation score (``val_score_key``: top-1; CoLA's Matthews ...), and ``best_acc`` is the
     test top-1 *at that epoch* (model selection never looks at the test set);
     ``best_val_acc`` is recorded too. Without it, ``best`` is the epoch of the best test
     top-1, as in mdistiller.
@@ -434,8 +435,8 @@ class Trainer:
         self.optim = build_optimizer(cfg, distiller.get_learnable_parameters(), max(len(train_loader), 1))
         self.optimizer = self.optim.optimizer
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
-        self.best_acc = -1.0
-        self.best_val_acc = -1.0
+        self.best_acc = -math.inf  # below every score: Matthews correlations go down to -100
+        self.best_val_acc = -math.inf
         self.start_epoch = 1
         self.tb_writer = None
         self.history: List[dict] = []
@@ -547,7 +548,7 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.best_acc = float(ckpt["best_acc"])
-        self.best_val_acc = float(ckpt.get("best_val_acc", -1.0))
+        self.best_val_acc = float(ckpt.get("best_val_acc", -math.inf))
         self.start_epoch = done + 1
         states = ckpt["rng"]
         if len(states) != self.info.world_size:
@@ -683,13 +684,11 @@ class Trainer:
         test = self.evaluate(epoch)
         val = {}
         if self.holdout_loader is not None:
-            scores = evaluate_model(self.distiller, self.holdout_loader, self.device, amp_dtype=self.amp_dtype,
-                                    channels_last=self.channels_last, heads=False, progress=self.progress,
-                                    desc=f"val {epoch}")
-            val = {k.replace("test_", "val_", 1): v for k, v in scores.items()}
-            is_best = val["val_acc"] >= self.best_val_acc
+            val = self.task.validate(self, epoch)
+            score = val[self.task.val_score_key]
+            is_best = score >= self.best_val_acc
             if is_best:
-                self.best_val_acc, self.best_acc = val["val_acc"], test["test_acc"]
+                self.best_val_acc, self.best_acc = score, test[self.task.score_key]
             val["best_val_acc"] = self.best_val_acc
         else:
             score = test[self.task.score_key]
