@@ -44,6 +44,7 @@ def main(argv=None):
     from ..distillers import Vanilla
     from ..config import load_cfg
     from ..utils.checkpoint import check_checkpoint_file, load_model_weights
+    from ..utils.console import progress_settings
     from ..engine.trainer import evaluate_model
     from ..models import build_model
     from ..registry import import_modules
@@ -66,7 +67,7 @@ def main(argv=None):
     wrapper = Vanilla(model, None, cfg).to(device)
     loader = DataLoader(val_set, batch_size=int(cfg.DATASET.TEST.BATCH_SIZE), shuffle=False,
                         num_workers=int(cfg.DATASET.NUM_WORKERS), pin_memory=device.type == "cuda")
-    metrics = evaluate_model(wrapper, loader, device, progress=bool(cfg.LOG.PROGRESS))
+    metrics = evaluate_model(wrapper, loader, device, progress=progress_settings(cfg))
     print(f"data: {dataset_description(cfg)}")
     print(f"{name} from {args.ckpt}: top-1 {metrics['test_acc']:.2f} top-5 {metrics['test_acc_top5']:.2f} "
           f"loss {metrics['test_loss']:.4f} ({len(val_set)} images)")
