@@ -148,6 +148,16 @@ def test_log_options_are_checked(opts, needle):
 # -- wandb -----------------------------------------------------------------------------------
 
 
+def test_mdistiller_yamls_leave_wandb_off():
+    """Upstream's default is LOG.WANDB True; a shipped (mdistiller-format) YAML that does not set it logs no wandb."""
+    from mdistiller_blockkd.config import shipped_config
+
+    path = shipped_config("cifar100/kd/res56_res20")
+    assert "WANDB" not in Path(path).read_text()
+    assert load_cfg(path).LOG.WANDB is False
+
+
+
 def wandb_records(run_dir):
     """The records of an offline wandb run (``run-<id>.wandb``, wandb's LevelDB-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2 as pb

@@ -676,8 +676,8 @@ class Trainer:
         return {"best_acc": self.best_acc, "last": self.history[-1] if self.history else {}, "log_path": self.log_path}
 
     def _close_events(self, failed: bool = False) -> None:
-        """Finish the wandb run; close the TensorBoard writer; raise its storage error (:class:`EventFileGuard`) unless
-        the run is failing already (that error says more)."""
+        """Finish the wandb run; close the TensorBoard writer; raise its storage error
+        (:class:`EventFileGuard`) unless the run is failing already (that error says more)."""
         writer, self.tb_writer = self.tb_writer, None
         run, self.wandb = self.wandb, None
         if run is not None:

@@ -138,7 +138,8 @@ def expand_nodelist(nodelist: str) -> List[str]:
 
 
 def _first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list, by ``scontrol show hostnames`` when it answers, else :func:`expand_nodelist`."""
+    """The first host of a Slurm node list: by ``scontrol show hostnames`` when it answers, else
+    :func:`expand_nodelist`."""
     if shutil.which("scontrol"):
         try:
             r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
@@ -199,7 +200,8 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         one_each = count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES", "") != ""
         if local >= count and not one_each:
             raise ConfigError(
-                f"{'SLURM_LOCALID' if launch.launcher == 'srun' else 'LOCAL_RANK'} is {local} but only {count} CUDA device(s) are visible; "
+                f"{'SLURM_LOCALID' if launch.launcher == 'srun' else 'LOCAL_RANK'} is {local} but only {count} "
+                "CUDA device(s) are visible; "
                 f"use --nproc_per_node {count} or fewer, or give each process its own GPU (CUDA_VISIBLE_DEVICES, "
                 "Slurm --gpus-per-task=1)"
             )
