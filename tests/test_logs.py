@@ -247,3 +247,28 @@ def test_wandb_asked_for_but_missing_is_one_error_line(tmp_path):
         "error: LOG.WANDB is True but wandb is not installed; install the [wandb] extra "
         "(pip install 'mdistiller_blockkd[wandb]') or set LOG.WANDB False"]
     assert not (tmp_path / "synthetic").exists()  # stopped before any work
+
+
+def test_wandb_that_cannot_start_is_one_clear_error(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from mdistiller_blockkd.utils.wandb_log import ID_FILE, open_wandb
+
+    def refuse(**kw):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    cfg = load_cfg(SMOKE, ["LOG.WANDB", "True"])
+    with pytest.raises(ConfigError, match=r"^LOG.WANDB: wandb could not start the run \(No API key configured.*"
+                                          r"set LOG.WANDB_MODE offline"):
+        open_wandb(cfg, str(tmp_path), "run", resume=False)
+    assert open_wandb(load_cfg(SMOKE), str(tmp_path), "run", resume=False) is None  # LOG.WANDB False: no wandb
+    # the id kept for --resume: a fresh start draws a new one, a resume reads it back
+    seen = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.append(kw) or object())
+    open_wandb(cfg, str(tmp_path), "run", resume=False)
+    first = (tmp_path / ID_FILE).read_text().strip()
+    open_wandb(cfg, str(tmp_path), "run", resume=True)
+    open_wandb(cfg, str(tmp_path), "run", resume=False)
+    assert [kw["id"] for kw in seen[:2]] == [first, first] and seen[2]["id"] != first and len(first) == 8
+    assert seen[0]["project"] == "synthetic" and seen[0]["entity"] is None and seen[0]["mode"] is None
+    assert seen[0]["tags"] == ["vanilla", "resnet8", "synthetic"] and seen[0]["config"]["LOG"]["WANDB"] is True

@@ -650,11 +650,12 @@ class Trainer:
         if self.is_main:
             from tensorboardX import SummaryWriter
 
+            self.wandb = open_wandb(self.cfg, self.log_path, self.experiment_name.split("/")[-1], resume)
+
             # hide events of an earlier run (fresh start) or of the epoch lost at the kill (resume)
             purge = (self.start_epoch - 1) * steps + 1 if resume else 0
             self.tb_writer = SummaryWriter(self.path("train.events"), purge_step=purge)
             self._tb_guard = EventFileGuard(self.tb_writer, self.path("train.events"))
-            self.wandb = open_wandb(self.cfg, self.log_path, self.experiment_name.split("/")[-1], resume)
             if self._restored is not None:
                 self.log(f"{METRICS} lacked the record of epoch {self._restored['epoch']} (stopped after its "
                          "checkpoints); written from 'latest'")
