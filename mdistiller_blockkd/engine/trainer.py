@@ -648,9 +648,8 @@ class Trainer:
             self._prepare_fresh()
         steps = len(self.train_loader)
         if self.is_main:
-            from tensorboardX import SummaryWriter
-
             self.wandb = open_wandb(self.cfg, self.log_path, self.experiment_name.split("/")[-1], resume)
+            from tensorboardX import SummaryWriter
 
             # hide events of an earlier run (fresh start) or of the epoch lost at the kill (resume)
             purge = (self.start_epoch - 1) * steps + 1 if resume else 0
