@@ -82,8 +82,16 @@ CFG.LOG = CN()
 CFG.LOG.TENSORBOARD_FREQ = 500
 CFG.LOG.SAVE_CHECKPOINT_FREQ = 40
 CFG.LOG.PREFIX = "./output"
-CFG.LOG.WANDB = False  # upstream default True; off here (not installed, never required)
-CFG.LOG.PROGRESS = True  # added: tqdm progress bars
+# upstream default True; off here. True logs to Weights & Biases (the [wandb] extra; utils/wandb_log.py)
+CFG.LOG.WANDB = False
+CFG.LOG.WANDB_PROJECT = ""  # added: "" = EXPERIMENT.PROJECT (as mdistiller)
+CFG.LOG.WANDB_ENTITY = ""  # added: "" = wandb's default entity (WANDB_ENTITY, else your account)
+CFG.LOG.WANDB_MODE = ""  # added: online | offline; "" = wandb's default (WANDB_MODE, else online)
+# added: progress of every loop; a terminal shows tqdm bars, a log file (not a terminal) one plain
+# line every PROGRESS_EVERY_S seconds and/or every PROGRESS_EVERY_PCT percent of the loop (0 = off)
+CFG.LOG.PROGRESS = True
+CFG.LOG.PROGRESS_EVERY_S = 30.0
+CFG.LOG.PROGRESS_EVERY_PCT = 0
 # added: score the distiller's extra heads (eval_logits: Block-KD's stones and teacher) every N
 # epochs and at the last epoch; 0 = never. They cost teacher passes over the whole test set.
 CFG.LOG.EVAL_HEADS_FREQ = 1
@@ -236,6 +244,8 @@ _RANGES = {
     "DATASET.IMAGE_SIZE": (1, None, "a crop size such as 224"),
     **dict.fromkeys(("LOG.TENSORBOARD_FREQ", "LOG.SAVE_CHECKPOINT_FREQ", "LOG.EVAL_HEADS_FREQ"),
                     (0, None, "0 = never")),
+    "LOG.PROGRESS_EVERY_S": (0, None, "seconds between progress lines in a log file; 0 = no timed lines"),
+    "LOG.PROGRESS_EVERY_PCT": (0, 100, "percent of a loop between progress lines in a log file; 0 = none"),
     "KD.TEMPERATURE": (">0", None, "a temperature; mdistiller uses 4"),
     "DKD.T": (">0", None, "a temperature; mdistiller uses 4.0"),
     "LSKD.T": (">0", None, "a temperature; the default is 2.0"),
@@ -360,6 +370,21 @@ def _check_ranges(cfg) -> None:
                 raise ConfigError(f"{shown}; it must be {' and '.join(b for _, b in bounds)} ({what})")
 
 
+def _check_wandb(cfg) -> None:
+    log = cfg.LOG
+    mode = str(log.WANDB_MODE).strip().lower()
+    if mode not in ("", "online", "offline"):
+        raise ConfigError(f"LOG.WANDB_MODE is '{log.WANDB_MODE}'; use online, offline, or '' (wandb's default: "
+                          "WANDB_MODE, else online); to log nothing set LOG.WANDB False")
+    for key in ("WANDB_PROJECT", "WANDB_ENTITY"):
+        value = str(log[key])
+        bad = sorted(set(value) & set("/\\#?%:") | ({" "} if value != value.strip() else set()))
+        if bad or len(value) > 128:
+            why = f"it contains {' '.join(repr(c) for c in bad)}" if bad else "it is longer than 128 characters"
+            raise ConfigError(f"LOG.{key} is '{value}'; {why}, which wandb does not accept in a name: give a "
+                              "plain name such as 'blockkd-cifar100' (or '' for the default)")
+
+
 def _check(cfg, base) -> None:
     """Validate a merged config (see :func:`load_cfg`); raise :class:`ConfigError` naming the first bad key."""
     _check_values(cfg, base)
@@ -370,6 +395,7 @@ def _check(cfg, base) -> None:
     if str(cfg.SOLVER.TYPE).strip().upper() not in ("SGD", "ADAMW"):
         raise ConfigError(f"SOLVER.TYPE is '{cfg.SOLVER.TYPE}'; use SGD (mdistiller's) or AdamW")
     _check_ranges(cfg)
+    _check_wandb(cfg)
     _check_text_and_recipe(cfg)
     for key in ("PROJECT", "NAME", "TAG"):  # the run folder is LOG.PREFIX/<PROJECT>/<NAME or TAG>
         value = str(cfg.EXPERIMENT[key])
@@ -493,6 +519,12 @@ def load_cfg(path: str | None = None, opts=None, base: CN | None = None) -> CN:
 
 
 def log_msg(msg: str, mode: str = "INFO") -> str:
+    """``[MODE] msg``, coloured like mdistiller on a terminal; plain in a log file or with ``NO_COLOR`` set
+    (:func:`~mdistiller_blockkd.utils.console.colour_on`)."""
+    from .utils.console import colour_on
+
+    if not colour_on():
+        return f"[{mode}] {msg}"
     colors = {"INFO": 36, "TRAIN": 32, "EVAL": 31}
     return f"\033[{colors.get(mode, 0)}m[{mode}] {msg}\033[0m"
 

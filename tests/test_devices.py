@@ -128,7 +128,8 @@ def gpus(monkeypatch):
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES"):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES", "SLURM_STEP_ID", "SLURM_PROCID",
+              "SLURM_NTASKS", "SLURM_LOCALID"):
         monkeypatch.delenv(k, raising=False)
 
     def set_count(n):
@@ -146,6 +147,19 @@ def test_one_visible_gpu_per_process_is_used_whatever_the_local_rank(gpus, monke
     info = du.init_distributed()  # WORLD_SIZE 1: no process group
     assert info.device == torch.device("cuda", 0) and info.local_rank == 3
     assert current == [torch.device("cuda", 0)]
+
+
+def test_an_srun_task_with_one_gpu_uses_cuda_0(gpus, monkeypatch):
+    """srun --gpus-per-task=1 without torchrun: the local rank comes from SLURM_LOCALID, the device is cuda:0."""
+    current = gpus(1)
+    for k, v in {"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "2",
+                 "CUDA_VISIBLE_DEVICES": "2"}.items():
+        monkeypatch.setenv(k, v)
+    info = du.init_distributed()
+    assert info.device == torch.device("cuda", 0) and info.local_rank == 2 and current == [torch.device("cuda", 0)]
+    gpus(4)  # every GPU visible: SLURM_LOCALID picks one
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert du.init_distributed().device == torch.device("cuda", 2)
 
 
 def test_local_rank_picks_its_gpu_among_several(gpus, monkeypatch):

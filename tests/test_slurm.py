@@ -329,3 +329,24 @@ def test_submitit_requeues_a_signalled_job_and_it_resumes(tmp_path, on_slurm):
     assert [m["epoch"] for m in metrics(run_dir)] == [1, 2, 3, 4]
     log = Path(state(prefix, "vanilla_resnet8_s3")["log"]).read_text()
     assert "Requeued job" in log and "--resume" in log
+
+
+@pytest.mark.slow
+def test_srun_with_two_tasks_trains_like_a_two_process_torchrun(tmp_path, on_slurm):
+    """srun -N1 -n2 and no torchrun: each task finds its rank, the world size and the master in Slurm's
+    variables (utils.dist.launch_env); the run equals a two-process torchrun run."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    train = ["-m", "mdistiller_blockkd", "train", "--cfg", CFG, *tiny(tmp_path / "srun", epochs=1)[1:],
+             "DATASET.TEST.BATCH_SIZE", "16", "SOLVER.BATCH_SIZE", "16"]
+    r = subprocess.run(["srun", "-N1", "-n2", "--time", "10", sys.executable, *train], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 process(es)" in r.stdout and r.stdout.count("[EVAL] epoch 1/1") == 1  # rank 0 alone logs
+    train[train.index(str(tmp_path / "srun"))] = str(tmp_path / "torchrun")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        *train], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ran = [tmp_path / p / "synthetic" / "vanilla_resnet8" for p in ("srun", "torchrun")]
+    assert metrics(ran[0]) == metrics(ran[1]) and len(metrics(ran[0])) == 1

@@ -48,6 +48,7 @@ def main(argv=None):
     from ..utils.checkpoint import check_checkpoint_file, load_model_weights
     from ..data.text import metric_names
     from ..engine.build import is_text, text_collator
+    from ..utils.console import progress_settings
     from ..engine.trainer import evaluate_model
     from ..models import build_model
     from ..registry import import_modules
@@ -74,7 +75,7 @@ def main(argv=None):
                         num_workers=int(cfg.DATASET.NUM_WORKERS), pin_memory=device.type == "cuda",
                         collate_fn=collate)
     names = metric_names(cfg) if text else ()
-    metrics = evaluate_model(wrapper, loader, device, progress=bool(cfg.LOG.PROGRESS), metrics=names,
+    metrics = evaluate_model(wrapper, loader, device, progress=progress_settings(cfg), metrics=names,
                              num_classes=num_classes)
     print(f"data: {dataset_description(cfg)}")
     if text:

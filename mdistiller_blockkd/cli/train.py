@@ -80,9 +80,11 @@ def main(argv=None):
     from ..utils.precision import precision_name, resolve_amp, resolve_config_amp
     from ..utils.runfolder import recorded_epoch
     from ..utils.fileio import check_output_path
+    from ..utils.wandb_log import require_wandb
 
     import_modules(args.imports)
     cfg = load_cfg(args.cfg, args.opts)
+    require_wandb(cfg)  # LOG.WANDB without the [wandb] extra: one error line before any work
     if str(cfg.SOLVER.TRAINER).lower() != "base":
         raise ConfigError(f"SOLVER.TRAINER is '{cfg.SOLVER.TRAINER}'; this toolbox has one trainer: base")
     from ..detection.task import build_detection_run, check_detection_config, is_detection

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..utils import console
 from ..utils import dist as du
 
 __all__ = ["METRICS", "coco_metrics", "detections_to_coco", "evaluate_detector"]
@@ -83,8 +84,8 @@ def detections_to_coco(outputs: List[dict], targets: List[dict], label_to_cat: D
 
 
 @torch.no_grad()
-def evaluate_detector(forward, loader, dataset, device, amp_dtype=None, progress: bool = False,
-                      desc: str = "eval") -> Dict[str, float]:
+def evaluate_detector(forward, loader, dataset, device, amp_dtype=None,
+                      progress: console.ProgressEvery | bool | None = False, desc: str = "eval") -> Dict[str, float]:
     """COCO metrics of ``forward(list of images) -> detections`` over ``loader``.
 
     ``dataset`` is the :class:`~.data.CocoDetection` the loader reads (its ``ann_file``,
@@ -93,22 +94,16 @@ def evaluate_detector(forward, loader, dataset, device, amp_dtype=None, progress
     """
     device = torch.device(device)
     dets: List[dict] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
+    bar = console.progress(len(loader), desc, progress)
     try:
         for images, targets in loader:
             images = [im.to(device, non_blocking=True) for im in images]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = forward(images)
             dets += detections_to_coco(outputs, targets, dataset.label_to_cat)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if du.is_dist():
         dets = [d for part in du.all_gather_object(dets) for d in part]
     return coco_metrics(dataset.ann_file, dets, dataset.ids)

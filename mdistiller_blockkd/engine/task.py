@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.text import TEXT_TYPES, metric_names
+from ..utils import console
 from ..utils import dist as du
 from ..utils.metrics import confusion_matrix, metrics_from_confusion
 from ..utils.misc import correct_topk
@@ -121,15 +122,16 @@ def build_task(cfg, num_classes: int) -> ClassificationTask:
 
 @torch.no_grad()
 def evaluate_model(distiller: nn.Module, loader, device, amp_dtype=None, channels_last: bool = False,
-                   progress: bool = False, desc: str = "eval", heads: bool = True, metrics: Sequence[str] = (),
-                   num_classes: Optional[int] = None) -> Dict[str, float]:
+                   progress: console.ProgressEvery | bool | None = False, desc: str = "eval",
+                   heads: bool = True, metrics: Sequence[str] = (), num_classes: Optional[int] = None
+                   ) -> Dict[str, float]:
     """Evaluate ``distiller`` (its ``forward_test`` and ``eval_logits``) on ``loader``.
 
     Returns ``test_acc``, ``test_acc_top5`` (percent), ``test_loss`` (mean cross-entropy)
     and ``acc_<head>`` for every head of ``eval_logits`` (unless ``heads`` is False), summed
     over all processes; with ``metrics`` (names of :data:`mdistiller_blockkd.utils.metrics.METRICS`)
     and ``num_classes`` also ``test_<metric>`` of the student from its summed confusion matrix.
-    The distiller is left in eval mode.
+    The distiller is left in eval mode. ``progress``: see :func:`~mdistiller_blockkd.utils.console.progress`.
     """
     device = torch.device(device)
     distiller.eval()
@@ -141,11 +143,7 @@ def evaluate_model(distiller: nn.Module, loader, device, amp_dtype=None, channel
     score_heads = heads
     heads: Dict[str, torch.Tensor] = {}
     n = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
+    bar = console.progress(len(loader), desc, progress)
     try:
         for image, target in loader:
             image = image.to(device, non_blocking=True)
@@ -166,11 +164,9 @@ def evaluate_model(distiller: nn.Module, loader, device, amp_dtype=None, channel
                 hit = correct_topk(z.float(), target, (1,))[0]
                 heads[name] = heads[name] + hit if name in heads else hit
             n += int(target.shape[0])
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     names = list(heads)
     vec = torch.stack([loss_sum, c1.double(), c5.double(), torch.tensor(float(n), dtype=torch.float64, device=device)]
                       + [heads[h].double() for h in names] + list(cm.flatten().double()))

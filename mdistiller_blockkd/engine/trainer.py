@@ -16,7 +16,8 @@ Per epoch
     epoch_time_s, ms_per_step, and ``teacher_folded`` when the distiller computes teacher
     outputs: whether its BatchNorms were folded, :attr:`Distiller.teacher_folded`); a
     block in ``worklog.txt``; tensorboardX scalars (``train.events``; also every
-    ``LOG.TENSORBOARD_FREQ`` steps; the x axis is the global step).
+    ``LOG.TENSORBOARD_FREQ`` steps; the x axis is the global step); with ``LOG.WANDB``
+    the same scalars, the config and ``best_acc`` in a wandb run (:mod:`..utils.wandb_log`).
 
 Validation split (``holdout_loader``, from ``DATASET.VAL_SPLIT``)
     when given, the student is also scored every epoch on training images held out of
@@ -144,6 +145,8 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..utils import dist as du
 from ..config import log_msg
 from ..utils.checkpoint import load_checkpoint, load_distiller_state, save_checkpoint
+from ..utils.console import progress, progress_settings
+from ..utils.wandb_log import WandbRun, open_wandb
 from ..utils.precision import AMP_DTYPES, autocast, resolve_amp
 from .optim import build_optimizer, train_step
 from .task import ClassificationTask, evaluate_model
@@ -395,7 +398,7 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.holdout_loader = holdout_loader
         self.epochs = int(cfg.SOLVER.EPOCHS)
-        self.progress = bool(cfg.LOG.PROGRESS) and self.is_main
+        self.progress = progress_settings(cfg) if self.is_main else None  # bars on a terminal, lines in a file
         self.tb_freq = max(int(cfg.LOG.TENSORBOARD_FREQ), 0)
         self.save_freq = max(int(cfg.LOG.SAVE_CHECKPOINT_FREQ), 0)
         self.check_every = 1 if self.device.type == "cpu" else CUDA_CHECK_EVERY
@@ -439,6 +442,7 @@ class Trainer:
         self.best_val_acc = -math.inf
         self.start_epoch = 1
         self.tb_writer = None
+        self.wandb: Optional[WandbRun] = None  # LOG.WANDB: the same scalars as tensorboard (rank 0)
         self.history: List[dict] = []
         self._restored: Optional[dict] = None  # an epoch record taken from 'latest' by resume()
         self._lock = FolderLock(self.log_path) if self.is_main else None
@@ -632,6 +636,7 @@ class Trainer:
             self._prepare_fresh()
         steps = len(self.train_loader)
         if self.is_main:
+            self.wandb = open_wandb(self.cfg, self.log_path, self.experiment_name.split("/")[-1], resume)
             from tensorboardX import SummaryWriter
 
             # hide events of an earlier run (fresh start) or of the epoch lost at the kill (resume)
@@ -659,9 +664,12 @@ class Trainer:
         return {"best_acc": self.best_acc, "last": self.history[-1] if self.history else {}, "log_path": self.log_path}
 
     def _close_events(self, failed: bool = False) -> None:
-        """Close the TensorBoard writer; raise its storage error (:class:`EventFileGuard`) unless
-        the run is failing already (that error says more)."""
+        """Finish the wandb run; close the TensorBoard writer; raise its storage error
+        (:class:`EventFileGuard`) unless the run is failing already (that error says more)."""
         writer, self.tb_writer = self.tb_writer, None
+        run, self.wandb = self.wandb, None
+        if run is not None:
+            run.finish(failed)
         if writer is not None:
             writer.close()
             if not failed:
@@ -710,11 +718,7 @@ class Trainer:
         self.model.train()
         steps = len(self.train_loader)
         log = _StepLog(self.device)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc=f"epoch {epoch}/{self.epochs}", leave=False, dynamic_ncols=True)
+        bar = progress(steps, f"epoch {epoch}/{self.epochs}", self.progress)
         try:
             for i, (image, target) in enumerate(self.train_loader, start=1):
                 image, target = self._to_device(image, target)
@@ -732,14 +736,14 @@ class Trainer:
                         self.tb_writer.add_scalar("train/lr", float(self.optimizer.param_groups[0]["lr"]), global_step)
                         for k, v in log.last.items():
                             self.tb_writer.add_scalar(f"train/{k}", v, global_step)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{log.last.get('loss', float('nan')):.3f}", lr=f"{lr:.3g}", refresh=False)
-                if bar is not None:
-                    bar.update(1)
+                    if tb_step and self.wandb is not None:
+                        self.wandb.log({"train/lr": self.optimizer.param_groups[0]["lr"],
+                                        **{f"train/{k}": v for k, v in log.last.items()}}, global_step)
+                    bar.set_postfix(loss=f"{log.last.get('loss', float('nan')):.3f}", lr=f"{lr:.3g}")
+                bar.update(1)
             log.flush(epoch, steps)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         return log.averages()
 
     @torch.no_grad()
@@ -761,6 +765,10 @@ class Trainer:
                     self.tb_writer.add_scalar(f"epoch/{k}", v, step)
             self.tb_writer.flush()
             self._tb_guard.check()
+        if self.wandb is not None:
+            self.wandb.log({f"epoch/{k}": v for k, v in record.items()
+                            if k != "epoch" and isinstance(v, (int, float))}, epoch * steps)
+            self.wandb.summary(best_acc=self.best_acc)
 
     def _print_epoch(self, epoch: int, record: dict) -> None:
         self.log(self.task.summary(record, self.epochs), "EVAL")
