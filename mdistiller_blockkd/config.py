@@ -81,6 +81,8 @@ CFG.SOLVER.CHANNELS_LAST = False  # added
 CFG.LOG = CN()
 CFG.LOG.TENSORBOARD_FREQ = 500
 CFG.LOG.SAVE_CHECKPOINT_FREQ = 40
+# added: write the mid-epoch checkpoint 'latest_step' (the exact position) every N steps; 0 = off
+CFG.LOG.SAVE_EVERY_STEPS = 0
 CFG.LOG.PREFIX = "./output"
 CFG.LOG.WANDB = False  # upstream default True; off here (not installed, never required)
 CFG.LOG.PROGRESS = True  # added: tqdm progress bars
@@ -236,6 +238,7 @@ _RANGES = {
     "DATASET.IMAGE_SIZE": (1, None, "a crop size such as 224"),
     "LOG.TENSORBOARD_FREQ": (0, None, "0 = never"),
     "LOG.SAVE_CHECKPOINT_FREQ": (0, None, "0 = never"),
+    "LOG.SAVE_EVERY_STEPS": (0, None, "0 = off"),
     "LOG.EVAL_HEADS_FREQ": (0, None, "0 = never"),
     "KD.TEMPERATURE": (">0", None, "a temperature; mdistiller uses 4"),
     "DKD.T": (">0", None, "a temperature; mdistiller uses 4.0"),
