@@ -173,7 +173,7 @@ def assert_same_run(prefix, reference):
     assert [r["epoch"] for r in metrics(prefix)] == [1, 2]
 
 
-@pytest.mark.parametrize("workers, signum, pause", [(0, signal.SIGUSR1, (2, 2)), (2, signal.SIGTERM, (1, 3))])
+@pytest.mark.parametrize("workers, signum, pause", [(0, signal.SIGUSR1, (1, 3)), (2, signal.SIGTERM, (2, 2))])
 def test_a_signalled_run_saves_its_step_and_resumes_exactly(tmp_path, uninterrupted, workers, signum, pause):
     args = opts(tmp_path, workers)
     rc, out, err = stop_in_step(args, pause, signum, tmp_path / "go")

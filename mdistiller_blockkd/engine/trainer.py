@@ -42,7 +42,9 @@ Output folder ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<EXPERIMENT.NAME or EXPERIMENT.T
     * ``ckpt_epoch_<EPOCHS>.pth`` after the last epoch -- the final student in the
       teacher format under mdistiller's teacher file name, so a vanilla run whose
       folder is ``download_ckpts/cifar_teachers/<name>_vanilla`` produces exactly the
-      file distillation configs look for.
+      file distillation configs look for;
+    * ``latest_step`` -- the mid-epoch checkpoint (see Preemption), deleted once its epoch's
+      ``latest`` is written.
 
     ``latest`` is the last checkpoint written and the ``metrics.jsonl`` record comes after
     it, so a record of epoch *k* means that every file of epoch *k* exists; a killed run
@@ -62,9 +64,42 @@ No lost runs
     Once it holds the lock, a run deletes the temporary files of atomic writes that a
     killed process left there (SIGKILL; other kills remove their own).
 
+Preemption (stop signals, ``LOG.SAVE_EVERY_STEPS``)
+    While :meth:`Trainer.train` runs in the main thread, SIGTERM, SIGUSR1 (``sbatch
+    --signal=USR1@<s>``) and SIGUSR2 (submitit's) do not unwind the run
+    (:func:`~mdistiller_blockkd.errors.stop_signals_deferred`): the current step finishes, rank 0
+    writes ``latest_step`` atomically, the run logs ``preempted at epoch E step S/N (SIGNAME)
+    ...; resume with --resume`` and raises :class:`~mdistiller_blockkd.errors.Preempted`, which a
+    command turns into exit status :data:`~mdistiller_blockkd.errors.PREEMPTED_EXIT` (75, "try
+    again": the status a batch script requeues on; submitit requeues its job by itself). A signal
+    during the evaluation or the epoch's checkpoints stops the run after them (``latest`` is then
+    the position). A second signal raises :class:`~mdistiller_blockkd.errors.Terminated` at once (exit
+    143, back to the last checkpoint). Loader workers ignore the signals (Slurm signals every
+    process of a job); the run stops them. ``LOG.SAVE_EVERY_STEPS N`` (0 = off) writes
+    ``latest_step`` after every N-th step of an epoch too (not after its last: ``latest`` follows),
+    so a SIGKILL loses at most N steps.
+
+    ``latest_step`` is the training state of ``latest`` (``epoch`` is the epoch *in progress*)
+    plus ``step``, ``steps``, the epoch's first learning rate ``lr``, and ``position``: per rank,
+    the data generators' states as the epoch began (``epoch_start``; the sample order itself
+    comes from ``EXPERIMENT.SEED`` and the epoch through the ``DistributedSampler``, so the
+    step is the position) and the running sums of the epoch's train metrics (with the rows
+    not yet summed, so the float64 sums are the same); ``rng`` holds each rank's RNGs at the
+    step. Every rank saves its own position (gathered to rank 0, which writes the file); with
+    several processes they agree on the stop at the loss check points (one collective), so
+    all stop at the same step. A non-finite loss is raised, never saved.
+
 Resume (``resume=True``)
     restores the distiller, optimizer, scaler, epoch, best accuracy and every RNG from
-    ``latest``, drops ``metrics.jsonl`` lines of later epochs and continues. Checkpoints
+    ``latest`` -- or from ``latest_step`` when it is of the epoch after ``latest``'s (one of
+    an earlier epoch, left by a kill just after ``latest``, is deleted; one written by another
+    number of processes is refused with a :class:`~mdistiller_blockkd.errors.CheckpointError`) --,
+    drops ``metrics.jsonl`` lines of later epochs and continues. From ``latest_step``, the
+    epoch restarts its loader with the generators as the epoch began, reads the first *S*
+    batches again and drops them (loader workers then draw their augmentation as before: their
+    RNG streams live in other processes and cannot be saved), sets every RNG as it was after
+    step *S* and continues with step *S+1*: the run ends with the weights and ``metrics.jsonl``
+    (timing aside) of an uninterrupted run, under the conditions below. Checkpoints
     hold CPU tensors only (see :func:`~mdistiller_blockkd.utils.checkpoint.save_checkpoint`),
     so they load on any machine. A run killed after epoch *k* and resumed ends with
     exactly the weights of an uninterrupted run (bit for bit) when
