@@ -39,6 +39,7 @@ from mdistiller_blockkd.distillers import Vanilla
 from mdistiller_blockkd.engine.trainer import Trainer, experiment_name
 from mdistiller_blockkd.errors import run_cli
 from mdistiller_blockkd.models import build_model
+from mdistiller_blockkd.utils import dist as du
 from mdistiller_blockkd.utils.misc import seed_everything
 
 
@@ -67,8 +68,8 @@ class Noisy(Vanilla):
     def forward_train(self, image, target, **kw):
         epoch = kw["epoch"]
         self.calls[epoch] = self.calls.get(epoch, 0) + 1
-        if (epoch, self.calls[epoch]) == PAUSE:
-            print("PAUSED", flush=True)
+        if (epoch, self.calls[epoch]) == PAUSE and du.get_rank() == 0:
+            print(f"PAUSED {os.getpid()}", flush=True)
             while not os.path.exists(os.environ["GO"]):
                 time.sleep(0.01)
         noise = 0.5 * torch.randn_like(image) * float(np.random.uniform(0.5, 1.5)) * random.uniform(0.5, 1.5)
@@ -78,12 +79,17 @@ class Noisy(Vanilla):
 
 def main(args):
     cfg = load_cfg(None, args[1:])
-    seed_everything(cfg.EXPERIMENT.SEED)
-    loaders = data.get_loaders(cfg)
-    distiller = Noisy(build_model(cfg.DISTILLER.STUDENT, num_classes=loaders.num_classes), cfg)
-    trainer = Trainer(experiment_name(cfg), distiller, loaders.train, loaders.test, cfg)
-    trainer.train(resume=args[0] == "resume")
-    torch.save(trainer.distiller.state_dict(), os.path.join(trainer.log_path, "final_weights.pt"))
+    info = du.init_distributed()
+    try:
+        seed_everything(cfg.EXPERIMENT.SEED)
+        loaders = data.get_loaders(cfg, info.rank, info.world_size)
+        distiller = Noisy(build_model(cfg.DISTILLER.STUDENT, num_classes=loaders.num_classes), cfg)
+        trainer = Trainer(experiment_name(cfg), distiller, loaders.train, loaders.test, cfg, dist_info=info)
+        trainer.train(resume=args[0] == "resume")
+        if info.is_main:
+            torch.save(trainer.distiller.state_dict(), os.path.join(trainer.log_path, "final_weights.pt"))
+    finally:
+        du.cleanup()
 
 
 sys.exit(run_cli(main, sys.argv[1:]))
@@ -99,33 +105,40 @@ def opts(prefix, workers, *extra):
             "LOG.TENSORBOARD_FREQ", "2", "EXPERIMENT.PROJECT", "p", "EXPERIMENT.NAME", "run", *extra]
 
 
-def start(mode, args, pause=None, go=None):
+def start(mode, args, pause=None, go=None, processes=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     if pause:
         env.update(PAUSE_AT=f"{pause[0]},{pause[1]}", GO=str(go))
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, mode, *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if processes == 1:
+        cmd = [sys.executable, "-c", SCRIPT, mode, *args]
+    else:  # torchrun runs a file
+        script = os.path.join(os.path.dirname(os.path.dirname(str(args[args.index("LOG.PREFIX") + 1]))), "run.py")
+        with open(script, "w") as f:
+            f.write(SCRIPT)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               script, mode, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def run(mode, args):
-    proc = start(mode, args)
+def run(mode, args, processes=1):
+    proc = start(mode, args, processes=processes)
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out, err
 
 
-def stop_in_step(args, pause, signum, go):
-    """Start a fresh run, send ``signum`` while it is inside step ``pause`` = (epoch, step), let it go on;
-    return its exit status, stdout and stderr."""
-    proc = start("fresh", args, pause, go)
+def stop_in_step(args, pause, signum, go, processes=1):
+    """Start a fresh run, send ``signum`` (to rank 0 only) while it is inside step ``pause`` = (epoch, step),
+    let it go on; return its exit status, stdout and stderr."""
+    proc = start("fresh", args, pause, go, processes)
     try:
         seen = []
         for line in proc.stdout:
             seen.append(line)
-            if line.strip() == "PAUSED":
+            if line.startswith("PAUSED "):
                 break
         else:
             raise AssertionError("the run never reached the pause: " + "".join(seen) + proc.stderr.read())
-        os.kill(proc.pid, signum)
+        os.kill(int(line.split()[1]), signum)
         open(go, "w").close()
         out, err = proc.communicate(timeout=300)
     finally:
@@ -221,6 +234,30 @@ def test_save_every_steps_lets_a_killed_run_resume_from_the_last_saved_step(tmp_
     rc, out, err = run("resume", args)
     assert rc == 0 and "nothing to do" in out and "removing" in out, out + err
     assert not os.path.exists(os.path.join(run_dir, STEP_CHECKPOINT))
+
+
+@pytest.mark.slow
+def test_two_processes_stop_at_the_same_step_and_resume_exactly(tmp_path):
+    """torchrun, 2 CPU processes (gloo); only rank 0 gets SIGUSR1: rank 1 learns it at the step's loss check,
+    both save their position in one latest_step and the resumed pair ends as the uninterrupted pair."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "split").mkdir()
+    more = ("DATASET.SYNTHETIC.TRAIN_SIZE", "96")  # 3 steps of 16 per process
+    full, split = opts(tmp_path / "full" / "out", 0, *more), opts(tmp_path / "split" / "out", 0, *more)
+    rc, out, err = run("fresh", full, processes=2)
+    assert rc == 0, out + err[-3000:]
+    rc, out, err = stop_in_step(split, (2, 2), signal.SIGUSR1, tmp_path / "go", processes=2)
+    # the processes exit with 75 (torchrun may stop the second after the first ended: 143); torchrun reports
+    # the failure of its workers with its own status (1)
+    assert rc == 1 and "exitcode  : 75" in err, out + err[-3000:]
+    assert "preempted at epoch 2 step 2/3 (SIGUSR1)" in out, out + err[-3000:]
+    run_dir = folder(tmp_path / "split" / "out")
+    ckpt = torch.load(os.path.join(run_dir, STEP_CHECKPOINT), weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["world_size"], len(ckpt["position"])) == (2, 2, 2, 2)
+    assert [p["log"]["count"] for p in ckpt["position"]] == [32, 32]  # each rank's own sums: 2 steps of 16
+    rc, out, err = run("resume", split, processes=2)
+    assert rc == 0 and "epoch 2 at step 2" in out, out + err[-3000:]
+    assert_same_run(tmp_path / "split" / "out", tmp_path / "full" / "out")
 
 
 @pytest.mark.parametrize("value", ["-1", "1.5", "True"])

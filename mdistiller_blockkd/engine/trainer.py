@@ -906,10 +906,12 @@ class Trainer:
         return int(du.all_reduce_max(torch.tensor([signum], dtype=torch.int64, device=self.device)).item())
 
     def _preempted(self, what: str) -> None:
-        """Log and record a stop on a signal, then raise :class:`Preempted` (exit status 75 in a command)."""
+        """Log and record a stop on a signal, then raise :class:`Preempted` (exit status 75 in a command)
+        once rank 0 is done writing (torchrun stops the other processes when one exits)."""
         if self.is_main:
             append_text(self.path("worklog.txt"), f"{what}\n")
         self.log(f"{what}; resume with --resume")
+        du.barrier()
         raise Preempted(what)
 
     @torch.no_grad()
