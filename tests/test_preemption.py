@@ -277,3 +277,16 @@ def test_a_stop_signal_is_recorded_and_a_second_one_unwinds(signum):
             assert stop.signum == signum
             os.kill(os.getpid(), signum)
     assert signal.getsignal(signum) is before
+
+
+def test_study_resumes_a_run_that_holds_only_a_mid_epoch_checkpoint(tmp_path):
+    """A run stopped in its first epoch has 'latest_step' and no 'latest': unfinished, continued with --resume."""
+    from mdistiller_blockkd.cli.study import Cell, run_cells
+
+    out = tmp_path / "p" / "run"
+    out.mkdir(parents=True)
+    (out / STEP_CHECKPOINT).write_bytes(b"")
+    cell = Cell("c.yaml", None, "run", str(out), str(tmp_path / "run.log"), 2, [])
+    lines = []
+    assert run_cells([cell], 1, 1, dry_run=True, echo=lines.append) == []
+    assert not cell.finished() and lines[0].startswith("[resume]"), lines
