@@ -81,6 +81,8 @@ CFG.SOLVER.CHANNELS_LAST = False  # added
 CFG.LOG = CN()
 CFG.LOG.TENSORBOARD_FREQ = 500
 CFG.LOG.SAVE_CHECKPOINT_FREQ = 40
+# added: write the mid-epoch checkpoint 'latest_step' (the exact position) every N steps; 0 = off
+CFG.LOG.SAVE_EVERY_STEPS = 0
 CFG.LOG.PREFIX = "./output"
 # upstream default True; off here. True logs to Weights & Biases (the [wandb] extra; utils/wandb_log.py)
 CFG.LOG.WANDB = False
@@ -244,6 +246,7 @@ _RANGES = {
     "DATASET.IMAGE_SIZE": (1, None, "a crop size such as 224"),
     **dict.fromkeys(("LOG.TENSORBOARD_FREQ", "LOG.SAVE_CHECKPOINT_FREQ", "LOG.EVAL_HEADS_FREQ"),
                     (0, None, "0 = never")),
+    "LOG.SAVE_EVERY_STEPS": (0, None, "0 = off"),
     "LOG.PROGRESS_EVERY_S": (0, None, "seconds between progress lines in a log file; 0 = no timed lines"),
     "LOG.PROGRESS_EVERY_PCT": (0, 100, "percent of a loop between progress lines in a log file; 0 = none"),
     "KD.TEMPERATURE": (">0", None, "a temperature; mdistiller uses 4"),

@@ -52,6 +52,60 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+#: Exit status of a run that stopped on a signal after saving its exact position (:class:`Preempted`):
+#: sysexits' ``EX_TEMPFAIL``, "try again later" -- run the same command with ``--resume``.
+PREEMPTED_EXIT = 75
+
+#: Signals that ask a training run to stop at the next step and save its position: SIGTERM (``kill``,
+#: ``scancel``, preemption), SIGUSR1 (``sbatch --signal=USR1@<seconds>``), SIGUSR2 (submitit's).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preempted(BaseException):
+    """A run stopped on a stop signal after saving where it was; :func:`run_cli` exits with
+    :data:`PREEMPTED_EXIT`. A ``BaseException``, like :class:`Terminated`, so that no ``except
+    Exception`` mistakes it for a failure."""
+
+
+class StopRequest:
+    """The first of :data:`STOP_SIGNALS` a process got inside :func:`stop_signals_deferred` (``signum``, else None)."""
+
+    def __init__(self):
+        self.signum = None
+        self.raised = False
+
+
+@contextlib.contextmanager
+def stop_signals_deferred():
+    """While the block runs in the main thread, the first of :data:`STOP_SIGNALS` only sets the
+    yielded :class:`StopRequest`'s ``signum`` (the trainer polls it between steps); a second one raises
+    :class:`Terminated` once, as SIGTERM does under :func:`run_cli`. Processes forked inside the block
+    (data-loader workers) ignore them: Slurm signals every process of a job, and their parent stops
+    them when it ends. The previous handlers are restored at the end.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:  # a forked loader worker: keep serving batches until the parent stops it
+            return
+        if request.signum is None:
+            request.signum = signum
+        elif not request.raised:
+            request.raised = True
+            raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @contextlib.contextmanager
 def sigterm_raises():
     """While the block runs in the main thread, SIGTERM raises :class:`Terminated` once in this process.
@@ -133,7 +187,9 @@ def run_cli(main, argv=None) -> int:
     ``exit_code``, and so does (with status 2) an ``OSError`` of the user's storage
     (:func:`describe_os_error`) and running out of memory (:func:`describe_out_of_memory`);
     Ctrl-C prints ``interrupted`` and exits with 130; SIGTERM unwinds as
-    :class:`Terminated` (:func:`sigterm_raises`), prints ``terminated`` and exits with 143.
+    :class:`Terminated` (:func:`sigterm_raises`), prints ``terminated`` and exits with 143; a
+    training run stopped by a signal after saving its position (:class:`Preempted`) prints
+    ``preempted`` and exits with :data:`PREEMPTED_EXIT` (75).
     Every command of the package (``mdistiller_blockkd.cli.*``) runs through this function.
     """
     try:
@@ -154,4 +210,7 @@ def run_cli(main, argv=None) -> int:
     except Terminated as e:
         print("terminated", file=sys.stderr)
         sys.exit(128 + e.signum)
+    except Preempted:
+        print("preempted", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

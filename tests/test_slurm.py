@@ -73,6 +73,9 @@ def test_a_job_with_several_gpus_runs_torchrun(tmp_path):
     assert job.command() == slurm.launch_command(c.command(False), 2) and "--resume" not in job.command()
     assert job.env["OMP_NUM_THREADS"] == "4"  # 8 CPUs over 2 processes
     os.makedirs(c.out_dir)
+    Path(c.out_dir, "latest_step").write_text("")  # stopped in its first epoch: only the mid-epoch checkpoint
+    assert job.command() == slurm.launch_command(c.command(True), 2) and "--resume" in job.command()
+    os.remove(os.path.join(c.out_dir, "latest_step"))
     Path(c.out_dir, "latest").write_text("")
     assert job.command() == slurm.launch_command(c.command(True), 2) and "--resume" in job.command()
 
@@ -116,7 +119,8 @@ def test_sbatch_script_holds_every_option(tmp_path):
     script = _make_sbatch_string(command="CMD", folder=str(tmp_path), map_count=6, **params)
     lines = set(script.splitlines())
     for flag in ("partition=gpu", "time=1560", "cpus-per-task=8", "gpus-per-task=2", "ntasks-per-node=1",
-                 "mem=32G", "account=kd", "qos=high", "exclusive", "array=0-5%3"):
+                 "mem=32G", "account=kd", "qos=high", "exclusive", "array=0-5%3",
+                 f"signal=USR2@{slurm.SIGNAL_DELAY_S}"):
         assert f"#SBATCH --{flag}" in lines, (flag, script)
     assert not any(line.startswith("#SBATCH --error") for line in lines)  # one log per job: stdout and stderr
     with pytest.raises(ConfigError, match="--time"):

@@ -16,13 +16,15 @@ can be rerun alone with the command this tool prints. Cells run seed-major (ever
 with the first seed, then the next seed), so an interrupted study holds whole seeds. A
 finished cell is skipped: its ``metrics.jsonl`` has the last epoch's record and its final
 checkpoints exist (``latest``, ``student_latest``, ``ckpt_epoch_<N>.pth``; see
-``mdistiller_blockkd.utils.runfolder``). One with a ``latest`` checkpoint is continued
-with ``--resume``; rerunning the same command finishes a killed study and loses at most
-the epoch each worker was in.
+``mdistiller_blockkd.utils.runfolder``). One with a ``latest`` checkpoint, or a mid-epoch
+``latest_step``, is continued with ``--resume``; rerunning the same command finishes a killed
+study and loses at most the epoch each worker was in (the steps since the last
+``LOG.SAVE_EVERY_STEPS`` checkpoint with that option; nothing for a cell stopped by SIGTERM,
+which saves its step).
 
 SIGTERM or Ctrl-C (SIGINT) to the study is passed on to every running cell (each runs in
-its own session, so a terminal's Ctrl-C reaches it once, through the study), and the study
-waits for them to stop (a second Ctrl-C kills them) before it exits; rerun the same command
+its own session, so a terminal's Ctrl-C reaches it once, through the study; a cell saves its
+step on SIGTERM), and the study waits for them to stop (a second Ctrl-C kills them) before it exits; rerun the same command
 to resume them.
 
 Every worker gets ``--threads`` intra-op threads (``OMP_NUM_THREADS``; default: the CPU
@@ -62,7 +64,7 @@ from typing import List, Optional, Sequence
 
 from ..cluster import slurm
 from ..errors import ConfigError, Terminated, UserError, run_cli
-from ..utils.runfolder import recorded_epoch, run_finished
+from ..utils.runfolder import recorded_epoch, resumable, run_finished
 
 
 @dataclass
@@ -128,7 +130,7 @@ def run_cells(cells: Sequence[Cell], jobs: int, threads: int, dry_run: bool = Fa
         if c.finished():
             echo(f"[done]    {c.name} ({c.epochs_done()}/{c.epochs} epochs)")
             continue
-        resume = os.path.isfile(os.path.join(c.out_dir, "latest"))
+        resume = resumable(c.out_dir)
         todo.append((c, resume))
         echo(f"[{'resume' if resume else 'todo'}]{'  ' if resume else '    '}{c.shown()}")
     if dry_run or not todo:

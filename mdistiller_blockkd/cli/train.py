@@ -15,7 +15,9 @@ in ``mdistiller_blockkd.utils.runfolder``); ``--resume-with-changes`` accepts th
 every change is recorded in the run folder (``changes.jsonl``). Several processes: ``torchrun --nproc_per_node N
 -m mdistiller_blockkd train ...`` (``SOLVER.BATCH_SIZE`` is then the batch of each
 process). A user error (bad key, unknown model, missing dataset or checkpoint, NaN loss)
-prints one line ``error: ...`` on stderr and exits with a non-zero status.
+prints one line ``error: ...`` on stderr and exits with a non-zero status. SIGTERM, SIGUSR1 or
+SIGUSR2 stops a run after its current step, which it saves (``latest_step``): it prints
+``preempted`` and exits with status 75; ``--resume`` continues from that step.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def parse_args(argv=None):
                         help="YAML config (mdistiller's format): a file, or a shipped config's short name "
                              "such as cifar100/blockkd/res56_res20")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run from its 'latest' checkpoint, with the settings of its config.yaml "
+                        help="continue the run from its 'latest' checkpoint (or from 'latest_step', the step a signal "
+                             "or LOG.SAVE_EVERY_STEPS saved), with the settings of its config.yaml "
                              "(logging, loader workers, SOLVER.EPOCHS >= the epochs done ... may change)")
     parser.add_argument("--resume-with-changes", dest="resume_with_changes", action="store_true",
                         help="--resume, also when settings that change the result (recipe, data, models, distiller "
@@ -78,7 +81,7 @@ def main(argv=None):
     from ..utils import dist as du
     from ..utils.misc import seed_everything, set_deterministic
     from ..utils.precision import precision_name, resolve_amp, resolve_config_amp
-    from ..utils.runfolder import recorded_epoch
+    from ..utils.runfolder import recorded_epoch, resumable
     from ..utils.fileio import check_output_path
     from ..utils.wandb_log import require_wandb
 
@@ -97,7 +100,7 @@ def main(argv=None):
     check_output_path(folder, "the run folder (LOG.PREFIX/EXPERIMENT.PROJECT/NAME)", folder=True)
     if not args.resume:  # the trainer checks again under the folder's lock
         check_fresh_start(folder, int(cfg.SOLVER.EPOCHS), args.overwrite)
-    elif os.path.isfile(os.path.join(folder, "latest")):  # again with the epoch of 'latest' by the trainer
+    elif resumable(folder):  # again with the epoch of its checkpoint by the trainer
         check_resume_config(folder, cfg, recorded_epoch(folder), args.resume_with_changes)
     if cfg.EXPERIMENT.DETERMINISTIC:  # before CUDA starts: cuBLAS reads its workspace setting then
         set_deterministic(True)

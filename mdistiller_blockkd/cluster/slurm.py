@@ -6,11 +6,14 @@ uses only its ``name``, ``out_dir``, ``log_path``, ``epochs``, ``epochs_done()``
 
 Each cell is submitted as one Slurm job (or all of them as one job array, ``array=True``)
 whose job runs the cell's train command, with ``--resume`` when the run folder holds a
-``latest`` checkpoint -- decided when the job starts, so a resubmitted or requeued job
-continues its run. With more than one GPU per task the command runs under torchrun, one
-process per GPU (:func:`launch_command`). submitit asks Slurm to send the job SIGUSR2 90 s
-before its time limit; the job then requeues itself (at most 3 times for time limits) and
-resumes from the run's last checkpoint.
+``latest`` or ``latest_step`` checkpoint -- decided when the job starts, so a resubmitted or
+requeued job continues its run. With more than one GPU per task the command runs under
+torchrun, one process per GPU (:func:`launch_command`). The job asks Slurm for SIGUSR2
+:data:`SIGNAL_DELAY_S` seconds before its time limit (submitit's ``--signal``); Slurm sends
+it to every process of the job: the train process finishes its step, saves its position
+(``latest_step``) and exits, while submitit requeues the job (at most 3 times for time
+limits), which resumes from that step. A job cancelled (``scancel``, SIGTERM) or preempted
+saves its step the same way; rerunning the study resumes it.
 
 A submitted cell's job id is kept in a state file beside the cell's local log,
 ``<LOG.PREFIX>/<PROJECT>/logs/<name>.slurm.json``. A cell's state (:func:`run_states`):
@@ -40,9 +43,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, Terminated, UserError
 from ..utils.fileio import atomic_write_text
+from ..utils.runfolder import resumable
 
-__all__ = ["SlurmOptions", "TrainJob", "RunState", "launch_command", "parse_time", "sbatch_parameters",
+__all__ = ["SlurmOptions", "TrainJob", "RunState", "SIGNAL_DELAY_S", "launch_command", "parse_time", "sbatch_parameters",
            "squeue_jobs", "run_states", "status_lines", "submit", "wait", "run_study", "INSTALL"]
+
+#: seconds before the time limit at which a job gets SIGUSR2 (its train process saves its step then: time for
+#: the step, an evaluation in progress and the checkpoint)
+SIGNAL_DELAY_S = 120
 
 #: how to install what ``--executor slurm`` needs
 INSTALL = "pip install 'mdistiller_blockkd[cluster]'"
@@ -153,7 +161,7 @@ def sbatch_parameters(opts: SlurmOptions) -> Dict[str, object]:
         raise ConfigError("--executor slurm needs --time, each job's time limit (minutes or [D-]HH:MM:SS, e.g. "
                           "--time 4:00:00); a run that outlives it is requeued and resumes, at most 3 times")
     params: Dict[str, object] = dict(time=parse_time(opts.time), cpus_per_task=opts.cpus_per_task,
-                                     ntasks_per_node=1, stderr_to_stdout=True,
+                                     ntasks_per_node=1, stderr_to_stdout=True, signal_delay_s=SIGNAL_DELAY_S,
                                      additional_parameters=parse_sbatch(opts.sbatch))
     if opts.partition:
         params["partition"] = opts.partition
@@ -183,14 +191,15 @@ def launch_command(cmd: Sequence[str], gpus: int) -> List[str]:
 
 class TrainJob:
     """What a study's Slurm job runs: one cell's train command, from its ``latest`` checkpoint when the run
-    folder holds one. submitit pickles it into the log folder; :meth:`checkpoint` lets it requeue the job."""
+    folder holds one (``latest``, or ``latest_step`` beside it). submitit pickles it into the log folder;
+    :meth:`checkpoint` lets it requeue the job."""
 
     def __init__(self, fresh: Sequence[str], resumed: Sequence[str], latest: str, cwd: str, env: Dict[str, str]):
         self.fresh, self.resumed = list(fresh), list(resumed)
         self.latest, self.cwd, self.env = latest, cwd, dict(env)
 
     def command(self) -> List[str]:
-        return self.resumed if os.path.isfile(self.latest) else self.fresh
+        return self.resumed if resumable(os.path.dirname(self.latest)) else self.fresh
 
     def __call__(self) -> int:
         cmd = self.command()
@@ -200,7 +209,7 @@ class TrainJob:
             rc = proc.wait()
         except BaseException:
             # submitit's SIGUSR2 handler requeues the job and exits through here; the train process got the
-            # signal too: let it save and end (Slurm ends it after KillWait at the latest)
+            # signal too: let it save its step and end (Slurm ends it after KillWait at the latest)
             proc.wait()
             raise
         if rc:
@@ -431,7 +440,7 @@ def run_study(cells: Sequence, opts: SlurmOptions, wait_for_jobs: bool = True, d
         elif r.state in ("queued", "running"):
             echo(f"[{r.state}]{' ' * (10 - len(r.state))}{c.name}: job {r.job_id} (not submitted again; log {r.log})")
         else:
-            resume = os.path.isfile(os.path.join(c.out_dir, "latest"))
+            resume = resumable(c.out_dir)
             echo(f"[{'resume' if resume else 'todo'}]{'    ' if resume else '      '}{c.shown()}"
                  + (f"  (job {r.job_id} ended: {r.slurm_state or 'gone from squeue'}; log {r.log})"
                     if r.state == "failed" else ""))

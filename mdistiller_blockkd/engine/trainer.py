@@ -44,7 +44,9 @@ Output folder ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<EXPERIMENT.NAME or EXPERIMENT.T
     * ``ckpt_epoch_<EPOCHS>.pth`` after the last epoch -- the final student in the
       teacher format under mdistiller's teacher file name, so a vanilla run whose
       folder is ``download_ckpts/cifar_teachers/<name>_vanilla`` produces exactly the
-      file distillation configs look for.
+      file distillation configs look for;
+    * ``latest_step`` -- the mid-epoch checkpoint (see Preemption), deleted once its epoch's
+      ``latest`` is written.
 
     ``latest`` is the last checkpoint written and the ``metrics.jsonl`` record comes after
     it, so a record of epoch *k* means that every file of epoch *k* exists; a killed run
@@ -64,9 +66,42 @@ No lost runs
     Once it holds the lock, a run deletes the temporary files of atomic writes that a
     killed process left there (SIGKILL; other kills remove their own).
 
+Preemption (stop signals, ``LOG.SAVE_EVERY_STEPS``)
+    While :meth:`Trainer.train` runs in the main thread, SIGTERM, SIGUSR1 (``sbatch
+    --signal=USR1@<s>``) and SIGUSR2 (submitit's) do not unwind the run
+    (:func:`~mdistiller_blockkd.errors.stop_signals_deferred`): the current step finishes, rank 0
+    writes ``latest_step`` atomically, the run logs ``preempted at epoch E step S/N (SIGNAME)
+    ...; resume with --resume`` and raises :class:`~mdistiller_blockkd.errors.Preempted`, which a
+    command turns into exit status :data:`~mdistiller_blockkd.errors.PREEMPTED_EXIT` (75, "try
+    again": the status a batch script requeues on; submitit requeues its job by itself). A signal
+    during the evaluation or the epoch's checkpoints stops the run after them (``latest`` is then
+    the position). A second signal raises :class:`~mdistiller_blockkd.errors.Terminated` at once (exit
+    143, back to the last checkpoint). Loader workers ignore the signals (Slurm signals every
+    process of a job); the run stops them. ``LOG.SAVE_EVERY_STEPS N`` (0 = off) writes
+    ``latest_step`` after every N-th step of an epoch too (not after its last: ``latest`` follows),
+    so a SIGKILL loses at most N steps.
+
+    ``latest_step`` is the training state of ``latest`` (``epoch`` is the epoch *in progress*)
+    plus ``step``, ``steps``, the epoch's first learning rate ``lr``, and ``position``: per rank,
+    the data generators' states as the epoch began (``epoch_start``; the sample order itself
+    comes from ``EXPERIMENT.SEED`` and the epoch through the ``DistributedSampler``, so the
+    step is the position) and the running sums of the epoch's train metrics (with the rows
+    not yet summed, so the float64 sums are the same); ``rng`` holds each rank's RNGs at the
+    step. Every rank saves its own position (gathered to rank 0, which writes the file); with
+    several processes they agree on the stop at the loss check points (one collective), so
+    all stop at the same step. A non-finite loss is raised, never saved.
+
 Resume (``resume=True``)
     restores the distiller, optimizer, scaler, epoch, best accuracy and every RNG from
-    ``latest``, drops ``metrics.jsonl`` lines of later epochs and continues. Checkpoints
+    ``latest`` -- or from ``latest_step`` when it is of the epoch after ``latest``'s (one of
+    an earlier epoch, left by a kill just after ``latest``, is deleted; one written by another
+    number of processes is refused with a :class:`~mdistiller_blockkd.errors.CheckpointError`) --,
+    drops ``metrics.jsonl`` lines of later epochs and continues. From ``latest_step``, the
+    epoch restarts its loader with the generators as the epoch began, reads the first *S*
+    batches again and drops them (loader workers then draw their augmentation as before: their
+    RNG streams live in other processes and cannot be saved), sets every RNG as it was after
+    step *S* and continues with step *S+1*: the run ends with the weights and ``metrics.jsonl``
+    (timing aside) of an uninterrupted run, under the conditions below. Checkpoints
     hold CPU tensors only (see :func:`~mdistiller_blockkd.utils.checkpoint.save_checkpoint`),
     so they load on any machine. A run killed after epoch *k* and resumed ends with
     exactly the weights of an uninterrupted run (bit for bit) when
@@ -135,13 +170,14 @@ import json
 import math
 import os
 import re
+import signal
 import time
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, Preempted, TrainingError, stop_signals_deferred
 from ..utils import dist as du
 from ..config import log_msg
 from ..utils.checkpoint import load_checkpoint, load_distiller_state, save_checkpoint
@@ -161,7 +197,9 @@ from ..utils.misc import (
     set_deterministic,
     set_rng_state,
 )
-from ..utils.runfolder import METRICS, ConfigChange, describe_changes, final_files, resume_changes
+from ..utils.runfolder import (
+    METRICS, STEP_CHECKPOINT, ConfigChange, describe_changes, final_files, resume_changes,
+)
 
 __all__ = ["Trainer", "evaluate_model", "check_fresh_start", "check_resume_config", "run_checkpoints",
            "experiment_name", "output_dir", "learning_rate", "adjust_learning_rate", "CUDA_CHECK_EVERY"]
@@ -171,7 +209,7 @@ CUDA_CHECK_EVERY = 25
 
 
 #: Checkpoint files a run writes (``epoch_<n>``, ``student_<n>``, ``ckpt_epoch_<n>.pth`` too).
-_CKPT_NAMES = ("latest", "best", "student_latest", "student_best")
+_CKPT_NAMES = ("latest", "best", "student_latest", "student_best", STEP_CHECKPOINT)
 _CKPT_PATTERN = re.compile(r"^(epoch_\d+|student_\d+|ckpt_epoch_\d+\.pth)$")
 #: The config of a resumed run's earlier epochs (see :meth:`Trainer._record_changes`).
 _KEPT_CONFIG = re.compile(r"^config_to_epoch_\d+\.yaml$")
@@ -319,6 +357,22 @@ class _StepLog:
 
     def flush(self, epoch: int, num_steps: int) -> None:
         """Copy pending rows to the host, check them, add them to the sums (collective when distributed)."""
+        host = self.check(epoch, num_steps)
+        if host is None:
+            return
+        weights = torch.tensor([n for _, n, _ in self.pending], dtype=torch.float64)
+        weighted = host.clone()
+        weighted[:, :-1] *= weights[:, None]  # loss values are batch means; the count is already a sum
+        part = weighted.sum(dim=0)
+        self.sums = part if self.sums is None else self.sums + part
+        self.count += int(weights.sum())
+        last = host[-1].tolist()
+        self.last = {"loss": last[0], **dict(zip(self.keys, last[1:-1]))}
+        self.pending = []
+
+    def check(self, epoch: int, num_steps: int) -> Optional[torch.Tensor]:
+        """Raise :class:`TrainingError` if a pending loss is non-finite on any process (collective when
+        distributed); return the pending rows on the host (float64), ``None`` when there are none."""
         bad_step, bad_row = 0, None
         host = None
         if self.pending:
@@ -341,17 +395,22 @@ class _StepLog:
                 f"non-finite loss at epoch {epoch}, step {bad_step}/{num_steps}: loss={_fmt(float(bad_row[0]))} "
                 f"({terms}); {_nonfinite_advice([k for k, v in values.items() if not math.isfinite(v)])}"
             )
-        if host is None:
-            return
-        weights = torch.tensor([n for _, n, _ in self.pending], dtype=torch.float64)
-        weighted = host.clone()
-        weighted[:, :-1] *= weights[:, None]  # loss values are batch means; the count is already a sum
-        part = weighted.sum(dim=0)
-        self.sums = part if self.sums is None else self.sums + part
-        self.count += int(weights.sum())
-        last = host[-1].tolist()
-        self.last = {"loss": last[0], **dict(zip(self.keys, last[1:-1]))}
-        self.pending = []
+        return host
+
+    def state(self) -> dict:
+        """The running sums and the rows not yet added (kept as rows: a resumed run adds them in the same
+        groups, so its float64 sums are those of an uninterrupted run), for a mid-epoch checkpoint."""
+        return {"keys": list(self.keys or []), "sums": self.sums, "count": self.count, "last": dict(self.last),
+                "pending_steps": [s for s, _, _ in self.pending], "pending_n": [n for _, n, _ in self.pending],
+                "pending_rows": torch.stack([r for _, _, r in self.pending]) if self.pending else None}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state`."""
+        self.keys = list(state["keys"]) or None
+        self.sums, self.count, self.last = state["sums"], int(state["count"]), dict(state["last"])
+        rows = state["pending_rows"]
+        self.pending = [] if rows is None else [
+            (int(s), int(n), r.to(self.device)) for s, n, r in zip(state["pending_steps"], state["pending_n"], rows)]
 
     def averages(self) -> Dict[str, float]:
         """Mean loss, mean of each term and accuracy (%) so far, summed over every process."""
@@ -401,6 +460,7 @@ class Trainer:
         self.progress = progress_settings(cfg) if self.is_main else None  # bars on a terminal, lines in a file
         self.tb_freq = max(int(cfg.LOG.TENSORBOARD_FREQ), 0)
         self.save_freq = max(int(cfg.LOG.SAVE_CHECKPOINT_FREQ), 0)
+        self.save_every_steps = max(int(cfg.LOG.SAVE_EVERY_STEPS), 0)
         self.check_every = 1 if self.device.type == "cpu" else CUDA_CHECK_EVERY
 
         amp = resolve_amp(cfg.SOLVER.AMP, self.device)  # the one AMP map (utils.precision)
@@ -445,6 +505,8 @@ class Trainer:
         self.wandb: Optional[WandbRun] = None  # LOG.WANDB: the same scalars as tensorboard (rank 0)
         self.history: List[dict] = []
         self._restored: Optional[dict] = None  # an epoch record taken from 'latest' by resume()
+        self._position: Optional[dict] = None  # where a resumed epoch continues ('latest_step'), by resume()
+        self._stop = None  # the StopRequest of a stop signal (errors.stop_signals_deferred), while training
         self._lock = FolderLock(self.log_path) if self.is_main else None
 
     # -- paths and small helpers ---------------------------------------------------------
@@ -522,19 +584,19 @@ class Trainer:
         atomic_write_text(self.path("worklog.txt"), f"experiment: {self.experiment_name}\n")
 
     def resume(self, accept_changes: bool = False) -> None:
-        """Restore the training state from ``latest`` (see the module docstring); ``accept_changes``:
-        continue also when settings that change the result differ from the run's ``config.yaml``."""
-        path = self.path("latest")
-        if not os.path.isfile(path):
+        """Restore the training state from ``latest``, or from ``latest_step`` when it holds a position in
+        the epoch after ``latest``'s (see the module docstring); ``accept_changes``: continue also when
+        settings that change the result differ from the run's ``config.yaml``."""
+        latest = self._read_state(self.path("latest"), ("epoch", "model", "optimizer", "best_acc", "rng"))
+        step = self._step_state(latest)
+        if latest is None and step is None:
             raise CheckpointError(
-                f"cannot resume: '{path}' not found; run without --resume to start, or check LOG.PREFIX and "
-                "EXPERIMENT.PROJECT / NAME / TAG"
+                f"cannot resume: '{self.path('latest')}' not found; run without --resume to start, or check "
+                "LOG.PREFIX and EXPERIMENT.PROJECT / NAME / TAG"
             )
-        ckpt = load_checkpoint(path)
-        need = ("epoch", "model", "optimizer", "best_acc", "rng")
-        if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
-            raise CheckpointError(f"'{path}' is not a training-state checkpoint (needs {', '.join(need)}); cannot resume from it")
-        done = int(ckpt["epoch"])
+        path = self.path(STEP_CHECKPOINT if step is not None else "latest")
+        ckpt = step if step is not None else latest
+        done = int(ckpt["epoch"]) - (step is not None)
         problem, changes = None, []
         if self.is_main:
             try:
@@ -560,6 +622,9 @@ class Trainer:
                      "random streams are restored from rank 0's and will differ from an uninterrupted run", "INFO")
         set_rng_state(states[self.info.rank] if self.info.rank < len(states) else states[0],
                       self.device, self._generators())
+        if step is not None:  # train_epoch continues the epoch there
+            self._position = {"epoch": done + 1, "step": int(step["step"]), "lr": float(step["lr"]),
+                              "rng": states[self.info.rank], **step["position"][self.info.rank]}
         if self.is_main:
             kept = self._records_before(self.start_epoch)
             atomic_write_text(self.path(METRICS), "".join(_json_line(r) + "\n" for r in kept))
@@ -567,7 +632,7 @@ class Trainer:
             note = self._record_changes(done, changes)
             atomic_write_text(self.path("config.yaml"), self.cfg.dump())  # the config the run continues with
             have = {int(r.get("epoch", 0)) for r in kept}
-            record = ckpt.get("record")
+            record = (latest or {}).get("record")
             if done not in have and isinstance(record, dict) and record.get("epoch") == done:
                 self._restored = record  # stopped between the epoch's checkpoints and its record: _train writes it
                 have.add(done)
@@ -577,8 +642,48 @@ class Trainer:
                          f"{' ...' if len(lost) > 10 else ''} and '{path}' holds none to restore: they stay missing")
                 self.log(f"warning: {METRICS} has no record of epoch(s) {', '.join(map(str, lost[:10]))}; "
                          "they stay missing from this run's history")
-            append_text(self.path("worklog.txt"), f"resumed from '{path}' after epoch {done}{note}\n")
-        self.log(f"resumed from {path}: epoch {done} done, best_acc {self.best_acc:.2f}")
+            where = f"at epoch {done + 1} step {step['step']}" if step is not None else f"after epoch {done}"
+            append_text(self.path("worklog.txt"), f"resumed from '{path}' {where}{note}\n")
+        at = f", epoch {done + 1} at step {step['step']}" if step is not None else ""
+        self.log(f"resumed from {path}: epoch {done} done{at}, best_acc {self.best_acc:.2f}")
+
+    @staticmethod
+    def _read_state(path: str, need) -> Optional[dict]:
+        """The training state at ``path`` (``None`` when there is no such file); :class:`CheckpointError`
+        when it lacks one of the keys ``need``."""
+        if not os.path.isfile(path):
+            return None
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
+            raise CheckpointError(f"'{path}' is not a training-state checkpoint (needs {', '.join(need)}); cannot resume "
+                                  "from it")
+        return ckpt
+
+    def _step_state(self, latest: Optional[dict]) -> Optional[dict]:
+        """The mid-epoch checkpoint to resume from: ``latest_step`` when it is in the epoch after ``latest``'s
+        (one left behind by ``latest`` -- a kill between an epoch's checkpoints and its removal -- is deleted);
+        ``None`` when there is none to use. :class:`CheckpointError` when it was written by another number of
+        processes (their positions in the epoch do not carry over)."""
+        path = self.path(STEP_CHECKPOINT)
+        state = self._read_state(path, ("epoch", "step", "lr", "model", "optimizer", "best_acc", "rng", "position"))
+        if state is None:
+            return None
+        after, epoch, step = int(latest["epoch"]) if latest is not None else 0, int(state["epoch"]), int(state["step"])
+        if epoch <= after:
+            self.log(f"removing '{path}' (epoch {epoch} step {step}): 'latest' is at epoch {after}, later")
+            if self.is_main:
+                os.remove(path)
+            return None
+        if epoch > after + 1 or epoch > self.epochs:
+            self.log(f"not resuming from '{path}' (epoch {epoch} step {step}): 'latest' is at epoch {after} and "
+                     f"SOLVER.EPOCHS is {self.epochs}; continuing after epoch {after}", "WARN")
+            return None
+        if len(state["rng"]) != self.info.world_size:
+            raise CheckpointError(
+                f"'{path}' holds the position of {len(state['rng'])} process(es) in epoch {epoch} (step {step}), this "
+                f"run has {self.info.world_size}: resume with {len(state['rng'])} process(es), or delete '{path}' to "
+                f"resume after epoch {after}")
+        return state
 
     def _record_changes(self, done: int, changes: List[ConfigChange]) -> str:
         """Record the settings a resumed run changes: a line in ``changes.jsonl`` and the earlier
@@ -625,8 +730,10 @@ class Trainer:
         """
         self._claim_folder(resume, overwrite)
         try:
-            return self._train(resume, accept_changes)
+            with stop_signals_deferred() as self._stop:
+                return self._train(resume, accept_changes)
         finally:
+            self._stop = None
             self._release()
 
     def _train(self, resume: bool, accept_changes: bool) -> dict:
@@ -640,7 +747,8 @@ class Trainer:
             from tensorboardX import SummaryWriter
 
             # hide events of an earlier run (fresh start) or of the epoch lost at the kill (resume)
-            purge = (self.start_epoch - 1) * steps + 1 if resume else 0
+            purge = (self.start_epoch - 1) * steps + (self._position["step"] if self._position else 0) + 1 \
+                if resume else 0
             self.tb_writer = SummaryWriter(self.path("train.events"), purge_step=purge)
             self._tb_guard = EventFileGuard(self.tb_writer, self.path("train.events"))
             if self._restored is not None:
@@ -652,6 +760,8 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 self.train_epoch(epoch)
+                if epoch < self.epochs and self._stop_signal(True):  # came during the evaluation or the saving
+                    self._preempted(f"preempted after epoch {epoch} (its checkpoints are written)")
         except BaseException:
             self._close_events(failed=True)
             raise
@@ -678,14 +788,17 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         """Train one epoch, evaluate, log and checkpoint; return the epoch's metrics record."""
         t_start = time.perf_counter()
-        if self.optim.scheduler is None:  # mdistiller's step schedule, set once per epoch
+        position, self._position = self._position, None
+        if position is not None and position["epoch"] == epoch:  # resumed mid-epoch: the optimizer holds its lr
+            lr = position["lr"]
+        elif self.optim.scheduler is None:  # mdistiller's step schedule, set once per epoch
             lr = adjust_learning_rate(epoch, self.cfg, self.optimizer)
         else:  # per-update schedule: the epoch's first learning rate
             lr = float(self.optimizer.param_groups[0]["lr"])
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        train = self._train_steps(epoch, lr)
+        train = self._train_steps(epoch, lr, position)
         t_train = time.perf_counter() - t_start
         steps = max(len(self.train_loader), 1)
         du.broadcast_buffers(self.distiller)
@@ -714,13 +827,31 @@ class Trainer:
             self._print_epoch(epoch, record)
         return record
 
-    def _train_steps(self, epoch: int, lr: float) -> Dict[str, float]:
+    def _train_steps(self, epoch: int, lr: float, position: Optional[dict] = None) -> Dict[str, float]:
+        """The epoch's steps (from ``position``'s step on, when resumed mid-epoch); the train metrics."""
         self.model.train()
         steps = len(self.train_loader)
         log = _StepLog(self.device)
-        bar = progress(steps, f"epoch {epoch}/{self.epochs}", self.progress)
+        gens = self._generators()
+        if position is not None:  # the generators as the epoch began: the same worker seeds and sample order
+            for name, state in position["epoch_start"].items():
+                if name in gens:
+                    gens[name].set_state(state)
+        epoch_start = {name: g.get_state() for name, g in gens.items()}  # kept by mid-epoch checkpoints
+        batches = iter(self.train_loader)
+        first = 1
+        if position is not None:
+            # the epoch's first batches are read again and dropped: loader workers then draw their augmentation
+            # exactly as before (their random streams cannot be saved); then every RNG is set as it was at the step
+            for _ in range(position["step"]):
+                next(batches)
+            set_rng_state(position["rng"], self.device, gens)
+            log.load_state(position["log"])
+            first = position["step"] + 1
+        bar = progress(steps, f"epoch {epoch}/{self.epochs}", self.progress, initial=first - 1)
         try:
-            for i, (image, target) in enumerate(self.train_loader, start=1):
+            for i in range(first, steps + 1):
+                image, target = next(batches)
                 image, target = self._to_device(image, target)
                 preds, loss, terms = train_step(self.model, self.optim, self.scaler, image, target, epoch,
                                                 self._autocast())
@@ -741,10 +872,36 @@ class Trainer:
                                         **{f"train/{k}": v for k, v in log.last.items()}}, global_step)
                     bar.set_postfix(loss=f"{log.last.get('loss', float('nan')):.3f}", lr=f"{lr:.3g}")
                 bar.update(1)
+                signum = self._stop_signal(i % self.check_every == 0 or i == steps)
+                if signum or (self.save_every_steps and i % self.save_every_steps == 0 and i < steps):
+                    self._save_step(epoch, i, steps, lr, log, epoch_start)
+                if signum:
+                    self._preempted(f"preempted at epoch {epoch} step {i}/{steps} ({signal.Signals(signum).name}); "
+                                    f"position saved in '{self.path(STEP_CHECKPOINT)}'")
             log.flush(epoch, steps)
         finally:
             bar.close()
         return log.averages()
+
+    def _stop_signal(self, at_check: bool) -> int:
+        """The stop signal this run got (0: none): at every step on one process; with several, at check
+        points only (``at_check``), where every process learns whether any got one (one collective), so all
+        stop at the same step."""
+        signum = (self._stop.signum or 0) if self._stop is not None else 0
+        if not self.info.distributed:
+            return signum
+        if not at_check:
+            return 0
+        return int(du.all_reduce_max(torch.tensor([signum], dtype=torch.int64, device=self.device)).item())
+
+    def _preempted(self, what: str) -> None:
+        """Log and record a stop on a signal, then raise :class:`Preempted` (exit status 75 in a command)
+        once rank 0 is done writing (torchrun stops the other processes when one exits)."""
+        if self.is_main:
+            append_text(self.path("worklog.txt"), f"{what}\n")
+        self.log(f"{what}; resume with --resume")
+        du.barrier()
+        raise Preempted(what)
 
     @torch.no_grad()
     def evaluate(self, epoch: Optional[int] = None) -> Dict[str, float]:
@@ -803,6 +960,33 @@ class Trainer:
             save_checkpoint(student, self.path(final))
         save_checkpoint(student, self.path(student_latest))
         save_checkpoint(state, self.path(latest))  # last: 'latest' at epoch k => every file of epoch k exists
+        if os.path.isfile(self.path(STEP_CHECKPOINT)):  # a position inside this epoch: superseded
+            os.remove(self.path(STEP_CHECKPOINT))
+
+    def _save_step(self, epoch: int, step: int, steps: int, lr: float, log: _StepLog, epoch_start: dict) -> None:
+        """Write ``latest_step``: the training state after ``step`` of ``epoch`` and each rank's position in
+        the epoch (the generators as it began, the train metrics' sums, its RNG). Never a non-finite loss's."""
+        log.check(epoch, steps)
+        rng = du.all_gather_object(get_rng_state(self.device, self._generators()))
+        position = du.all_gather_object({"epoch_start": epoch_start, "log": log.state()})
+        if not self.is_main:
+            return
+        save_checkpoint({
+            "epoch": epoch,  # in progress: 'epoch' of 'latest' is the last one done
+            "step": step,
+            "steps": steps,
+            "lr": lr,
+            "model": self.distiller_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "best_acc": self.best_acc,
+            "best_val_acc": self.best_val_acc,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "position": position,
+            "world_size": self.info.world_size,
+            "distiller": str(self.cfg.DISTILLER.TYPE),
+            "student": str(self.cfg.DISTILLER.STUDENT),
+        }, self.path(STEP_CHECKPOINT))
 
 
 def _print_flush(msg: str) -> None:

@@ -56,9 +56,10 @@ class Progress:
     ``close()``; a context manager."""
 
     def __init__(self, total: int, desc: str, every: Optional[ProgressEvery], stream: Optional[TextIO] = None,
-                 bar_stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic):
+                 bar_stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic, initial: int = 0):
         self.total, self.desc, self.every = int(total), desc, every
-        self.n, self._postfix, self._bar = 0, {}, None
+        self.n, self._postfix, self._bar = int(initial), {}, None
+        self._initial = self.n  # steps done before this loop started (a resumed epoch)
         self._stream = stream
         self._clock = clock
         self._start = self._last = clock()
@@ -68,7 +69,8 @@ class Progress:
             if _is_tty(bar_stream):
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=self.total, desc=desc, leave=False, dynamic_ncols=True, file=bar_stream)
+                self._bar = tqdm(total=self.total, initial=self.n, desc=desc, leave=False, dynamic_ncols=True,
+                                 file=bar_stream)
 
     def set_postfix(self, **values) -> None:
         """Values shown after the count (``loss=...``), in the bar or in the next line."""
@@ -92,7 +94,8 @@ class Progress:
             return
         self._last, self._last_pct = now, pct
         elapsed = now - self._start
-        eta = elapsed * (self.total - self.n) / self.n if self.n and self.total >= self.n else 0.0
+        done = self.n - self._initial
+        eta = elapsed * (self.total - self.n) / done if done > 0 and self.total >= self.n else 0.0
         post = " ".join(f"{k}={v}" for k, v in self._postfix.items())
         line = (f"{self.desc}: {self.n}/{self.total} steps ({pct}%), {elapsed:.0f} s, eta {eta:.0f} s"
                 + (f", {post}" if post else ""))
@@ -111,9 +114,9 @@ class Progress:
         self.close()
 
 
-def progress(total: int, desc: str, every: Union[ProgressEvery, bool, None]) -> Progress:
-    """The progress of a loop of ``total`` steps: ``every`` is a :class:`ProgressEvery`, True (its
-    defaults) or False / None (nothing shown)."""
+def progress(total: int, desc: str, every: Union[ProgressEvery, bool, None], initial: int = 0) -> Progress:
+    """The progress of a loop of ``total`` steps, ``initial`` of them done before: ``every`` is a
+    :class:`ProgressEvery`, True (its defaults) or False / None (nothing shown)."""
     if every is True:
         every = ProgressEvery()
-    return Progress(total, desc, every or None)
+    return Progress(total, desc, every or None, initial=initial)

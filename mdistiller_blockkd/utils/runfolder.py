@@ -10,6 +10,12 @@ Finished run
     after every checkpoint of that epoch, so the record of epoch *N* also means that
     ``latest`` is at epoch *N*.
 
+Mid-epoch checkpoint
+    ``latest_step`` (:data:`STEP_CHECKPOINT`) holds a run's exact position inside an epoch
+    (written on a stop signal and every ``LOG.SAVE_EVERY_STEPS`` steps). It never counts
+    as a finished epoch: no record and no final file comes with it. A folder with ``latest``
+    or ``latest_step`` holds a run that ``--resume`` continues (:func:`resumable`).
+
 Configuration changes on ``--resume``
     The new configuration is compared with the run's ``config.yaml``, key by key
     (:func:`resume_changes`). A key of :data:`RESUME_FREE_KEYS` (a ``NODE.*`` entry covers
@@ -33,11 +39,14 @@ from typing import Any, List, Mapping, NamedTuple, Tuple
 
 from .fileio import read_json_lines
 
-__all__ = ["METRICS", "final_files", "missing_final_files", "recorded_epoch", "run_finished", "RESUME_FREE_KEYS",
+__all__ = ["METRICS", "STEP_CHECKPOINT", "resumable", "final_files", "missing_final_files", "recorded_epoch", "run_finished", "RESUME_FREE_KEYS",
            "ConfigChange", "resume_changes", "describe_changes"]
 
 #: The run's epoch records, one JSON line per finished epoch.
 METRICS = "metrics.jsonl"
+
+#: The mid-epoch checkpoint: a run's position inside an epoch (see the module docstring).
+STEP_CHECKPOINT = "latest_step"
 
 #: Keys that may change on ``--resume``: they name the folder (``EXPERIMENT.PROJECT / NAME / TAG``,
 #: ``LOG.PREFIX``), control logging and checkpoint frequency (``LOG.*``), or compute the same
@@ -54,6 +63,11 @@ RESUME_FREE_KEYS: Tuple[str, ...] = (
 def final_files(epochs: int) -> Tuple[str, ...]:
     """The checkpoint files a finished run of ``epochs`` epochs has (besides its records)."""
     return ("latest", "student_latest", f"ckpt_epoch_{int(epochs)}.pth")
+
+
+def resumable(folder: str) -> bool:
+    """Whether ``folder`` holds a checkpoint ``--resume`` continues from: ``latest`` or :data:`STEP_CHECKPOINT`."""
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("latest", STEP_CHECKPOINT))
 
 
 def missing_final_files(folder: str, epochs: int) -> List[str]:
