@@ -181,6 +181,26 @@ def test_benchmark_memory_is_measured_per_entry_in_isolation(tmp_path):
     assert max_batch(100.0, 64, 90.0, 128, 500.0) is None
 
 
+def test_benchmark_budget_gives_the_largest_batch_per_entry(bench_tool, tmp_path, capsys):
+    """--budget-mib measures each entry again at half the batch (a fresh process) and reports the largest batch
+    whose peak fits the budget, from the two figures."""
+    from mdistiller_blockkd.bench.memory import max_batch
+
+    out = tmp_path / "m.json"
+    assert bench_tool.main(["--pairs", "resnet8:resnet8", "--distillers", "NONE", "--batch-size", "8", "--warmup", "1",
+                            "--steps", "1", "--threads", "1", "--budget-mib", "4096", "--json", str(out)]) == 0
+    assert "batch in budget" in capsys.readouterr().out
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(r) == RESULT_KEYS | {"peak_mem_half_batch_mb", "max_batch_in_budget"}
+    # (from the unrounded figures; the JSON keeps two decimals)
+    assert abs(r["max_batch_in_budget"] - max_batch(r["peak_mem_half_batch_mb"], 4, r["peak_mem_mb"], 8, 4096.0)) <= 1
+    for bad, match in ((["--budget-mib", "0"], "--budget-mib is 0.0"), (["--budget-mib", "nan"], "--budget-mib is nan"),
+                       (["--budget-mib", "100", "--memory", "off"], "leave out --memory off"),
+                       (["--budget-mib", "100", "--batch-size", "1"], "give at least 2")):
+        with pytest.raises(ConfigError, match=match):
+            bench_tool.main(["--pairs", "resnet8:resnet8", "--distillers", "NONE", *bad])
+
+
 def test_benchmark_help():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--help"], capture_output=True,
                           text=True, timeout=60, env=checkout_env())
