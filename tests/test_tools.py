@@ -181,6 +181,35 @@ def test_benchmark_memory_is_measured_per_entry_in_isolation(tmp_path):
     assert max_batch(100.0, 64, 90.0, 128, 500.0) is None
 
 
+def test_memory_child_starts_with_a_fixed_mmap_threshold(monkeypatch):
+    """The fresh process starts with glibc's mmap threshold fixed, so its resident size follows the live tensors
+    (with the adaptive threshold one entry read up to 70 MiB apart between runs); the parent's environment is kept."""
+    import queue as queue_mod
+    from mdistiller_blockkd.bench import memory
+
+    seen = []
+
+    class FakeProcess:
+        exitcode = 0
+
+        def __init__(self, target, args, daemon):
+            self.q = args[-1]
+
+        def start(self):
+            seen.append(os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+            self.q.put(("ok", 1.0))
+
+        def join(self, timeout=None):
+            pass
+
+    fake = __import__("types").SimpleNamespace(Queue=queue_mod.Queue, Process=FakeProcess)
+    monkeypatch.setattr(memory.multiprocessing, "get_context", lambda kind: fake)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    entry = bench_lib.Entry("resnet8", "resnet8", "NONE", "", load_cfg(None, ["DISTILLER.TYPE", "NONE"]), "test")
+    assert memory.isolated_peak_mib(entry, None) == 1.0
+    assert seen == ["65536"] and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+
+
 def test_benchmark_budget_gives_the_largest_batch_per_entry(bench_tool, tmp_path, capsys):
     """--budget-mib measures each entry again at half the batch (a fresh process) and reports the largest batch
     whose peak fits the budget, from the two figures."""
