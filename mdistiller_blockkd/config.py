@@ -155,7 +155,7 @@ CFG.BLOCKKD.BATCH_STONES = "auto"  # on | off | auto (on for CUDA inputs): stone
 # gradients (SAVE_MASKS then has nothing left to do)
 CFG.BLOCKKD.RECOMPUTE = False
 # True: where the stones' backward needs an activation only through its sign (a ReLU) or not at all (the input of a
-# frozen convolution, linear layer or pooling), it keeps a bool mask instead; same loss and gradients
+# frozen convolution, linear layer or pooling), it keeps a bit mask instead; same loss and gradients
 CFG.BLOCKKD.SAVE_MASKS = True
 
 

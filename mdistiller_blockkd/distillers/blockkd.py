@@ -70,7 +70,7 @@ Cost
     on CPU separate passes measured faster). The teacher computes with its BatchNorms
     folded into the convolutions (exact for a frozen teacher; ``Distiller.teacher_model``),
     which removes BN from the stones' backward. What the stones keep for backward is cut by
-    ``SAVE_MASKS`` (bool masks where backward needs an activation's sign or nothing of it) or
+    ``SAVE_MASKS`` (bit masks where backward needs an activation's sign or nothing of it) or
     ``RECOMPUTE`` (the teacher passes run again in backward); the gradients are the same
     (:func:`~.blockkd_core.stone_pass`). The exported student is the plain student.
 

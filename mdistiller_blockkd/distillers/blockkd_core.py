@@ -148,7 +148,7 @@ class BlockKDOptions:
             recompute=_flag("BLOCKKD.RECOMPUTE", c.RECOMPUTE,
                             "use False (the stones keep what their backward needs) or True (they recompute it in backward)"),
             save_masks=_flag("BLOCKKD.SAVE_MASKS", c.SAVE_MASKS,
-                             "use True (the stones keep bool masks where backward needs only an activation's sign) "
+                             "use True (the stones keep bit masks where backward needs only an activation's sign) "
                              "or False (they keep the activations)"),
         )
         parse_stones(opts.stones, None)
@@ -286,18 +286,46 @@ _SIGN_ONLY = (torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu, F.relu
               F.adaptive_avg_pool2d, F.max_pool2d)
 
 
+_BITS = 8
+
+
 class _Mask(NamedTuple):
-    positive: object  # where the activation is > 0: a bool tensor (as an outer pack hook keeps it)
+    """Where an activation is > 0, one bit per entry (:func:`_pack_bits`), and how to give it back."""
+
+    bits: object  # uint8 tensor (as an outer pack hook keeps it)
+    shape: torch.Size
     dtype: torch.dtype
+    memory_format: torch.memory_format
+
+
+def _pack_bits(positive: Tensor) -> Tensor:
+    """A bool tensor as uint8, eight entries (in ``reshape(-1)`` order) a byte."""
+    flat = positive.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % _BITS))
+    shifts = torch.arange(_BITS, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, _BITS) << shifts).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(mask: _Mask, bits: Tensor) -> Tensor:
+    shifts = torch.arange(_BITS, dtype=torch.uint8, device=bits.device)
+    flat = ((bits.unsqueeze(1) >> shifts) & 1).view(-1)[: mask.shape.numel()]
+    return flat.to(mask.dtype).view(mask.shape).contiguous(memory_format=mask.memory_format)
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class _SignMasks(TorchFunctionMode):
-    """While active, activations saved for backward by :data:`_SIGN_ONLY` functions are kept as bool masks.
+    """While active, activations saved for backward by :data:`_SIGN_ONLY` functions are kept as bit masks.
 
     An activation (a floating tensor that requires gradients) saved by one of these functions,
     called with no other tensor argument requiring gradients, is replaced by the mask of its
-    positive entries, one per tensor however often it is saved (a quarter of its float32 bytes,
-    half of bf16). Backward gets it back as 0/1 values of its dtype: the ReLU's gradient needs only
+    positive entries, one bit per entry and one mask per tensor however often it is saved (1/32
+    of its float32 bytes, 1/16 of bf16). Backward gets it back as 0/1 values of its dtype and
+    memory format: the ReLU's gradient needs only
     that sign, a frozen convolution's or linear layer's input gradient only its weight, pooling only
     its shape, so the input gradients are the same. Every other saved tensor is kept as it is, and
     hooks active outside (a saved-tensor count) get what this one keeps.
@@ -326,16 +354,16 @@ class _SignMasks(TorchFunctionMode):
         known = self.masks.get(id(t))
         if known is not None and known[0]() is t:
             return known[1]
-        positive = t > 0
-        mask = _Mask(positive if self.outer_pack is None else self.outer_pack(positive), t.dtype)
+        bits = _pack_bits(t > 0)
+        mask = _Mask(bits if self.outer_pack is None else self.outer_pack(bits), t.shape, t.dtype, _memory_format(t))
         self.masks[id(t)] = (weakref.ref(t), mask)
         return mask
 
     def _unpack(self, packed):
-        kept = packed.positive if isinstance(packed, _Mask) else packed
+        kept = packed.bits if isinstance(packed, _Mask) else packed
         if self.outer_unpack is not None:
             kept = self.outer_unpack(kept)
-        return kept.to(packed.dtype) if isinstance(packed, _Mask) else kept
+        return _unpack_bits(packed, kept) if isinstance(packed, _Mask) else kept
 
     def __enter__(self):
         self.hooks.__enter__()
@@ -356,7 +384,7 @@ def stone_pass(fn: Callable[..., object], *inputs, opts: "BlockKDOptions"):
     ``fn`` again when it needs what the pass would have saved, under the same autocast
     state and with the RNG state of the first run restored. Otherwise, with
     ``opts.save_masks`` (``BLOCKKD.SAVE_MASKS``), activations whose values backward does not
-    need are kept as bool masks (:class:`_SignMasks`). Either way the values and gradients
+    need are kept as bit masks (:class:`_SignMasks`). Either way the values and gradients
     are the same. Without autograd, ``fn(*inputs)``.
     """
     if not torch.is_grad_enabled():
