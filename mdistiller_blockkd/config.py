@@ -160,6 +160,13 @@ CFG.BLOCKKD.STONE_SCALE = "unbiased"
 CFG.BLOCKKD.DENSE_EPOCHS = 0
 CFG.BLOCKKD.STONE_WEIGHTS = "halving"  # halving: w_i = 1/2^(n-i) (the paper) | uniform: w_i = 1
 CFG.BLOCKKD.BATCH_STONES = "auto"  # on | off | auto (on for CUDA inputs): stones share teacher blocks as one concatenated batch
+# True: the stones' passes through the teacher keep only their inputs for backward and run again
+# there (torch.utils.checkpoint): less memory, one more forward of the stones per step; same loss and
+# gradients (SAVE_MASKS then has nothing left to do)
+CFG.BLOCKKD.RECOMPUTE = False
+# True: where the stones' backward needs an activation only through its sign (a ReLU) or not at all (the input of a
+# frozen convolution, linear layer or pooling), it keeps a bit mask instead; same loss and gradients
+CFG.BLOCKKD.SAVE_MASKS = True
 
 
 # ---- Detection (DATASET.TYPE coco; see docs/detection.md and mdistiller_blockkd/detection/) ----

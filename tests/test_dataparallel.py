@@ -181,6 +181,21 @@ def test_blockkd_replica_on_meta_runs_its_own_student_and_folded_teacher(two_dev
     check_devices(dp)
 
 
+@pytest.mark.parametrize("keep", [{"BLOCKKD.RECOMPUTE": True}, {"BLOCKKD.SAVE_MASKS": True}], ids=["recompute", "masks"])
+def test_stones_keeping_less_run_on_a_meta_replica(two_devices, fold_on_meta, keep):
+    """The recomputed (checkpointed) and the masked stone passes run in each replica's thread, on its device."""
+    d = make("all", **keep).train()
+    dp = two_devices(d)
+    x, y = batch()
+    _, losses = dp(image=x, target=y, epoch=1)
+    check_devices(dp)
+    sum(losses.values()).backward()
+    _, want = make("all", **{"BLOCKKD.SAVE_MASKS": False}).train()(image=x[:2], target=y[:2], epoch=1)
+    for k in want:
+        torch.testing.assert_close(losses[k], want[k])
+    assert all(p.grad is not None for p in d.connectors.parameters())
+
+
 def test_replicas_compute_the_same_losses_as_the_module(two_devices):
     d = make("all").train()
     x, y = batch()

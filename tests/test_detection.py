@@ -450,6 +450,29 @@ def test_blockkd_stone_options_follow_classification_blockkd(coco_root, teacher_
         build_detection_distiller(bad, n)
 
 
+def test_blockkd_stones_keeping_less_give_the_same_gradients(coco_root, teacher_file, tmp_path):
+    """BLOCKKD.SAVE_MASKS and BLOCKKD.RECOMPUTE on the detection stones (teacher stages, FPN, ROI head): same loss,
+    same gradients as stones that keep every activation."""
+    results = []
+    for keep in (["BLOCKKD.SAVE_MASKS", "False"], ["BLOCKKD.SAVE_MASKS", "True"], ["BLOCKKD.RECOMPUTE", "True"]):
+        cfg = det_cfg(coco_root, tmp_path, "DISTILLER.TYPE", "BLOCKKD", "DISTILLER.TEACHER", "fasterrcnn_resnet34_fpn",
+                      "DISTILLER.TEACHER_CKPT", teacher_file, *keep)
+        train_set, _, n = build_detection_datasets(cfg)
+        torch.manual_seed(0)
+        d = build_detection_distiller(cfg, n).train()
+        _, losses = d(image=[train_set[0][0]], target=[train_set[0][1]], epoch=1)
+        loss = sum(losses.values())
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in d.named_parameters() if p.grad is not None}))
+    (want, want_grads), rest = results[0], results[1:]
+    assert any(k.startswith("connectors.") for k in want_grads)
+    for got, grads in rest:
+        torch.testing.assert_close(got, want)
+        assert set(grads) == set(want_grads)
+        for k in want_grads:
+            torch.testing.assert_close(grads[k], want_grads[k], msg=k)
+
+
 def test_missing_pycocotools_is_one_clear_error(monkeypatch):
     import sys
 

@@ -291,6 +291,38 @@ def test_blockkd_trains_a_vit_pair(vits):
         teacher.forward_block(0, torch.randn(2, 5, 64))
 
 
+def token_stone_grads(student, teacher, x, **keep):
+    """Loss and gradients of one Block-KD step on a transformer pair, the stones keeping what ``keep`` says."""
+    opts = ["DISTILLER.TYPE", "BLOCKKD", "BLOCKKD.CONNECTOR", "linear_ln", "BLOCKKD.WARMUP", 0]
+    torch.manual_seed(0)
+    d = BlockKD(student, teacher, load_cfg(None, opts + [x for kv in keep.items() for x in kv])).train()
+    student.zero_grad(set_to_none=True)
+    y = torch.arange(x.shape[0]) % 3
+    loss = sum(d.forward_train(x, y, epoch=1)[1].values())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["vit", "bert"])
+def test_token_stones_keeping_less_give_the_same_gradients(vits, folders, kind):
+    """BLOCKKD.SAVE_MASKS (the inputs of the teacher's frozen linear layers kept as masks) and BLOCKKD.RECOMPUTE
+    leave a transformer pair's loss and gradients as they are."""
+    if kind == "vit":
+        student, teacher, x = vits["student"], vits["teacher"], torch.randn(4, 3, 32, 32)
+    else:
+        torch.manual_seed(0)
+        teacher = build_model(f"hf:{folders['teacher']}", num_classes=3)
+        student = build_model(f"hf:{folders['student']}", num_classes=3)
+        x = batch(folders["teacher"])
+    want = token_stone_grads(student, teacher, x, **{"BLOCKKD.SAVE_MASKS": False})
+    for keep in ({"BLOCKKD.SAVE_MASKS": True}, {"BLOCKKD.RECOMPUTE": True}):
+        got = token_stone_grads(student, teacher, x, **keep)
+        torch.testing.assert_close(got[0], want[0])
+        assert set(got[1]) == set(want[1]) and any(n.startswith("connectors.") for n in want[1])
+        for name in want[1]:
+            torch.testing.assert_close(got[1][name], want[1][name], msg=name)
+
+
 def test_cnn_transformer_pair_is_one_clear_error(vits):
     cnn = build_model("resnet8", num_classes=10)
     cfg = load_cfg(None, ["DISTILLER.TYPE", "BLOCKKD", "BLOCKKD.CONNECTOR", "linear"])

@@ -181,6 +181,56 @@ def test_benchmark_memory_is_measured_per_entry_in_isolation(tmp_path):
     assert max_batch(100.0, 64, 90.0, 128, 500.0) is None
 
 
+def test_memory_child_starts_with_a_fixed_mmap_threshold(monkeypatch):
+    """The fresh process starts with glibc's mmap threshold fixed, so its resident size follows the live tensors
+    (with the adaptive threshold one entry read up to 70 MiB apart between runs); the parent's environment is kept."""
+    import queue as queue_mod
+    from mdistiller_blockkd.bench import memory
+
+    seen = []
+
+    class FakeProcess:
+        exitcode = 0
+
+        def __init__(self, target, args, daemon):
+            self.q = args[-1]
+
+        def start(self):
+            seen.append(os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+            self.q.put(("ok", 1.0))
+
+        def join(self, timeout=None):
+            pass
+
+    fake = __import__("types").SimpleNamespace(Queue=queue_mod.Queue, Process=FakeProcess)
+    monkeypatch.setattr(memory.multiprocessing, "get_context", lambda kind: fake)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    entry = bench_lib.Entry("resnet8", "resnet8", "NONE", "", load_cfg(None, ["DISTILLER.TYPE", "NONE"]), "test")
+    assert memory.isolated_peak_mib(entry, None) == 1.0
+    assert seen == ["65536"] and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+
+
+def test_benchmark_budget_gives_the_largest_batch_per_entry(bench_tool, tmp_path, capsys):
+    """--budget-mib measures each entry again at half the batch (a fresh process) and reports the largest batch
+    whose peak fits the budget, from the two figures."""
+    from mdistiller_blockkd.bench.memory import max_batch
+
+    out = tmp_path / "m.json"
+    assert bench_tool.main(["--pairs", "resnet8:resnet8", "--distillers", "NONE", "--batch-size", "8", "--warmup", "1",
+                            "--steps", "1", "--threads", "1", "--budget-mib", "4096", "--json", str(out)]) == 0
+    assert "batch in budget" in capsys.readouterr().out
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(r) == RESULT_KEYS | {"peak_mem_half_batch_mb", "max_batch_in_budget"}
+    # (computed from the unrounded figures; the JSON keeps two decimals of them)
+    want = max_batch(r["peak_mem_half_batch_mb"], 4, r["peak_mem_mb"], 8, 4096.0)
+    assert r["max_batch_in_budget"] == (None if want is None else pytest.approx(want, rel=0.05, abs=1))
+    for bad, match in ((["--budget-mib", "0"], "--budget-mib is 0.0"), (["--budget-mib", "nan"], "--budget-mib is nan"),
+                       (["--budget-mib", "100", "--memory", "off"], "leave out --memory off"),
+                       (["--budget-mib", "100", "--batch-size", "1"], "give at least 2")):
+        with pytest.raises(ConfigError, match=match):
+            bench_tool.main(["--pairs", "resnet8:resnet8", "--distillers", "NONE", *bad])
+
+
 def test_benchmark_help():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--help"], capture_output=True,
                           text=True, timeout=60, env=checkout_env())

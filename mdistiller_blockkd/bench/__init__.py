@@ -13,6 +13,7 @@ its arguments and calls it.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import shlex
 from typing import Callable, List, Optional, Sequence
@@ -37,15 +38,22 @@ def run_benchmark(args, overrides: Sequence[str], echo: Callable[[str], None] = 
     runner = Runner(args)
     entries = build_entries(args, list(overrides))
     memory = getattr(args, "memory", "isolated")
-    if memory == "isolated" and runner.device.type == "cuda":
+    budget = getattr(args, "budget_mib", None)
+    if memory == "isolated" and runner.device.type == "cuda" and budget is None:
         memory = "inline"  # the allocator's peak, reset per entry, is already the entry's own
     echo(f"device {device_description(runner.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
          f"batch {args.batch_size}x3x{args.image_size}x{args.image_size}; {len(entries)} entries, "
          f"{args.warmup} warm-up + {args.steps} interleaved steps each; memory: {memory}")
     if memory == "isolated":  # before this process builds anything: each entry in a fresh process
+        half = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size // 2})
         for e in entries:
-            e.peak_mem_mb = isolated_peak_mib(e, args, steps=max(args.warmup, 1), threads=torch.get_num_threads())
-            echo(f"  measured {e.name}: peak memory {e.peak_mem_mb:.1f} MiB (fresh process)")
+            steps, threads = max(args.warmup, 1), torch.get_num_threads()
+            e.peak_mem_mb = isolated_peak_mib(e, args, steps=steps, threads=threads)
+            note = ""
+            if budget is not None:  # a second batch size gives the per-image cost
+                e.peak_mem_half_mb = isolated_peak_mib(e, half, steps=steps, threads=threads)
+                note = f", {e.peak_mem_half_mb:.1f} MiB at batch {half.batch_size}"
+            echo(f"  measured {e.name}: peak memory {e.peak_mem_mb:.1f} MiB{note} (fresh process)")
     for amp, cl in dict.fromkeys((e.amp_dtype, e.channels_last) for e in entries):
         runner.prime(amp, cl)
     mem = PeakMemory(runner.device)
@@ -68,13 +76,15 @@ def run_benchmark(args, overrides: Sequence[str], echo: Callable[[str], None] = 
         for e in entries[s % n:] + entries[: s % n]:
             e.times_ms.append(runner.timed_step(e))
 
-    results = results_of(entries, args.batch_size)
+    results = results_of(entries, args.batch_size, budget)
     echo("")
     echo(results_table(results))
     echo(f"(median of {args.steps} steps; x KD: against KD at the same precision and layout; x fp32: against the "
          "entry's own fp32 twin; peak MiB: growth of the peak over the built models during the warm-up steps, "
          + ("CUDA max_memory_allocated, reset per entry" if runner.device.type == "cuda" else
-            "RSS of a fresh process per entry" if memory == "isolated" else "not measured") + ")")
+            "RSS of a fresh process per entry" if memory == "isolated" else "not measured")
+         + (f"; batch in {budget:g} MiB: the largest batch whose peak fits that budget, linear in the batch between "
+            f"the figures at batch {args.batch_size // 2} and {args.batch_size}" if budget is not None else "") + ")")
     doc = {"results": results, "device": device_description(runner.device), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "command": shlex.join(command or [])}
 
@@ -133,3 +143,12 @@ def check_options(args) -> None:
         raise ConfigError(f"--seed is {args.seed}; it must be >= 0 and < 2**63 - 1")
     if args.profile < 0:
         raise ConfigError(f"--profile is {args.profile}; give a number of steps >= 1, or leave it out")
+    budget = getattr(args, "budget_mib", None)
+    if budget is not None:
+        if not (budget > 0 and budget < float("inf")):
+            raise ConfigError(f"--budget-mib is {budget}; give a memory budget in MiB > 0, e.g. 8192")
+        if getattr(args, "memory", "isolated") == "off":
+            raise ConfigError("--budget-mib needs the isolated memory figures; leave out --memory off")
+        if args.batch_size < 2:
+            raise ConfigError(f"--budget-mib measures at --batch-size and half of it; --batch-size is {args.batch_size}, "
+                              "give at least 2")

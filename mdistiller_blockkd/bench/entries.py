@@ -42,6 +42,7 @@ class Entry:
     epoch: float = 240.0
     times_ms: List[float] = field(default_factory=list)
     peak_mem_mb: Optional[float] = None
+    peak_mem_half_mb: Optional[float] = None  # at half the batch (``--budget-mib``: the per-image cost)
     amp: str = "off"  # the explicit SOLVER.AMP setting of the entry (auto resolved on the device)
     channels_last: bool = False
 

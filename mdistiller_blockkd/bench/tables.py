@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-from typing import List
+from typing import List, Optional
 
 import torch
 
 from ..utils.precision import precision_name
 from .entries import Entry
+from .memory import max_batch
 from .profile import PARTS
 
 __all__ = ["format_table", "device_description", "results_of", "profile_table", "results_table", "cost_table"]
@@ -37,12 +38,14 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({platform.machine() or 'unknown'}, {os.cpu_count()} logical cores)"
 
 
-def results_of(entries: List[Entry], batch_size: int) -> List[dict]:
+def results_of(entries: List[Entry], batch_size: int, budget_mib: Optional[float] = None) -> List[dict]:
     """One result dict per entry (the ``--json`` schema).
 
     ``ratio_to_kd``: the median over plain ``KD``'s on the same pair *at the same precision and
     layout*; ``ratio_to_fp32``: over the entry's fp32 twin (same pair, distiller, variant and
-    layout, ``SOLVER.AMP off``); ``None`` where that entry was not run.
+    layout, ``SOLVER.AMP off``); ``None`` where that entry was not run. With ``budget_mib``,
+    ``max_batch_in_budget``: the largest batch whose peak memory fits ``budget_mib``
+    (:func:`~.memory.max_batch` from the figures at ``batch_size`` and half of it).
     """
     med = {e.key: statistics.median(e.times_ms) for e in entries}
     out = []
@@ -62,6 +65,10 @@ def results_of(entries: List[Entry], batch_size: int) -> List[dict]:
     for r, e in zip(out, entries):
         kd = mem.get((e.teacher, e.student, "KD", "", e.precision))
         r["mem_ratio_to_kd"] = None if not kd or e.peak_mem_mb is None else round(e.peak_mem_mb / kd, 4)
+        if budget_mib is not None:
+            r["peak_mem_half_batch_mb"] = round(e.peak_mem_half_mb, 2)
+            r["max_batch_in_budget"] = max_batch(e.peak_mem_half_mb, batch_size // 2, e.peak_mem_mb, batch_size,
+                                                 budget_mib)
     return out
 
 
@@ -104,6 +111,10 @@ def results_table(results: List[dict]) -> str:
              r["precision"] + (" CL" if r["channels_last"] else ""), r["batch_size"], _fmt(r["ms_per_step"], 2),
              _fmt(r["images_per_s"], 1), _fmt(r["peak_mem_mb"], 1), _fmt(r.get("mem_ratio_to_kd"), 2),
              _fmt(r["ratio_to_kd"], 2), _fmt(r["ratio_to_fp32"], 2)] for r in results]
+    if any("max_batch_in_budget" in r for r in results):
+        header.append("batch in budget")
+        for row, r in zip(rows, results):
+            row.append(_fmt(r.get("max_batch_in_budget")))
     return format_table(rows, header)
 
 

@@ -15,6 +15,9 @@ Procedure
        the build; on CUDA the allocator's ``max_memory_allocated`` above the memory
        allocated after the build, reset per entry (see
        :mod:`mdistiller_blockkd.bench.memory`). ``--memory off`` skips it.
+       ``--budget-mib MIB`` measures every entry again at half the batch (a fresh
+       process, also on CUDA) and reports ``max_batch_in_budget``, the largest batch
+       whose peak fits MIB, linear in the batch between the two figures.
     1. Warm-up pass, one entry after the other: build the entry and run ``--warmup``
        steps (the first step also builds the BN-folded teacher copy).
     2. Timed pass: ``--steps`` rounds; each round runs ONE step of every entry in turn
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", choices=("isolated", "off"), default="isolated",
                    help="peak memory per entry: isolated (CPU: a fresh process per entry; CUDA: the allocator's peak, "
                         "reset per entry) or off")
+    p.add_argument("--budget-mib", type=float, default=None, metavar="MIB",
+                   help="also measure every entry at half the batch (a fresh process each) and give the largest batch "
+                        "whose peak memory fits MIB (linear in the batch between the two figures)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides applied to every entry")
     return p

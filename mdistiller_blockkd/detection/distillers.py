@@ -73,7 +73,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from ..distillers import losses
 from ..distillers.base import Distiller, shared_attribute
 from ..distillers.blockkd import Connector
-from ..distillers.blockkd_core import BlockKDOptions, StonePlanner, blockkd_loss
+from ..distillers.blockkd_core import BlockKDOptions, StonePlanner, blockkd_loss, stone_pass
 from ..distillers.dkd import DKD
 from ..distillers.kd import KD
 from ..errors import ConfigError
@@ -254,16 +254,16 @@ class DetBlockKD(DetectionDistiller):
         t_layers = body_stages(t)
         levels_of = [self.stone_ids[k] for k in active]  # stone i uses student levels 1..i
         connected = [self.connectors[k](step.body[k]) for k in range(max(levels_of))]
-        out = []
-        for i in levels_of:  # student layers 1..i, teacher layers i+1..4
-            levels = connected[:i]
+
+        def stone(*levels):  # student layers 1..i, teacher layers i+1..4, FPN, ROI head
+            levels = list(levels)
             h = levels[-1]
-            for j in range(i, len(t_layers)):
+            for j in range(len(levels), len(t_layers)):
                 h = t_layers[j](h)
                 levels.append(h)
             feats = t.backbone.fpn({str(k): v for k, v in enumerate(levels)})
-            out.append(roi_class_logits(t, feats, step.proposals, step.images.image_sizes))
-        return out
+            return roi_class_logits(t, feats, step.proposals, step.images.image_sizes)
+        return [stone_pass(stone, *connected[:i], opts=self.opts) for i in levels_of]
 
     def forward_train(self, image, target, **kwargs):
         epoch = kwargs.get("epoch", math.inf)

@@ -69,7 +69,10 @@ Cost
     (``BATCH_STONES``: ``auto`` does so on CUDA, where bigger batches fill the device;
     on CPU separate passes measured faster). The teacher computes with its BatchNorms
     folded into the convolutions (exact for a frozen teacher; ``Distiller.teacher_model``),
-    which removes BN from the stones' backward. The exported student is the plain student.
+    which removes BN from the stones' backward. What the stones keep for backward is cut by
+    ``SAVE_MASKS`` (bit masks where backward needs an activation's sign or nothing of it) or
+    ``RECOMPUTE`` (the teacher passes run again in backward); the gradients are the same
+    (:func:`~.blockkd_core.stone_pass`). The exported student is the plain student.
 
 Built only on the staged-model view (:mod:`mdistiller_blockkd.models.staged`), so
 it works for any pair of models in the toolbox (CIFAR zoo, timm backbones).
@@ -91,7 +94,7 @@ from ..registry import register_distiller
 from . import losses
 from .base import Distiller
 from .blockkd_core import (CNN_CONNECTORS, TOKEN_CONNECTORS, BlockKDOptions, StepPlan, StonePlanner,
-                           blockkd_loss, pair_list)
+                           blockkd_loss, pair_list, stone_pass)
 
 def check_options(c) -> None:
     """Validate the ``CFG.BLOCKKD`` node ``c`` without building anything (raises :class:`ConfigError`)."""
@@ -316,19 +319,21 @@ class BlockKD(Distiller):
         inputs = {k: self.connectors[k](outs[self.pairs[k][0]]) for k in active}
         batch = self.opts.batch_stones == "on" or (self.opts.batch_stones == "auto" and outs[0].is_cuda)
         if not batch:
-            return [tview.forward_from(inputs[k], entry[k]) for k in active]
-        # one concatenated batch: stones join it where they enter the teacher
-        running, order = None, []
-        for j in range(min(entry.values()), tview.num_blocks + 1):
-            joining = [k for k in active if entry[k] == j]
-            if joining:
-                parts = ([running] if running is not None else []) + [inputs[k] for k in joining]
-                running = parts[0] if len(parts) == 1 else torch.cat(parts)
-                order += joining
-            if j < tview.num_blocks:
-                running = tview.block(j, running)
-        chunks = dict(zip(order, tview.head(running).split(outs[0].shape[0])))
-        return [chunks[k] for k in active]
+            return [stone_pass(tview.forward_from, inputs[k], entry[k], opts=self.opts) for k in active]
+
+        def concatenated(*xs):  # one concatenated batch: stones join it where they enter the teacher
+            running, order = None, []
+            for j in range(min(entry.values()), tview.num_blocks + 1):
+                joining = [n for n, k in enumerate(active) if entry[k] == j]
+                if joining:
+                    parts = ([running] if running is not None else []) + [xs[n] for n in joining]
+                    running = parts[0] if len(parts) == 1 else torch.cat(parts)
+                    order += joining
+                if j < tview.num_blocks:
+                    running = tview.block(j, running)
+            chunks = dict(zip(order, tview.head(running).split(outs[0].shape[0])))
+            return tuple(chunks[n] for n in range(len(active)))
+        return list(stone_pass(concatenated, *(inputs[k] for k in active), opts=self.opts))
 
     def _forward(self, image: Tensor, active: Sequence[int]):
         """Student logits, the ``active`` stones' logits and the teacher's (once, no autograd)."""

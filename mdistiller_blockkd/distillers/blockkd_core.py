@@ -13,18 +13,21 @@ stones and call these; none copies another's methods. See ``docs/blockkd.md``.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, fields
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from . import losses
 
 __all__ = ["CNN_CONNECTORS", "TOKEN_CONNECTORS", "CONNECTORS", "LOGIT_LOSSES", "STONE_MODES", "LossOptions", "BlockKDOptions", "StepPlan", "StonePlanner",
-           "parse_stones", "pair_list", "distance", "blockkd_loss"]
+           "parse_stones", "pair_list", "distance", "blockkd_loss", "stone_pass"]
 
 CNN_CONNECTORS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu", "conv3x3_bn_relu")
 TOKEN_CONNECTORS = ("linear", "linear_ln")  # transformer pairs
@@ -50,6 +53,12 @@ def _number(where: str, value, low: float, hint: str, positive: bool = False) ->
     if not (math.isfinite(v) and v >= low) or (positive and v == 0):
         raise ConfigError(f"{where} is {value}; {hint}")
     return v
+
+
+def _flag(where: str, value, hint: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} is {value!r}; {hint}")
+    return value
 
 
 _T_HINT = "it must be a finite number > 0 (the temperature: 4 on CIFAR-style data, 1 on ImageNet)"
@@ -120,6 +129,8 @@ class BlockKDOptions:
     connector: str = "conv1x1_bn"
     batch_stones: str = "auto"
     pairs: Tuple[Tuple[int, int], ...] = ()
+    recompute: bool = False
+    save_masks: bool = True
 
     @classmethod
     def from_node(cls, c) -> "BlockKDOptions":
@@ -134,6 +145,11 @@ class BlockKDOptions:
             connector=_choice("BLOCKKD", "CONNECTOR", c.CONNECTOR, CONNECTORS),
             batch_stones=_choice("BLOCKKD", "BATCH_STONES", c.BATCH_STONES, ("auto", "on", "off")),
             pairs=tuple(pair_list(c.PAIRS)),
+            recompute=_flag("BLOCKKD.RECOMPUTE", c.RECOMPUTE,
+                            "use False (the stones keep what their backward needs) or True (they recompute it in backward)"),
+            save_masks=_flag("BLOCKKD.SAVE_MASKS", c.SAVE_MASKS,
+                             "use True (the stones keep bit masks where backward needs only an activation's sign) "
+                             "or False (they keep the activations)"),
         )
         parse_stones(opts.stones, None)
         return opts
@@ -261,6 +277,124 @@ class StonePlanner:
         self.deck, self.pos = [int(v) for v in state.get("deck", [])], int(state.get("pos", 0))
         self.step = int(state.get("step", 0))
 
+
+
+#: Functions whose backward, with every argument but the first frozen, uses a saved activation only
+#: through its sign (the ReLU: its own output) or not at all (convolution and linear: only for the
+#: weight's gradient; pooling: its shape and indices).
+_SIGN_ONLY = (torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu, F.relu_, torch.conv2d, F.linear,
+              F.adaptive_avg_pool2d, F.max_pool2d)
+
+
+_BITS = 8
+
+
+class _Mask(NamedTuple):
+    """Where an activation is > 0, one bit per entry (:func:`_pack_bits`), and how to give it back."""
+
+    bits: object  # uint8 tensor (as an outer pack hook keeps it)
+    shape: torch.Size
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+
+
+def _pack_bits(positive: Tensor) -> Tensor:
+    """A bool tensor as uint8, eight entries (in ``reshape(-1)`` order) a byte."""
+    flat = positive.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % _BITS))
+    shifts = torch.arange(_BITS, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, _BITS) << shifts).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(mask: _Mask, bits: Tensor) -> Tensor:
+    shifts = torch.arange(_BITS, dtype=torch.uint8, device=bits.device)
+    flat = ((bits.unsqueeze(1) >> shifts) & 1).view(-1)[: mask.shape.numel()]
+    return flat.to(mask.dtype).view(mask.shape).contiguous(memory_format=mask.memory_format)
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _SignMasks(TorchFunctionMode):
+    """While active, activations saved for backward by :data:`_SIGN_ONLY` functions are kept as bit masks.
+
+    An activation (a floating tensor that requires gradients) saved by one of these functions,
+    called with no other tensor argument requiring gradients, is replaced by the mask of its
+    positive entries, one bit per entry and one mask per tensor however often it is saved (1/32
+    of its float32 bytes, 1/16 of bf16). Backward gets it back as 0/1 values of its dtype and
+    memory format: the ReLU's gradient needs only
+    that sign, a frozen convolution's or linear layer's input gradient only its weight, pooling only
+    its shape, so the input gradients are the same. Every other saved tensor is kept as it is, and
+    hooks active outside (a saved-tensor count) get what this one keeps.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sign_only = False
+        self.masks: Dict[int, tuple] = {}  # id(tensor) -> (weak reference, its _Mask)
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self.outer_pack, self.outer_unpack = outer if outer is not None else (None, None)
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.sign_only = func in _SIGN_ONLY and not any(
+            isinstance(a, Tensor) and a.requires_grad for a in (*args[1:], *kwargs.values()))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.sign_only = False
+
+    def _pack(self, t: Tensor):
+        if not (self.sign_only and t.requires_grad and t.is_floating_point()):
+            return t if self.outer_pack is None else self.outer_pack(t)
+        known = self.masks.get(id(t))
+        if known is not None and known[0]() is t:
+            return known[1]
+        bits = _pack_bits(t > 0)
+        mask = _Mask(bits if self.outer_pack is None else self.outer_pack(bits), t.shape, t.dtype, _memory_format(t))
+        self.masks[id(t)] = (weakref.ref(t), mask)
+        return mask
+
+    def _unpack(self, packed):
+        kept = packed.bits if isinstance(packed, _Mask) else packed
+        if self.outer_unpack is not None:
+            kept = self.outer_unpack(kept)
+        return _unpack_bits(packed, kept) if isinstance(packed, _Mask) else kept
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.hooks.__exit__(*exc)
+
+
+def stone_pass(fn: Callable[..., object], *inputs, opts: "BlockKDOptions"):
+    """``fn(*inputs)``: a stone's pass through the frozen teacher, keeping for backward what ``opts`` says.
+
+    With ``opts.recompute`` (``BLOCKKD.RECOMPUTE``) the pass runs under
+    ``torch.utils.checkpoint`` (non-reentrant): backward keeps only ``inputs`` and runs
+    ``fn`` again when it needs what the pass would have saved, under the same autocast
+    state and with the RNG state of the first run restored. Otherwise, with
+    ``opts.save_masks`` (``BLOCKKD.SAVE_MASKS``), activations whose values backward does not
+    need are kept as bit masks (:class:`_SignMasks`). Either way the values and gradients
+    are the same. Without autograd, ``fn(*inputs)``.
+    """
+    if not torch.is_grad_enabled():
+        return fn(*inputs)
+    if opts.recompute:
+        return checkpoint(fn, *inputs, use_reentrant=False, preserve_rng_state=True)
+    if opts.save_masks:
+        with _SignMasks():
+            return fn(*inputs)
+    return fn(*inputs)
 
 
 def distance(opts: LossOptions, logits: Tensor, target_logits: Tensor, target: Tensor) -> Tensor:

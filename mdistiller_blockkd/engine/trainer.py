@@ -131,6 +131,7 @@ Resume (``resume=True``)
     ``EXPERIMENT.PROJECT / NAME / TAG / DETERMINISTIC``, ``LOG.*``,
     ``DATASET.NUM_WORKERS``, ``DATASET.TEST.BATCH_SIZE``, ``DATASET.DOWNLOAD``,
     ``DISTILLER.FOLD_TEACHER_BN``, ``SOLVER.CHANNELS_LAST``, ``BLOCKKD.BATCH_STONES``,
+    ``BLOCKKD.RECOMPUTE``, ``BLOCKKD.SAVE_MASKS``,
     and ``SOLVER.EPOCHS`` when it is at least the epochs done. Any other difference
     (recipe, data, models, distiller options, seed) raises one
     :class:`~mdistiller_blockkd.errors.ConfigError` line listing ``KEY: old -> new``,

@@ -11,7 +11,7 @@ Importing this module registers into torchdistill (tested with 1.1.5):
     forward returns a :class:`BlockKDOutput` (student logits, the stones' logits and
     their weights); in eval mode the student's logits. Its kwargs are the structural
     ``BLOCKKD`` options in lower case: ``stones``, ``connector``, ``pairs``,
-    ``batch_stones``, ``stone_scale``, ``stone_weights``, plus ``fold_teacher_bn`` and
+    ``batch_stones``, ``stone_scale``, ``stone_weights``, ``recompute``, ``save_masks``, plus ``fold_teacher_bn`` and
     ``channels_last``. The two meet
     through ``link`` (default ``"blockkd"``): torchdistill builds the teacher's wrapper
     first, then the student's.
@@ -198,7 +198,8 @@ class BlockKDTeacher(AuxiliaryModelWrapper):
 
 
 _STRUCTURAL = {"stones": "STONES", "connector": "CONNECTOR", "pairs": "PAIRS", "batch_stones": "BATCH_STONES",
-               "stone_scale": "STONE_SCALE", "stone_weights": "STONE_WEIGHTS"}
+               "stone_scale": "STONE_SCALE", "stone_weights": "STONE_WEIGHTS", "recompute": "RECOMPUTE",
+               "save_masks": "SAVE_MASKS"}
 
 
 @register_auxiliary_model_wrapper

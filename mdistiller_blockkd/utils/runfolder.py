@@ -25,7 +25,7 @@ Configuration changes on ``--resume``
     counts epochs from 1, so earlier epochs are the same under either). Every other key
     changes the result -- the recipe (``SOLVER.*``), the data (``DATASET.*``), the models
     and teacher (``DISTILLER.*``), every distiller's options (``KD.*``, ``DKD.*``,
-    ``LSKD.*``, ``REVIEWKD.*``, ``BLOCKKD.*`` except ``BATCH_STONES``), ``DETECTION.*``,
+    ``LSKD.*``, ``REVIEWKD.*``, ``BLOCKKD.*`` except ``BATCH_STONES``, ``RECOMPUTE`` and ``SAVE_MASKS``), ``DETECTION.*``,
     ``EXPERIMENT.SEED`` -- and needs ``--resume-with-changes``; so does a key that only
     one of the two configurations has (a key added or removed by another version of the
     toolbox, where the old file lacks a key its value counts as the package default).
@@ -51,12 +51,13 @@ STEP_CHECKPOINT = "latest_step"
 #: Keys that may change on ``--resume``: they name the folder (``EXPERIMENT.PROJECT / NAME / TAG``,
 #: ``LOG.PREFIX``), control logging and checkpoint frequency (``LOG.*``), or compute the same
 #: numbers another way (loader workers, evaluation batch, cuDNN determinism, memory layout, the
-#: exact BN folding of the teacher, Block-KD's batching of the stones through the teacher).
+#: exact BN folding of the teacher, Block-KD's batching of the stones through the teacher and what its
+#: stones keep for backward).
 RESUME_FREE_KEYS: Tuple[str, ...] = (
     "EXPERIMENT.PROJECT", "EXPERIMENT.NAME", "EXPERIMENT.TAG", "EXPERIMENT.DETERMINISTIC",
     "DATASET.NUM_WORKERS", "DATASET.TEST.BATCH_SIZE", "DATASET.DOWNLOAD",
-    "DISTILLER.FOLD_TEACHER_BN", "SOLVER.CHANNELS_LAST", "BLOCKKD.BATCH_STONES",
-    "LOG.*",
+    "DISTILLER.FOLD_TEACHER_BN", "SOLVER.CHANNELS_LAST", "BLOCKKD.BATCH_STONES", "BLOCKKD.RECOMPUTE",
+    "BLOCKKD.SAVE_MASKS", "LOG.*",
 )
 
 
