@@ -165,8 +165,10 @@ CFG.BLOCKKD.BATCH_STONES = "auto"  # on | off | auto (on for CUDA inputs): stone
 # gradients (SAVE_MASKS then has nothing left to do)
 CFG.BLOCKKD.RECOMPUTE = False
 # True: where the stones' backward needs an activation only through its sign (a ReLU) or not at all (the input of a
-# frozen convolution, linear layer or pooling), it keeps a bit mask instead; same loss and gradients
-CFG.BLOCKKD.SAVE_MASKS = True
+# frozen convolution, linear layer or pooling), it keeps a bit mask instead; same loss and gradients.
+# Off by default: on this project's CPU it cut Block-KD all's peak memory to 1.02x KD but made a step
+# 19% (fp32) to 35% (bf16) slower (docs/blockkd.md, "Memory"); turn it on when memory limits the batch
+CFG.BLOCKKD.SAVE_MASKS = False
 
 
 # ---- Detection (DATASET.TYPE coco; see docs/detection.md and mdistiller_blockkd/detection/) ----

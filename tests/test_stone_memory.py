@@ -78,7 +78,7 @@ def test_batched_stones_recompute_and_masks():
 def test_the_options_are_flags():
     node = load_cfg(None, ["DISTILLER.TYPE", "BLOCKKD"]).BLOCKKD
     opts = BlockKDOptions.from_node(node)
-    assert opts.recompute is False and opts.save_masks is True
+    assert opts.recompute is False and opts.save_masks is False
     for key in ("RECOMPUTE", "SAVE_MASKS"):
         bad = node.clone()
         bad.defrost()

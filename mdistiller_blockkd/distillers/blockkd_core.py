@@ -130,7 +130,7 @@ class BlockKDOptions:
     batch_stones: str = "auto"
     pairs: Tuple[Tuple[int, int], ...] = ()
     recompute: bool = False
-    save_masks: bool = True
+    save_masks: bool = False
 
     @classmethod
     def from_node(cls, c) -> "BlockKDOptions":
