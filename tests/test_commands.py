@@ -118,7 +118,7 @@ def test_registry_refuses_a_silent_replacement():
 
 
 def test_study_expands_patterns_of_short_names(tmp_path, monkeypatch):
-    from mdistiller_blockkd.cli.study import expand_configs
+    from mdistiller_blockkd.cluster.local import expand_configs
 
     monkeypatch.chdir(tmp_path)  # no configs/ here: the pattern is matched against the shipped configs
     got = expand_configs(["fmnist/study/teachers/*", "configs/synthetic/*.yaml"])

@@ -14,14 +14,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo():
+def cmd():
+    """The demo command (arguments, main)."""
     from mdistiller_blockkd.cli import demo as mod
 
     return mod
 
 
 @pytest.fixture(scope="module")
-def quick_out(demo, tmp_path_factory):
+def demo():
+    """The demo's library (stages, their state, results)."""
+    from mdistiller_blockkd.results import demo as mod
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def quick_out(cmd, tmp_path_factory):
     """One --quick demo (every stage 1 epoch on 128/100 embedded images); returns (out dir, stdout)."""
     out = tmp_path_factory.mktemp("demo_quick")
     import contextlib
@@ -29,7 +38,7 @@ def quick_out(demo, tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert demo.main(["--quick", "--out", str(out), "LOG.PROGRESS", "False"]) == 0
+        assert cmd.main(["--quick", "--out", str(out), "LOG.PROGRESS", "False"]) == 0
     return out, buf.getvalue()
 
 
@@ -55,15 +64,15 @@ def test_configs_are_the_documented_demo(demo):
     assert (teacher.LR, teacher.BATCH_SIZE, teacher.WEIGHT_DECAY) == next(iter(recipe))[2:5]
 
 
-def test_epoch_overrides(demo):
-    args = demo.parse_args(["--epochs", "4", "--teacher-epochs", "6", "--seed", "2"])
+def test_epoch_overrides(cmd, demo):
+    args = cmd.parse_args(["--epochs", "4", "--teacher-epochs", "6", "--seed", "2"])
     by_name = {s.name: demo.stage_cfg(s, demo.stage_overrides(s, args)) for s in demo.STAGES}
     assert by_name["teacher"].SOLVER.EPOCHS == 6 and by_name["kd"].SOLVER.EPOCHS == 4
     assert list(by_name["teacher"].SOLVER.LR_DECAY_STAGES) == demo.scale_decay(
         list(load_cfg("demo/teacher").SOLVER.LR_DECAY_STAGES),
         load_cfg("demo/teacher").SOLVER.EPOCHS, 6)
-    assert all(c.EXPERIMENT.SEED == 2 and c.LOG.PREFIX == demo.DEFAULT_OUT for c in by_name.values())
-    quick = demo.parse_args(["--quick", "--teacher-epochs", "2"])
+    assert all(c.EXPERIMENT.SEED == 2 and c.LOG.PREFIX == cmd.DEFAULT_OUT for c in by_name.values())
+    quick = cmd.parse_args(["--quick", "--teacher-epochs", "2"])
     assert (quick.epochs, quick.teacher_epochs) == (1, 2)
 
 
@@ -93,10 +102,10 @@ def test_quick_demo_end_to_end(demo, quick_out):
     assert "total wall time" in text and str(out) in text
 
 
-def test_resume_after_completion_only_prints(demo, quick_out, capsys):
+def test_resume_after_completion_only_prints(cmd, demo, quick_out, capsys):
     out, _ = quick_out
     before = {s.name: os.stat(os.path.join(out, "runs", s.name, "latest")).st_mtime_ns for s in demo.STAGES}
-    assert demo.main(["--quick", "--out", str(out), "--resume", "LOG.PROGRESS", "False"]) == 0
+    assert cmd.main(["--quick", "--out", str(out), "--resume", "LOG.PROGRESS", "False"]) == 0
     text = capsys.readouterr().out
     assert text.count("; kept") == 4 and "-- training" not in text and "[EVAL]" not in text
     after = {s.name: os.stat(os.path.join(out, "runs", s.name, "latest")).st_mtime_ns for s in demo.STAGES}
@@ -104,19 +113,19 @@ def test_resume_after_completion_only_prints(demo, quick_out, capsys):
     assert len(table_rows(text)) == 4
 
 
-def test_plan_stage(demo, quick_out):
+def test_plan_stage(cmd, demo, quick_out):
     out, _ = quick_out
-    args = demo.parse_args(["--quick", "--out", str(out), "LOG.PROGRESS", "False"])
+    args = cmd.parse_args(["--quick", "--out", str(out), "LOG.PROGRESS", "False"])
     kd = demo.STAGES[2]
     cfg = demo.stage_cfg(kd, demo.stage_overrides(kd, args))
     assert demo.plan_stage(kd, cfg, str(out), resume=False) == ("fresh", "")
     assert demo.plan_stage(kd, cfg, str(out), resume=True)[0] == "skip"
-    other_seed = demo.stage_cfg(kd, demo.stage_overrides(kd, demo.parse_args(
+    other_seed = demo.stage_cfg(kd, demo.stage_overrides(kd, cmd.parse_args(
         ["--quick", "--out", str(out), "--seed", "3", "LOG.PROGRESS", "False"])))
     action, reason = demo.plan_stage(kd, other_seed, str(out), resume=True)
     assert action == "fresh" and "config" in reason
     # an interrupted run (latest at epoch 1 of 2, same settings) is continued
-    two = demo.stage_cfg(kd, demo.stage_overrides(kd, demo.parse_args(
+    two = demo.stage_cfg(kd, demo.stage_overrides(kd, cmd.parse_args(
         ["--quick", "--epochs", "2", "--out", str(out), "LOG.PROGRESS", "False"])))
     folder = os.path.join(out, "runs", "kd")
     saved = open(os.path.join(folder, "config.yaml")).read()
@@ -211,17 +220,17 @@ def test_partial_row_and_decay_scaling(demo, tmp_path):
     assert demo.scale_decay([7, 9], 10, 3) == [2]
 
 
-def test_bad_arguments(demo):
+def test_bad_arguments(cmd):
     with pytest.raises(ConfigError, match="--epochs"):
-        demo.parse_args(["--epochs", "0"])
+        cmd.parse_args(["--epochs", "0"])
     with pytest.raises(ConfigError, match="--teacher-epochs"):
-        demo.parse_args(["--teacher-epochs", "-1"])
+        cmd.parse_args(["--teacher-epochs", "-1"])
     with pytest.raises(ConfigError, match="KEY VALUE"):
-        demo.parse_args(["SOLVER.LR"])
+        cmd.parse_args(["SOLVER.LR"])
     with pytest.raises(ConfigError, match="--out after the KEY VALUE overrides"):
-        demo.parse_args(["SOLVER.LR", "0.1", "--out", "x"])
-    late = demo.parse_args(["SOLVER.LR", "0.1", "--resume"])  # switches may follow the overrides
+        cmd.parse_args(["SOLVER.LR", "0.1", "--out", "x"])
+    late = cmd.parse_args(["SOLVER.LR", "0.1", "--resume"])  # switches may follow the overrides
     assert late.resume and late.opts == ["SOLVER.LR", "0.1"]
-    args = demo.parse_args(["--quick"])
-    assert args.epochs == 1 and args.teacher_epochs == 1 and args.out == demo.QUICK_OUT
-    assert demo.parse_args([]).out == demo.DEFAULT_OUT
+    args = cmd.parse_args(["--quick"])
+    assert args.epochs == 1 and args.teacher_epochs == 1 and args.out == cmd.QUICK_OUT
+    assert cmd.parse_args([]).out == cmd.DEFAULT_OUT

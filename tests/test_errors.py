@@ -390,4 +390,6 @@ def test_a_non_finite_box_term_points_at_the_boxes_not_the_learning_rate():
 
 def test_demo_resume_with_an_unreadable_stage_config_starts_it_afresh(tmp_path):
     (tmp_path / "config.yaml").write_bytes(b"\xff\xfe\x00")
-    assert demo.same_config(str(tmp_path), load_cfg(None)) is False
+    from mdistiller_blockkd.results.demo import same_config
+
+    assert same_config(str(tmp_path), load_cfg(None)) is False

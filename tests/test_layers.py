@@ -4,7 +4,7 @@
     1  models, data   (models.* and data.* do not import each other)
     2  distillers     (stand on models)
     3  assembler      engine.build; detection.* (its own group); results.* (its own group)
-    4  trainer        engine.trainer, bench.*; cluster.* (Slurm jobs of a study)
+    4  trainer        engine.trainer, bench.*; cluster.* (a study's runs: processes, Slurm jobs)
     5  commands       cli.*, __main__, plugin, integrations.*
 
 Imports are read with ``ast`` (module level and inside functions alike). A new module must
@@ -34,10 +34,10 @@ LAYERS = [
     (f"{PKG}.engine.task", 3, "assembler"),  # the task interface (classification; detection's is detection.task)
     (f"{PKG}.engine.optim", 3, "assembler"),  # the optimizer factory and the one training step
     (f"{PKG}.detection", 3, "detection"),  # detection task: data, models, distillers, COCO mAP (beside the assembler)
-    (f"{PKG}.results", 3, "results"),  # runs read from their folders, labels (from the registry), statistics, tables, plots
+    (f"{PKG}.results", 3, "results"),  # runs read from their folders, labels (from the registry), statistics, tables, plots; the demo's stages
     (f"{PKG}.engine.trainer", 4, "trainer"),
     (f"{PKG}.bench", 4, "trainer"),  # benchmark library: step profiles (times the trainer's pieces)
-    (f"{PKG}.cluster", 4, "cluster"),  # a study's runs as Slurm jobs (submitit); runs train commands, imports no trainer
+    (f"{PKG}.cluster", 4, "cluster"),  # a study's runs as local processes or Slurm jobs (submitit); runs train commands, imports no trainer
     (f"{PKG}.cli", 5, "commands"),
     (f"{PKG}.__main__", 5, "commands"),
     (f"{PKG}.plugin", 5, "commands"),

@@ -281,7 +281,7 @@ def test_a_stop_signal_is_recorded_and_a_second_one_unwinds(signum):
 
 def test_study_resumes_a_run_that_holds_only_a_mid_epoch_checkpoint(tmp_path):
     """A run stopped in its first epoch has 'latest_step' and no 'latest': unfinished, continued with --resume."""
-    from mdistiller_blockkd.cli.study import Cell, run_cells
+    from mdistiller_blockkd.cluster.local import Cell, run_cells
 
     out = tmp_path / "p" / "run"
     out.mkdir(parents=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mdistiller_blockkd.cli.study import Cell
+from mdistiller_blockkd.cluster.local import Cell
 from mdistiller_blockkd.cluster import slurm
 from mdistiller_blockkd.errors import ConfigError, UserError
 

@@ -1,1 +1,2 @@
-"""Running the toolbox's commands on clusters: :mod:`.slurm` runs a study's runs as Slurm jobs."""
+"""A study's runs as train-command processes: :mod:`.local` runs them in worker processes here,
+:mod:`.slurm` as Slurm jobs."""

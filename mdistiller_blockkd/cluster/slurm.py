@@ -1,6 +1,6 @@
 """A study's runs as Slurm jobs, through submitit: submit, skip, resume, wait, list.
 
-A *cell* is one run of a study grid (``mdistiller_blockkd.cli.study.Cell``); this module
+A *cell* is one run of a study grid (:class:`mdistiller_blockkd.cluster.local.Cell`); this module
 uses only its ``name``, ``out_dir``, ``log_path``, ``epochs``, ``epochs_done()``,
 ``finished()``, ``command(resume)`` and ``shown()``.
 

@@ -198,8 +198,8 @@ from ..utils.misc import (
     set_deterministic,
     set_rng_state,
 )
-from ..utils.runfolder import (
-    METRICS, STEP_CHECKPOINT, ConfigChange, describe_changes, final_files, resume_changes,
+from ..utils.runfolder import (  # experiment_name, output_dir: re-exported (see __all__)
+    METRICS, STEP_CHECKPOINT, ConfigChange, describe_changes, experiment_name, final_files, output_dir, resume_changes,
 )
 
 __all__ = ["Trainer", "evaluate_model", "check_fresh_start", "check_resume_config", "run_checkpoints",
@@ -282,17 +282,6 @@ def run_checkpoints(folder: str) -> List[str]:
         return []
     return sorted(n for n in os.listdir(folder)
                   if (n in _CKPT_NAMES or _CKPT_PATTERN.match(n)) and os.path.isfile(os.path.join(folder, n)))
-
-
-def experiment_name(cfg) -> str:
-    """``<PROJECT>/<NAME or TAG>``, mdistiller's experiment name."""
-    name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
-    return os.path.join(cfg.EXPERIMENT.PROJECT, name)
-
-
-def output_dir(cfg) -> str:
-    """``LOG.PREFIX/<PROJECT>/<NAME or TAG>``: where a run writes."""
-    return os.path.join(cfg.LOG.PREFIX, experiment_name(cfg))
 
 
 def learning_rate(epoch: int, cfg) -> float:

@@ -1,6 +1,7 @@
-"""A run folder's state: when a run is finished, and which config changes ``--resume`` accepts.
+"""A run folder: where a run writes (:func:`output_dir`), when it is finished, and which config changes
+``--resume`` accepts.
 
-The one place that defines both, for the trainer (which writes run folders) and the
+The one place that defines these, for the trainer (which writes run folders) and the
 commands that read them (study, report, demo). Imports neither torch nor numpy.
 
 Finished run
@@ -39,7 +40,7 @@ from typing import Any, List, Mapping, NamedTuple, Tuple
 
 from .fileio import read_json_lines
 
-__all__ = ["METRICS", "STEP_CHECKPOINT", "resumable", "final_files", "missing_final_files", "recorded_epoch", "run_finished", "RESUME_FREE_KEYS",
+__all__ = ["METRICS", "STEP_CHECKPOINT", "experiment_name", "output_dir", "resumable", "final_files", "missing_final_files", "recorded_epoch", "run_finished", "RESUME_FREE_KEYS",
            "ConfigChange", "resume_changes", "describe_changes"]
 
 #: The run's epoch records, one JSON line per finished epoch.
@@ -59,6 +60,17 @@ RESUME_FREE_KEYS: Tuple[str, ...] = (
     "DISTILLER.FOLD_TEACHER_BN", "SOLVER.CHANNELS_LAST", "BLOCKKD.BATCH_STONES", "BLOCKKD.RECOMPUTE",
     "BLOCKKD.SAVE_MASKS", "LOG.*",
 )
+
+
+def experiment_name(cfg) -> str:
+    """``<PROJECT>/<NAME or TAG>``, mdistiller's experiment name."""
+    name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
+    return os.path.join(cfg.EXPERIMENT.PROJECT, name)
+
+
+def output_dir(cfg) -> str:
+    """``LOG.PREFIX/<PROJECT>/<NAME or TAG>``: where a run writes."""
+    return os.path.join(cfg.LOG.PREFIX, experiment_name(cfg))
 
 
 def final_files(epochs: int) -> Tuple[str, ...]:
