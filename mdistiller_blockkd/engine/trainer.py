@@ -924,20 +924,8 @@ class Trainer:
         rng = du.all_gather_object(get_rng_state(self.device, self._generators()))
         if not self.is_main:
             return
-        state = {
-            "epoch": epoch,
-            "model": self.distiller_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "best_acc": self.best_acc,
-            "best_val_acc": self.best_val_acc,
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-            "world_size": self.info.world_size,
-            "distiller": str(self.cfg.DISTILLER.TYPE),
-            "student": str(self.cfg.DISTILLER.STUDENT),
-            # the epoch's metrics.jsonl record, restored by a resume if the run stopped before writing it
-            "record": json_safe(record),
-        }
+        # with the epoch's metrics.jsonl record, restored by a resume if the run stopped before writing it
+        state = self._train_state(epoch, rng, record=json_safe(record))
         student = {"model": self.student_state()}
         if is_best:
             save_checkpoint(state, self.path("best"))
@@ -961,22 +949,25 @@ class Trainer:
         position = du.all_gather_object({"epoch_start": epoch_start, "log": log.state()})
         if not self.is_main:
             return
-        save_checkpoint({
-            "epoch": epoch,  # in progress: 'epoch' of 'latest' is the last one done
-            "step": step,
-            "steps": steps,
-            "lr": lr,
+        # 'epoch' is the one in progress here ('epoch' of 'latest' is the last one done)
+        save_checkpoint(self._train_state(epoch, rng, step=step, steps=steps, lr=lr, position=position),
+                        self.path(STEP_CHECKPOINT))
+
+    def _train_state(self, epoch: int, rng, **extra) -> dict:
+        """What ``latest`` and ``latest_step`` hold: weights, optimizer, scaler, best scores, every rank's RNG."""
+        return {
+            "epoch": epoch,
             "model": self.distiller_state(),
             "optimizer": self.optimizer.state_dict(),
             "best_acc": self.best_acc,
             "best_val_acc": self.best_val_acc,
             "scaler": self.scaler.state_dict(),
             "rng": rng,
-            "position": position,
             "world_size": self.info.world_size,
             "distiller": str(self.cfg.DISTILLER.TYPE),
             "student": str(self.cfg.DISTILLER.STUDENT),
-        }, self.path(STEP_CHECKPOINT))
+            **extra,
+        }
 
 
 def _print_flush(msg: str) -> None:
