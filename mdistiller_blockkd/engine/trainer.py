@@ -853,13 +853,9 @@ class Trainer:
                 tb_step = self.tb_freq > 0 and global_step % self.tb_freq == 0
                 if i % self.check_every == 0 or tb_step or i == steps:
                     log.flush(epoch, steps)
-                    if tb_step and self.tb_writer is not None:
-                        self.tb_writer.add_scalar("train/lr", float(self.optimizer.param_groups[0]["lr"]), global_step)
-                        for k, v in log.last.items():
-                            self.tb_writer.add_scalar(f"train/{k}", v, global_step)
-                    if tb_step and self.wandb is not None:
-                        self.wandb.log({"train/lr": self.optimizer.param_groups[0]["lr"],
-                                        **{f"train/{k}": v for k, v in log.last.items()}}, global_step)
+                    if tb_step:
+                        self._log_scalars({"train/lr": float(self.optimizer.param_groups[0]["lr"]),
+                                           **{f"train/{k}": v for k, v in log.last.items()}}, global_step)
                     bar.set_postfix(loss=f"{log.last.get('loss', float('nan')):.3f}", lr=f"{lr:.3g}")
                 bar.update(1)
                 signum = self._stop_signal(i % self.check_every == 0 or i == steps)
@@ -905,17 +901,21 @@ class Trainer:
         append_json_line(self.path(METRICS), record)
         lines = ["-" * 25] + [f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in record.items()]
         append_text(self.path("worklog.txt"), "\n".join(lines) + "\n")
+        self._log_scalars({f"epoch/{k}": v for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))},
+                          epoch * steps)
         if self.tb_writer is not None:
-            step = epoch * steps
-            for k, v in record.items():
-                if k != "epoch" and isinstance(v, (int, float)):
-                    self.tb_writer.add_scalar(f"epoch/{k}", v, step)
             self.tb_writer.flush()
             self._tb_guard.check()
         if self.wandb is not None:
-            self.wandb.log({f"epoch/{k}": v for k, v in record.items()
-                            if k != "epoch" and isinstance(v, (int, float))}, epoch * steps)
             self.wandb.summary(best_acc=self.best_acc)
+
+    def _log_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        """The same scalars at the same step to tensorboard and, with ``LOG.WANDB``, to wandb (rank 0)."""
+        if self.tb_writer is not None:
+            for k, v in scalars.items():
+                self.tb_writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step)
 
     def _print_epoch(self, epoch: int, record: dict) -> None:
         self.log(self.task.summary(record, self.epochs), "EVAL")
