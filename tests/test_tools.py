@@ -239,9 +239,10 @@ def test_benchmark_help():
 
 # -- report -------------------------------------------------------------------------
 def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", student="resnet20", extra=None,
-              stones=0, tail="", val=None, final_files=True):
+              stones=0, tail="", val=None, final_files=True, scores=None):
     """A run directory as the trainer writes it: config.yaml (cfg.dump()), metrics.jsonl and, when every
-    epoch is there and ``final_files``, the final checkpoints (empty files)."""
+    epoch is there and ``final_files``, the final checkpoints (empty files). ``scores``: ``{key: values}``
+    added to the epochs' records (a text task's ``test_mcc``, ``val_f1``...)."""
     d = root / name
     d.mkdir(parents=True)
     opts = ["DISTILLER.TYPE", kind, "DISTILLER.TEACHER", teacher, "DISTILLER.STUDENT", student,
@@ -259,6 +260,7 @@ def write_run(root, name, kind, seed, accs, epochs=None, teacher="resnet56", stu
             rec["acc_teacher"] = 72.34
         if val is not None:
             rec["val_acc"] = val[e - 1]
+        rec.update({k: v[e - 1] for k, v in (scores or {}).items()})
         lines.append(json.dumps(rec))
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
     if final_files and len(accs) >= (epochs or len(accs)):
@@ -492,6 +494,54 @@ def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, ca
         report.main(["--root", str(root), "--cost", str(bench)])
     with pytest.raises(UserError, match="not found"):
         report.main(["--root", str(root), "--cost", str(tmp_path / "nope.json")])
+
+
+def test_report_ranks_glue_cola_by_mcc_and_mrpc_by_f1(report, tmp_path, capsys):
+    """GLUE runs are ranked by their task's metric (as the trainer's best epoch): CoLA by Matthews correlation,
+    MRPC by F1, SST-2 by accuracy; each task is its own column, and the headings name the metric."""
+    root = tmp_path / "glue"
+    glue = ["DATASET.TYPE", "glue", "DATASET.GLUE.TASK"]
+    text = dict(teacher="bert", student="tiny")
+    cola = {  # CoLA with a validation split: accuracy and MCC disagree on every table
+        ("KD", 0): ([70.0, 80.0], [71.0, 81.0], [30.0, 20.0], [40.0, 35.0]),
+        ("KD", 1): ([72.0, 82.0], [73.0, 83.0], [34.0, 24.0], [38.0, 36.0]),
+        ("BLOCKKD", 0): ([60.0, 65.0], [61.0, 66.0], [40.0, 50.0], [45.0, 55.0]),
+        ("BLOCKKD", 1): ([62.0, 67.0], [63.0, 68.0], [42.0, 52.0], [47.0, 57.0]),
+    }
+    for (kind, seed), (acc, val, mcc, val_mcc) in cola.items():
+        write_run(root, f"cola_{kind}/s{seed}", kind, seed, acc, val=val, extra=glue + ["cola", "DATASET.VAL_SPLIT", 100],
+                  scores={"test_mcc": mcc, "val_mcc": val_mcc}, **text)
+    mrpc = {("KD", 0): ([80.0, 85.0], [88.0, 86.0]), ("KD", 1): ([81.0, 86.0], [86.0, 87.0]),
+            ("BLOCKKD", 0): ([79.0, 84.0], [89.0, 90.0]), ("BLOCKKD", 1): ([78.0, 83.0], [91.0, 90.0])}
+    for (kind, seed), (acc, f1) in mrpc.items():
+        write_run(root, f"mrpc_{kind}/s{seed}", kind, seed, acc, extra=glue + ["mrpc"], scores={"test_f1": f1}, **text)
+    write_run(root, "sst2_kd/s0", "KD", 0, [90.0, 91.0], extra=glue + ["sst2"], **text)
+    bad = write_run(root, "nope/s0", "KD", 0, [1.0], extra=glue + ["nope"], **text)
+    assert report.main(["--root", str(root)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    c_col, m_col = "glue/cola: bert->tiny (CoLA Matthews corr.)", "glue/mrpc: bert->tiny (MRPC F1)"
+    s_col = "glue/sst2: bert->tiny (top-1)"
+    best = table_rows(out, "## Best score (%)")
+    assert best["KD"] == {c_col: "32.00 ± 2.83 (2 seeds)", m_col: "87.50 ± 0.71 (2 seeds)", s_col: "91.00 (1 seed)"}
+    assert best["BLOCKKD"][c_col] == "51.00 ± 1.41 (2 seeds)" and best["BLOCKKD"][m_col] == "90.50 ± 0.71 (2 seeds)"
+    assert table_rows(out, "## Last-epoch score (%)")["KD"][c_col] == "22.00 ± 2.83 (2 seeds)"
+    val = table_rows(out, "## Validation score, last epoch (%)")
+    assert val["KD"] == {c_col: "35.50 ± 0.71 (2 seeds)", m_col: "–", s_col: "–"}
+    at_best = table_rows(out, "## Test score at the epoch of best validation score (%)")
+    assert at_best["KD"][c_col] == "32.00 ± 2.83 (2 seeds)"  # the epoch of best val MCC (1), not of best val_acc (2)
+    diff = table_rows(out, "## Test score (last epoch) minus KD")  # MCC minus MCC, F1 minus F1
+    assert diff["BLOCKKD"][c_col].startswith("+29.00 ± ") and diff["BLOCKKD"][m_col].startswith("+3.50 ± ")
+    assert "| glue/cola: bert->tiny (CoLA Matthews corr.) | KD | 0 | 2 | 30.00 | 20.00 |" in out
+    assert "| glue/mrpc: bert->tiny (MRPC F1) | BLOCKKD | 1 | 2 | 91.00 | 90.00 |" in out
+    assert "DATASET.GLUE.TASK is 'nope'" in captured.err and str(bad) not in out
+    # one task alone: the headings name its metric
+    assert report.main([str(root / "cola_KD" / "s0"), str(root / "cola_BLOCKKD" / "s0")]) == 0
+    out = capsys.readouterr().out
+    assert table_rows(out, "## Best CoLA Matthews corr. (%)") == {"KD": {"bert->tiny": "30.00 (1 seed)"},
+                                                                   "BLOCKKD": {"bert->tiny": "50.00 (1 seed)"}}
+    assert "## Validation CoLA Matthews corr., last epoch (%)" in out
+    assert "| best CoLA Matthews corr. | last CoLA Matthews corr. |" in out
 
 
 def test_step_profile_splits_a_blockkd_step_into_its_parts(bench_tool):

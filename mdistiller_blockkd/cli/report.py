@@ -1,35 +1,41 @@
-"""Summarise training runs: a markdown results table and accuracy plots.
+"""Summarise training runs: a markdown results table and plots of their scores.
 
 Reads run directories (``LOG.PREFIX/<PROJECT>/<NAME or TAG>/``), each holding
 ``config.yaml`` (the merged config the trainer dumped) and ``metrics.jsonl`` (one JSON
 object per finished epoch: ``epoch``, ``test_acc``, ``acc_stone1`` ... ``acc_teacher``
 for Block-KD, ...). Runs are grouped by
 
-* pair: ``DISTILLER.TEACHER -> DISTILLER.STUDENT`` and ``DATASET.TYPE`` (shown in the
-  column name only when the runs span several datasets); a ``NONE`` run, plain training
-  of the student, appears in every pair column with its student;
+* pair: ``DISTILLER.TEACHER -> DISTILLER.STUDENT`` and ``DATASET.TYPE`` (for GLUE with its
+  task, ``glue/cola``; shown in the column name only when the runs span several datasets);
+  a ``NONE`` run, plain training of the student, appears in every pair column with its student;
 * method: ``DISTILLER.TYPE`` plus its variant, named by the label keys (``--label-keys``):
   method options (``BLOCKKD.STONES``, ``LOGIT_LOSS``, ``CONNECTOR``, ``STONE_SCALE``,
   ``STONE_WEIGHTS``) that differ from the package default, e.g. ``BLOCKKD sample:1``, and
   hyper-parameters (``BLOCKKD.GAMMA``, ``T``, ``WARMUP``..., ``SOLVER.EPOCHS``) that differ
   from most runs of the report, e.g. ``BLOCKKD GAMMA=0.0``, or ``KD EPOCHS=24`` for a KD
   run trained twice as long as the others;
-* detection runs (``DATASET.TYPE coco``) are ranked by box AP (``test_AP``) instead of
-  top-1, and get a table of ``AP, AP50, AP75, APs, APm, APl`` at their best-AP epoch;
+* the score: runs are ranked by top-1 (``test_acc``, ``val_acc``), but detection runs
+  (``DATASET.TYPE coco``) by box AP (``test_AP``), with a table of ``AP, AP50, AP75, APs,
+  APm, APl`` at their best-AP epoch, and GLUE runs by their task's metric, the one the
+  trainer picks the best epoch by: CoLA by Matthews correlation (``test_mcc``, ``val_mcc``),
+  MRPC and QQP by F1 (``test_f1``, ``val_f1``), the other tasks by top-1. The headings
+  name the score (``Best CoLA Matthews corr. (%)``); where the runs have several, the
+  tables say ``score`` and each column names its own
+  (``glue/cola: bert->tiny (CoLA Matthews corr.)``);
 * seed: ``EXPERIMENT.SEED`` (two runs with the same pair, method and seed: the one with
   more epochs is kept, with a warning).
 
-Runs that scored a validation split (``DATASET.VAL_SPLIT``: ``val_acc`` in their
-metrics) add, first, the last-epoch validation top-1 (the table to choose on), the test
-top-1 at the epoch of best validation top-1, and differences to each ``--baseline``
-(repeatable) on the validation and the last-epoch test top-1.
+Runs that scored a validation split (``DATASET.VAL_SPLIT``: ``val_acc``, or the
+validation score, in their metrics) add, first, the last-epoch validation score (the
+table to choose on), the test score at the epoch of best validation score, and
+differences to each ``--baseline`` (repeatable) on the validation and the last-epoch
+test score.
 
-Output (markdown, to stdout and ``--out FILE.md``): a table of the best top-1 test
-accuracy and one of the last-epoch top-1, rows methods, columns pairs, cells
-``mean ± std (n seeds)`` (sample standard deviation; a single seed shows no ±); the
-best top-1 of each method minus ``--baseline``'s (default KD) with Welch's standard
-error; Block-KD's last scored stone and teacher accuracies; the runs' own training
-ms/step; and a list of the runs. A run is ``complete`` when it is finished
+Output (markdown, to stdout and ``--out FILE.md``): a table of the best test score and
+one of the last-epoch score, rows methods, columns pairs, cells ``mean ± std (n seeds)``
+(sample standard deviation; a single seed shows no ±); the best score of each method
+minus ``--baseline``'s (default KD) with Welch's standard error; Block-KD's last scored
+stone and teacher top-1; the runs' own training ms/step; and a list of the runs. A run is ``complete`` when it is finished
 (``mdistiller_blockkd.utils.runfolder.run_finished``: the record of epoch ``SOLVER.EPOCHS``
 and the final checkpoints ``latest``, ``student_latest``, ``ckpt_epoch_<N>.pth``); one
 still in progress or stopped counts with its epochs so far and is marked ``partial``. A run
@@ -42,14 +48,14 @@ a file for the folder, a path under a file) stop the command with one ``error:``
 before anything is read.
 
 ``--plots DIR`` (needs matplotlib; the Agg backend, no display) writes
-``test_acc.png`` (test top-1 per epoch, one panel per pair, one line per method, mean
+``test_acc.png`` (test score per epoch, one panel per pair, one line per method, mean
 over seeds with a ±std band) and, for every pair with Block-KD runs,
 ``stones_<teacher>_<student>.png`` (per Block-KD method: the student's ``test_acc``, every
 ``acc_stone<i>`` and ``acc_teacher`` per epoch, mean over seeds). Each epoch's mean is
 over the seeds that reached it, so a curve can step where a partial run ends.
 ``--cost BENCH.json`` (a benchmark ``--json`` file) adds each method's step-cost ratio
 and training cost in KD-epochs (ratio x epochs) to the cost table and, with
-``--plots``, ``cost_acc.png``: last-epoch test top-1 against training cost.
+``--plots``, ``cost_acc.png``: last-epoch test score against training cost.
 
 Examples::
 
@@ -93,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it, method by method (repeatable)")
     p.add_argument("--cost", metavar="BENCH.json",
                    help="a benchmark --json file: adds step-cost ratios and KD-epochs to the cost table and, with "
-                        "--plots, cost_acc.png (accuracy against training cost)")
+                        "--plots, cost_acc.png (score against training cost)")
     return p
 
 

@@ -1,4 +1,7 @@
-"""The report's plots (matplotlib, Agg backend): accuracy per epoch, Block-KD's stones, accuracy against cost.
+"""The report's plots (matplotlib, Agg backend): score per epoch, Block-KD's stones, score against cost.
+
+A run's score is :attr:`.runs.Run.score` (top-1; box AP for detection; a GLUE task's own metric), and
+each panel's y axis names it; the stones' plots show top-1 (the heads' only score).
 
 Every figure is a grid of at most :data:`PANELS_PER_ROW` panels a row; a panel holds at most
 :data:`MAX_SERIES` series, each with its own colour and marker, and its legend below the
@@ -107,7 +110,7 @@ def panels(groups, methods_of) -> List[Tuple[Pair, str, List[str]]]:
 
 def plot_test_acc(groups, out_dir: str, plt) -> str:
     """``test_acc.png``: per pair, a panel of baselines and one of Block-KD variants (at most
-    :data:`MAX_SERIES` lines each); one line (mean over seeds, ±std band) per method."""
+    :data:`MAX_SERIES` lines each); one line (mean over seeds, ±std band) of the test score per method."""
     def methods_of(pair):
         return [m for m in method_rows(groups) if cell_runs(groups, pair, m)]
 
@@ -129,7 +132,7 @@ def plot_test_acc(groups, out_dir: str, plt) -> str:
             pad = max(0.5, 0.15 * (hi - lo))
             ax.set_ylim(lo - pad, hi + pad)
         ax.set_title(title + ("" if not late else " (second half's range)"), fontsize=9)
-        _style(ax, len(methods))
+        _style(ax, len(methods), f"test {cell_runs(groups, pair, methods[0])[0].metric} (%)")
     path = os.path.join(out_dir, "test_acc.png")
     _save(fig, path, plt)
     return path
@@ -146,7 +149,7 @@ def pareto_front(points: Sequence[Tuple[float, float, str]]) -> List[Tuple[float
 
 
 def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
-    """``cost_acc.png``: per pair, last-epoch test top-1 (mean ± std over seeds) against training cost.
+    """``cost_acc.png``: per pair, last-epoch test score (mean ± std over seeds) against training cost.
 
     Cost = the benchmark's step cost in KD steps x epochs (KD-epochs), so KD trained twice
     as long and Block-KD at twice KD's step cost stand at the same x. A pair's baselines and
@@ -157,6 +160,7 @@ def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
     if not costs:
         return None
     points: Dict[Pair, Dict[str, Tuple[float, float, float, int]]] = {}
+    metrics: Dict[Pair, str] = {}
     for pair in column_pairs(groups):
         for method in method_rows(groups):
             runs = cell_runs(groups, pair, method)
@@ -165,6 +169,7 @@ def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
                 continue
             m, sd = mean_std([r.last for r in runs])
             points.setdefault(pair, {})[method] = (ratio * runs[0].planned_epochs, m, sd, len(runs))
+            metrics[pair] = runs[0].metric
     if not points:
         warn("--cost: no run matched a benchmark entry (teacher, student, distiller, variant); no cost plot")
         return None
@@ -187,7 +192,7 @@ def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
             ax.annotate(name, (x, m), textcoords="offset points", xytext=(4, 4), fontsize=6, color="0.3")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training cost (KD-epochs)")
-        ax.set_ylabel("test top-1, last epoch (%)")
+        ax.set_ylabel(f"test {metrics[pair]}, last epoch (%)")
         ax.grid(alpha=0.3)
         _legend_below(ax, len(methods) + 1)
     path = os.path.join(out_dir, "cost_acc.png")

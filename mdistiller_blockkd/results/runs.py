@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ..data.text import GLUE_TASKS, GlueTask
 from ..errors import UserError
 from ..utils.runfolder import missing_final_files
 from .labels import (DEFAULT_REFERENCED_KEYS, cfg_get, default_value, distiller_nodes, label_keys as registry_label_keys, method_label,
@@ -42,6 +43,10 @@ UPSTREAM_PAIRS = [
 ]
 
 Pair = Tuple[str, Optional[str], str]  # (dataset, teacher or None for plain training, student)
+#: A GLUE run's dataset: ``glue/<DATASET.GLUE.TASK>`` (each task its own columns: they differ in metric).
+GLUE = "glue/"
+#: What headings call a score (``test_<name>``).
+METRIC_NAMES = {"acc": "top-1", "AP": "box AP", "mcc": "Matthews corr.", "f1": "F1"}
 
 
 def warn(msg: str) -> None:
@@ -76,9 +81,28 @@ class Run:
         return (self.dataset, None if self.kind == "NONE" else self.teacher, self.student)
 
     @property
+    def glue(self) -> Optional[GlueTask]:
+        """The GLUE task of a ``glue/<task>`` run, else None."""
+        return GLUE_TASKS.get(self.dataset[len(GLUE):]) if self.dataset.startswith(GLUE) else None
+
+    @property
     def score(self) -> str:
-        """The metric the run is ranked by: ``test_acc``, or box AP ``test_AP`` for detection (``coco``)."""
-        return "test_AP" if self.dataset == "coco" else "test_acc"
+        """The metric the run is ranked by: ``test_acc``; box AP ``test_AP`` for detection (``coco``); a GLUE
+        task's own (the first of its ``metrics``: ``test_mcc`` for CoLA, ``test_f1`` for MRPC and QQP)."""
+        if self.dataset == "coco":
+            return "test_AP"
+        return f"test_{self.glue.metrics[0]}" if self.glue else "test_acc"
+
+    @property
+    def val_score(self) -> str:
+        """The validation counterpart of :attr:`score` (``val_acc``, ``val_mcc``...)."""
+        return "val_" + self.score[len("test_"):]
+
+    @property
+    def metric(self) -> str:
+        """What headings call :attr:`score`: ``top-1``, ``box AP``, ``CoLA Matthews corr.``, ``MRPC F1``."""
+        name = METRIC_NAMES[self.score[len("test_"):]]
+        return f"{self.glue.folder} {name}" if self.glue and self.score != "test_acc" else name
 
     @property
     def seconds(self) -> float:
@@ -97,7 +121,7 @@ class Run:
 
     @property
     def scored(self) -> List[dict]:
-        """Records that carry a numeric score (``test_acc``; ``test_AP`` for detection)."""
+        """Records that carry a numeric :attr:`score`."""
         return [r for r in self.records if number(r.get(self.score)) is not None]
 
     @property
@@ -124,22 +148,22 @@ class Run:
 
     @property
     def has_val(self) -> bool:
-        return any(number(r.get("val_acc")) is not None for r in self.scored)
+        return any(number(r.get(self.val_score)) is not None for r in self.scored)
 
     @property
     def val_last(self) -> Optional[float]:
-        """Validation top-1 of the last epoch (``DATASET.VAL_SPLIT``), or None."""
-        v = [r for r in self.scored if number(r.get("val_acc")) is not None]
-        return float(v[-1]["val_acc"]) if v else None
+        """Validation :attr:`val_score` of the last epoch (``DATASET.VAL_SPLIT``), or None."""
+        v = [r for r in self.scored if number(r.get(self.val_score)) is not None]
+        return float(v[-1][self.val_score]) if v else None
 
     @property
     def test_at_val_best(self) -> Optional[float]:
-        """Test top-1 at the epoch of the best validation top-1 (ties: the later epoch), or None."""
-        v = [r for r in self.scored if number(r.get("val_acc")) is not None]
+        """Test :attr:`score` at the epoch of the best :attr:`val_score` (ties: the later epoch), or None."""
+        v = [r for r in self.scored if number(r.get(self.val_score)) is not None]
         if not v:
             return None
-        best = max(range(len(v)), key=lambda i: (float(v[i]["val_acc"]), i))
-        return float(v[best]["test_acc"])
+        best = max(range(len(v)), key=lambda i: (float(v[i][self.val_score]), i))
+        return float(v[best][self.score])
 
 
 def number(v) -> Optional[float]:
@@ -159,6 +183,25 @@ def pair_name(pair: Pair, with_dataset: bool = False) -> str:
 def several_datasets(groups) -> bool:
     """True when the runs come from more than one dataset (pair names then show it)."""
     return len({pair[0] for (pair, _m) in groups}) > 1
+
+
+def dataset_metrics(groups) -> Dict[str, str]:
+    """``{dataset: metric}`` of the runs of ``groups`` (:attr:`Run.metric`: one per dataset)."""
+    return {pair[0]: r.metric for (pair, _m), g in groups.items() for r in g.values()}
+
+
+def report_metric(groups) -> str:
+    """The metric every run of ``groups`` is ranked by (``top-1``, ``CoLA Matthews corr.``...), or ``score``
+    when they are ranked by several (each column's heading then names its own: :func:`column_name`)."""
+    metrics = set(dataset_metrics(groups).values())
+    return metrics.pop() if len(metrics) == 1 else "score"
+
+
+def column_name(groups, pair: Pair) -> str:
+    """Heading of the column ``pair``: :func:`pair_name` (with the dataset when the runs span several), and
+    the column's metric when the runs are ranked by several (``glue/cola: bert->tiny (CoLA Matthews corr.)``)."""
+    name = pair_name(pair, several_datasets(groups))
+    return name if report_metric(groups) != "score" else f"{name} ({dataset_metrics(groups)[pair[0]]})"
 
 
 # -- loading ------------------------------------------------------------------------
@@ -211,7 +254,7 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
     seed = cfg_get(cfg, "EXPERIMENT.SEED", 0)
     run = Run(
         path=path,
-        dataset=str(cfg_get(cfg, "DATASET.TYPE", "cifar100")).lower(),
+        dataset=dataset_name(cfg),
         teacher=str(cfg_get(cfg, "DISTILLER.TEACHER", "?")),
         student=str(cfg_get(cfg, "DISTILLER.STUDENT", "?")),
         kind=kind,
@@ -234,6 +277,14 @@ def load_run(path: str, label_keys: Sequence[str]) -> Optional[Run]:
     return run
 
 
+def dataset_name(cfg) -> str:
+    """``DATASET.TYPE`` of a run's config, lower-case; ``glue/<DATASET.GLUE.TASK>`` for GLUE (``glue/cola``)."""
+    dataset = str(cfg_get(cfg, "DATASET.TYPE", "cifar100")).strip().lower()
+    if dataset != "glue":
+        return dataset
+    return GLUE + str(cfg_get(cfg, "DATASET.GLUE.TASK", default_value("DATASET.GLUE.TASK"))).strip().lower()
+
+
 def _config_problem(cfg) -> Optional[str]:
     """What makes a run's loaded ``config.yaml`` unusable here, or None."""
     if not isinstance(cfg, dict):
@@ -241,6 +292,9 @@ def _config_problem(cfg) -> Optional[str]:
     for node in ("EXPERIMENT", "DATASET", "DISTILLER", "SOLVER", "BLOCKKD"):
         if node in cfg and not isinstance(cfg[node], dict):
             return f"{node} is {cfg[node]!r}, not a section of settings"
+    dataset = dataset_name(cfg)
+    if dataset.startswith(GLUE) and dataset[len(GLUE):] not in GLUE_TASKS:
+        return f"DATASET.GLUE.TASK is {dataset[len(GLUE):]!r}, not one of {', '.join(GLUE_TASKS)}"
     for key, default, low in (("SOLVER.EPOCHS", 240, 1), ("EXPERIMENT.SEED", 0, None), ("BLOCKKD.DENSE_EPOCHS", 0, 0)):
         value = cfg_get(cfg, key, default)
         if type(value) is not int or (low is not None and value < low):

@@ -1,16 +1,18 @@
 """The report's markdown: tables of runs grouped by :func:`.runs.group_runs`, and the whole report.
 
-Cells are ``mean ± std (n seeds)`` over seeds; differences carry Welch's standard error
-(:func:`.stats.welch`). :func:`build_markdown` writes the report command's document;
-:func:`summary_table` the demo's one line per run.
+Cells are ``mean ± std (n seeds)`` over seeds of the runs' score (:attr:`.runs.Run.score`: top-1,
+box AP for detection, a GLUE task's own metric; the headings name it: :func:`.runs.report_metric`,
+:func:`.runs.column_name`); differences carry Welch's standard error (:func:`.stats.welch`).
+:func:`build_markdown` writes the report command's document; :func:`summary_table` the demo's one
+line per run.
 """
 
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from .runs import (Run, cell_runs, column_pairs, mean_of_records, method_rows, number, pair_name, run_cost,
-                   several_datasets, stone_keys)
+from .runs import (Run, cell_runs, column_name, column_pairs, mean_of_records, method_rows, number, pair_name,
+                   report_metric, run_cost, several_datasets, stone_keys)
 from .stats import mean_std, welch
 
 def format_cell(values: Sequence[float], partial: int) -> str:
@@ -28,8 +30,7 @@ def format_cell(values: Sequence[float], partial: int) -> str:
 
 def _header(groups, cols: Sequence) -> List[str]:
     """The two header lines of a table with a row per method and a column per pair of ``cols``."""
-    ds = several_datasets(groups)
-    return ["| method | " + " | ".join(pair_name(p, ds) for p in cols) + " |", "|---|" + "---|" * len(cols)]
+    return ["| method | " + " | ".join(column_name(groups, p) for p in cols) + " |", "|---|" + "---|" * len(cols)]
 
 
 def _method_table(groups, cols: Sequence, cell: Callable[[tuple, str], str], skip: str = "") -> str:
@@ -46,8 +47,8 @@ def _values(runs: Sequence[Run], what: str) -> List[float]:
 
 
 def markdown_table(groups, what: str) -> str:
-    """Markdown table of ``what`` (a :class:`Run` property: ``best``, ``last``, ``val_last``,
-    ``test_at_val_best``) top-1, rows methods, columns pairs."""
+    """Markdown table of ``what`` (a :class:`Run` property of its score: ``best``, ``last``, ``val_last``,
+    ``test_at_val_best``), rows methods, columns pairs."""
     def cell(pair, method):
         runs = cell_runs(groups, pair, method)
         return format_cell(_values(runs, what), sum(not r.complete for r in runs))
@@ -56,7 +57,7 @@ def markdown_table(groups, what: str) -> str:
 
 
 def difference_table(groups, baseline: str, what: str = "best") -> Optional[str]:
-    """``what`` top-1 (a :class:`Run` property) of each method minus ``baseline``'s, per pair: ``d ± se (d/se)``.
+    """``what`` (a :class:`Run` property of its score) of each method minus ``baseline``'s, per pair: ``d ± se (d/se)``.
 
     ``se`` is Welch's standard error of the difference of two means, sqrt(s_a^2/n_a + s_b^2/n_b);
     it needs two or more seeds on both sides. ``None`` when no column has the baseline.
@@ -176,18 +177,24 @@ _SE_NOTE = ("Cells: difference of the means ± Welch's standard error (differenc
             "degrees of freedom, 5% two-sided).")
 
 
+def _diff_titles(m: str) -> Tuple[Tuple[str, str], ...]:
+    """``(what, title)`` of the validation and last-epoch test score (metric ``m``) that differences are taken on."""
+    return ("val_last", f"Validation {m} (last epoch)"), ("last", f"Test {m} (last epoch)")
+
+
 def validation_sections(groups, baselines: Sequence[str]) -> List[str]:
-    """Tables of runs that scored a validation split: validation and test top-1, and differences on both."""
+    """Tables of runs that scored a validation split: validation and test score, and differences on both."""
+    m = report_metric(groups)
     out = [
-        "## Validation top-1, last epoch (%)", "",
-        "The validation split is held out of the training images (`DATASET.VAL_SPLIT`): choose methods, "
+        f"## Validation {m}, last epoch (%)", "",
+        "The validation split is held out of the training examples (`DATASET.VAL_SPLIT`): choose methods, "
         "variants and defaults on this table.", "",
         markdown_table(groups, "val_last"), "",
-        "## Test top-1 at the epoch of best validation top-1 (%)", "",
+        f"## Test {m} at the epoch of best validation {m} (%)", "",
         markdown_table(groups, "test_at_val_best"), "",
     ]
     for base in baselines:
-        for what, title in (("val_last", "Validation top-1 (last epoch)"), ("last", "Test top-1 (last epoch)")):
+        for what, title in _diff_titles(m):
             diff = difference_table(groups, base, what)
             if diff:
                 out += [f"## {title} minus {base} (points)", "", _SE_NOTE, "", diff, ""]
@@ -199,25 +206,27 @@ def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None, twins
     (``AMP=bf16``) whose runs are compared with their twins without the label, method by method."""
     baselines = [baseline] if isinstance(baseline, str) else list(baseline)
     partial = sum(not r.complete for r in runs)
+    m = report_metric(groups)
     out = [
         "# Results",
         "",
         f"{len(runs)} runs ({partial} partial). Cells: mean ± sample standard deviation over seeds "
-        "(EXPERIMENT.SEED) of the top-1 test accuracy (%); `partial`: runs still in progress or stopped early, "
-        "counted with their epochs so far.",
+        f"(EXPERIMENT.SEED) of the test {m} (%)"
+        + ("" if m != "score" else ": each column's own metric, named in its heading")
+        + "; `partial`: runs still in progress or stopped early, counted with their epochs so far.",
         "",
     ]
     if any(r.has_val for r in runs):
         out += validation_sections(groups, baselines)
     out += [
-        "## Best top-1 (%)",
+        f"## Best {m} (%)",
         "",
-        "The best test top-1 over epochs" + (" (a choice made on the test set: for choosing, use the validation "
-                                             "tables above)" if any(r.has_val for r in runs) else "") + ".",
+        f"The best test {m} over epochs" + (" (a choice made on the test set: for choosing, use the validation "
+                                            "tables above)" if any(r.has_val for r in runs) else "") + ".",
         "",
         markdown_table(groups, "best"),
         "",
-        "## Last-epoch top-1 (%)",
+        f"## Last-epoch {m} (%)",
         "",
         markdown_table(groups, "last"),
         "",
@@ -226,9 +235,9 @@ def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None, twins
         for base in baselines:
             diff = difference_table(groups, base)
             if diff:
-                out += [f"## Best top-1 minus {base} (points)", "", _SE_NOTE, "", diff, ""]
+                out += [f"## Best {m} minus {base} (points)", "", _SE_NOTE, "", diff, ""]
     for label in twins:
-        for what, title in (("val_last", "Validation top-1 (last epoch)"), ("last", "Test top-1 (last epoch)")):
+        for what, title in _diff_titles(m):
             table = twin_table(groups, label, what)
             if table and (what != "val_last" or any(r.has_val for r in runs)):
                 out += [f"## {title}: {label} minus the same method without it (points)", "", _SE_NOTE, "", table, ""]
@@ -236,7 +245,7 @@ def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None, twins
     if det:
         out += ["## Detection: COCO box mAP (%) at the best-AP epoch", "",
                 "Detection runs (DATASET.TYPE coco) are ranked by box AP: in the tables above, and in "
-                "test_acc.png, their cells are AP (%), not top-1.", "", det, ""]
+                "test_acc.png, their cells are box AP (%), not top-1.", "", det, ""]
     stones = stones_table(groups)
     if stones:
         out += ["## Block-KD stepping stones", "", stones, ""]
@@ -256,14 +265,13 @@ def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None, twins
     out += [f"{len(runs)} runs took {sum(r.minutes for r in runs):.0f} minutes in all (the sum of their "
             "`epoch_time_s`: training and evaluation, one process each; runs that shared the machine count their "
             "own wall-clock time).", "",
-            "| run | pair | method | seed | epochs | best | last | minutes | status |",
+            f"| run | pair | method | seed | epochs | best {m} | last {m} | minutes | status |",
             "|---|---|---|---|---|---|---|---|---|"]
-    ds = several_datasets(groups)
     for r in runs:
         ended = r.last_epoch >= r.planned_epochs  # not complete all the same: final checkpoints missing
         status = "complete" if r.complete else (f"partial ({r.last_epoch:g}/{r.planned_epochs}"
                                                  f"{', final checkpoints missing' if ended else ''})")
-        out.append(f"| {r.path} | {pair_name(r.pair, ds)} | {r.method} | {r.seed} | {r.epochs} | {r.best:.2f} | "
+        out.append(f"| {r.path} | {column_name(groups, r.pair)} | {r.method} | {r.seed} | {r.epochs} | {r.best:.2f} | "
                    f"{r.last:.2f} | {r.minutes:.1f} | {status} |")
     return "\n".join(out) + "\n"
 
