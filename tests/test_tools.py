@@ -337,7 +337,7 @@ def test_report_table_and_plots(report, runs, tmp_path, capsys):
     assert diff["BLOCKKD sample:1"][col] == f"-4.50 ± {se:.2f} ({-4.5 / se:+.1f})"
     stones = text.split("## Block-KD stepping stones", 1)[1].split("\n## ", 1)[0]
     assert "| resnet56->resnet20 | BLOCKKD | 2 | student 71.50, stone1 72.50, stone2 73.50, stone3 74.50, teacher 72.34 |" in stones
-    assert table_rows(text, "## Training cost")["BLOCKKD"][col] == "10 (1.00× KD)"
+    assert table_rows(text, "## Training cost")["BLOCKKD"][col] == "10 (100.00 steps/s, 1.00× KD)"
     warnings = captured.err
     assert "empty" in warnings and "no epoch with a test_acc" in warnings
     assert "noconfig" in warnings and "no config.yaml" in warnings
@@ -742,3 +742,16 @@ def test_report_names_bf16_runs_even_when_most_runs_are_bf16(report, tmp_path, c
     assert report.main(["--root", str(root)]) == 0
     text = capsys.readouterr().out
     assert "| KD AMP=bf16 |" in text and "| KD |" in text and "AMP=off" not in text
+
+
+def test_report_cost_is_the_median_step_time_so_a_paused_epoch_does_not_move_it(report, tmp_path, capsys):
+    """One epoch of a run that was paused (or shared the machine) times 50x slower: the cost table's ms/step is
+    the median over epochs, then over seeds, so it stays at the other epochs' 10 ms (100 steps/s); the mean
+    would read 173 ms."""
+    root = tmp_path / "runs"
+    write_run(root, "kd", "KD", 0, [60, 61, 62], scores={"ms_per_step": [10.0, 500.0, 10.0]})
+    write_run(root, "blockkd", "BLOCKKD", 0, [60, 61, 62], scores={"ms_per_step": [20.0, 20.0, 20.0]})
+    assert report.main(["--root", str(root)]) == 0
+    cost = table_rows(capsys.readouterr().out, "## Training cost")
+    assert cost["KD"]["resnet56->resnet20"] == "10 (100.00 steps/s, 1.00× KD)"
+    assert cost["BLOCKKD"]["resnet56->resnet20"] == "20 (50.00 steps/s, 2.00× KD)"

@@ -9,6 +9,8 @@ line per run.
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from .runs import (Run, cell_runs, column_name, column_pairs, mean_of_records, method_rows, number, pair_name,
@@ -104,17 +106,24 @@ def twin_table(groups, label: str, what: str) -> Optional[str]:
     return "\n".join(_header(groups, cols) + rows)
 
 
+def median_ms_per_step(runs: Sequence[Run]) -> Optional[float]:
+    """Median over ``runs`` of :attr:`Run.ms_per_step` (runs without timings left out), or None."""
+    ms = [r.ms_per_step for r in runs if not math.isnan(r.ms_per_step)]
+    return statistics.median(ms) if ms else None
+
+
 def cost_table(groups, costs=None) -> str:
-    """Mean training ms/step (``ms_per_step`` of every epoch and seed), and its ratio to KD in the same column.
+    """Training ms/step and steps/s: the median over seeds of each run's median ``ms_per_step`` over its epochs
+    (robust to epochs that shared the machine or were paused), and its ratio to KD in the same column.
 
     With ``costs`` (a benchmark's ratios, :func:`load_costs`) each cell also gives the
     benchmark's step-cost ratio and the run's training cost in KD-epochs (ratio x epochs).
     """
     def cell(pair, method):
         runs = cell_runs(groups, pair, method)
-        ms = mean_of_records(runs, "ms_per_step")
-        kd = mean_of_records(cell_runs(groups, pair, "KD"), "ms_per_step")
-        text = "–" if ms is None else f"{ms:.0f}" + (f" ({ms / kd:.2f}× KD)" if kd else "")
+        ms = median_ms_per_step(runs)
+        kd = median_ms_per_step(cell_runs(groups, pair, "KD"))
+        text = "–" if ms is None else f"{ms:.0f} ({1000 / ms:.2f} steps/s" + (f", {ms / kd:.2f}× KD)" if kd else ")")
         ratio = run_cost(runs[0], costs) if runs else None
         if ratio is not None:
             text += f"; benchmark {ratio:.2f}× KD, {ratio * runs[0].planned_epochs:.1f} KD-epochs"
@@ -252,8 +261,9 @@ def build_markdown(runs: Sequence[Run], groups, baseline="KD", costs=None, twins
     out += [
         "## Training cost (ms/step)",
         "",
-        "Mean of the runs' own `ms_per_step` over epochs and seeds; runs that shared the machine with "
-        "others time slower, so compare within a column. For clean ratios use the benchmark command.",
+        "Median over seeds of each run's median `ms_per_step` over its epochs, and steps per second; runs that "
+        "shared the machine with others time slower, so compare within a column. For clean ratios use the "
+        "benchmark command.",
         "",
         cost_table(groups, costs),
         "",
