@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError, UserError
@@ -68,6 +69,11 @@ def test_benchmark_parsing(bench_tool):
     assert bench_entries.parse_pair("timm:resnet34:timm:resnet18") == ("timm:resnet34", "timm:resnet18")
     with pytest.raises(ConfigError, match="TEACHER:STUDENT"):
         bench_entries.parse_pair("resnet56")
+    # hf: specs hold '/' and ',' but no ':' after the prefix
+    minilm = "hf:data/models/all-MiniLM-L6-v2"
+    assert bench_entries.parse_pair(f"{minilm}:{minilm},layers=3,pick=every_other") == (
+        minilm, f"{minilm},layers=3,pick=every_other")
+    assert bench_entries.parse_pair(f"{minilm}:resnet8") == (minilm, "resnet8")  # parsed; refused when built
     assert bench_entries.parse_variant("BLOCKKD.STONES=sample:1") == ("BLOCKKD", ["BLOCKKD.STONES", "sample:1"], "sample:1")
     kind, flat, label = bench_entries.parse_variant("BLOCKKD.STONES=last:2,BLOCKKD.T=2.0")
     assert (kind, label) == ("BLOCKKD", "last:2 T=2.0") and flat == ["BLOCKKD.STONES", "last:2", "BLOCKKD.T", "2.0"]
@@ -235,6 +241,108 @@ def test_benchmark_help():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--help"], capture_output=True,
                           text=True, timeout=60, env=checkout_env())
     assert proc.returncode == 0 and "--cost-model" in proc.stdout and "round-robin" in proc.stdout
+
+
+# -- benchmark: text pairs -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """Tiny random BERT folders with a tokenizer (tests/test_hf_models.py's): a 4-layer teacher (hidden 32, 64
+    positions) and a 2-layer student of its vocabulary (hidden 24)."""
+    pytest.importorskip("transformers")
+    from test_hf_models import save_bert
+
+    root = tmp_path_factory.mktemp("bench_hf")
+    return {"teacher": save_bert(root / "teacher", 4, 32), "student": save_bert(root / "student", 2, 24, seed=1)}
+
+
+TEXT_STEP = ["--batch-size", "2", "--warmup", "0", "--steps", "1", "--threads", "1", "--memory", "off"]
+
+
+def test_benchmark_times_a_text_pair(bench_tool, hf_pair, tmp_path, capsys):
+    """--pairs takes two hf: encoders; their batch is B sequences of --seq-len random token ids packed as the
+    text loader packs them; KD and BLOCKKD at fp32 and bf16 are timed with their ratios."""
+    t = f"hf:{hf_pair['teacher']}"
+    s = f"{t},layers=2,pick=every_other"
+    out = tmp_path / "t.json"
+    assert bench_tool.main(["--pairs", f"{t}:{s}", "--distillers", "KD", "BLOCKKD", "--variants", "SOLVER.AMP=bf16",
+                            "--seq-len", "8", *TEXT_STEP, "--json", str(out), "BLOCKKD.CONNECTOR", "linear_ln"]) == 0
+    printed = capsys.readouterr().out
+    assert "batch 2x8 tokens;" in printed and "x3x" not in printed.splitlines()[0]
+    rows = {(r["distiller"], r["precision"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {("KD", "fp32"), ("BLOCKKD", "fp32"), ("KD", "bf16"), ("BLOCKKD", "bf16")}
+    for (kind, prec), r in rows.items():
+        assert (r["teacher"], r["student"], r["batch_size"]) == (t, s, 2) and r["ms_per_step"] > 0
+        assert r["ratio_to_kd"] == pytest.approx(r["ms_per_step"] / rows[("KD", prec)]["ms_per_step"], rel=1e-3)
+        want = None if prec == "fp32" else pytest.approx(r["ms_per_step"] / rows[(kind, "fp32")]["ms_per_step"],
+                                                         rel=1e-3)
+        assert r["ratio_to_fp32"] == want
+    # the batch: (B, 3, L) token ids of the teacher's vocabulary, full mask, segment 0 (TextCollator's layout)
+    args = bench_tool.build_parser().parse_args(["--pairs", f"{t}:{s}", "--distillers", "KD", "--seq-len", "8",
+                                                 "--batch-size", "3"])
+    (e,) = bench_entries.build_entries(args, [])
+    runner = bench_lib.Runner(args)
+    runner.build(e)
+    vocab = e.model.teacher.config.vocab_size
+    assert e.x.shape == (3, 3, 8) and e.x.dtype == torch.long and int(e.cfg.DATASET.TEXT.MAX_LENGTH) == 8
+    assert int(e.x[:, 0].min()) >= 0 and int(e.x[:, 0].max()) < vocab
+    assert bool((e.x[:, 1] == 1).all()) and bool((e.x[:, 2] == 0).all())
+    assert e.y.shape == (3,) and int(e.y.max()) < args.num_classes == 100
+
+
+def test_benchmark_times_a_text_config_without_its_data(bench_tool, hf_pair, tmp_path, monkeypatch, capsys):
+    """--cfg takes a text config (DATASET.TYPE tsv) whose data folder does not exist: the batch is synthetic;
+    a Block-KD variant, the cost model, the profile and the saved tensors work on it."""
+    cfg = tmp_path / "text.yaml"
+    cfg.write_text(f"_BASE_: {REPO / 'configs/wordnet/minilm_l6_l3/blockkd.yaml'}\n"
+                   f"DISTILLER: {{TEACHER: 'hf:{hf_pair['teacher']}', STUDENT: 'hf:{hf_pair['student']}'}}\n")
+    monkeypatch.chdir(tmp_path)  # no data/wordnet_supersense here
+    out = tmp_path / "c.json"
+    assert bench_tool.main(["--cfg", str(cfg), "--distillers", "KD", "--variants", "BLOCKKD.STONES=last:2",
+                            "--seq-len", "8", *TEXT_STEP, "--cost-model", "--profile", "1", "--saved-tensors",
+                            "--json", str(out)]) == 0
+    assert "batch 2x8 tokens;" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    rows = {(r["distiller"], r["variant"]): r for r in doc["results"]}
+    assert set(rows) == {("BLOCKKD", "linear_ln"), ("KD", ""), ("BLOCKKD", "last:2")}
+    assert all(r["precision"] == "bf16" and r["ratio_to_kd"] > 0 for r in rows.values())  # the config's SOLVER.AMP
+    assert {c["stones"] for c in doc["cost_model"]} == {"all", "last:2"}
+    assert all(c["flops_ratio_to_kd"] > 1.0 for c in doc["cost_model"])
+    assert len(doc["profile"]) == len(doc["saved_tensors"]) == 3
+    assert all(p["parts_ms"].get("student forward", 0) > 0 for p in doc["profile"])
+
+
+def test_benchmark_text_entry_memory_in_a_fresh_process(hf_pair):
+    """--memory isolated: the fresh process builds the text entry from the options it is given (its --seq-len)."""
+    from mdistiller_blockkd.bench.memory import isolated_peak_mib
+
+    args = __import__("argparse").Namespace(pairs=[f"hf:{hf_pair['teacher']}:hf:{hf_pair['student']}"], cfg=None,
+                                            distillers=["KD"], variants=[], device="cpu", batch_size=2, seq_len=8,
+                                            image_size=None, num_classes=10, seed=0)
+    (e,) = bench_entries.build_entries(args, [])
+    assert isolated_peak_mib(e, args, steps=1, threads=1) > 0
+
+
+def test_benchmark_text_options_and_errors(bench_tool, hf_pair, capsys):
+    from test_errors import one_error
+
+    t, s = f"hf:{hf_pair['teacher']}", f"hf:{hf_pair['student']}"
+    text = ["--pairs", f"{t}:{s}", "--distillers", "KD", *TEXT_STEP]
+    cases = [
+        (["--pairs", f"{t}:resnet8", "--distillers", "KD"], f"the pair {t}:resnet8 mixes a text model"),
+        (["--pairs", f"resnet8:{s}", "--distillers", "KD"], f"the pair resnet8:{s} mixes a text model"),
+        (["--pairs", "resnet8:resnet8", "--distillers", "KD", "--seq-len", "8"], "--seq-len 8 is the length of text"),
+        (text + ["--image-size", "64"], "--image-size 64 is the side of image batches"),
+        (text + ["--seq-len", "65"], f"--seq-len is 65 but '{t}' has position embeddings for 64 tokens"),
+        (text + ["--seq-len", "0"], "--seq-len is 0; it must be >= 1"),
+        (text + ["--channels-last"], "SOLVER.CHANNELS_LAST True is a layout of image batches"),
+        (text + ["--variants", "SOLVER.CHANNELS_LAST=True"], "SOLVER.CHANNELS_LAST True is a layout of image batches"),
+    ]
+    for argv, match in cases:
+        assert match in one_error(capsys, lambda: bench_tool.cli(argv))
+    # a text and an image pair in one run: each entry has its own batch, both shapes in the header
+    assert bench_tool.main(["--pairs", f"{t}:{s}", "resnet8:resnet8", "--distillers", "KD", "--seq-len", "8",
+                            *TEXT_STEP]) == 0
+    assert "batch 2x8 tokens and 2x3x32x32;" in capsys.readouterr().out
 
 
 # -- report -------------------------------------------------------------------------

@@ -41,8 +41,9 @@ def run_benchmark(args, overrides: Sequence[str], echo: Callable[[str], None] = 
     budget = getattr(args, "budget_mib", None)
     if memory == "isolated" and runner.device.type == "cuda" and budget is None:
         memory = "inline"  # the allocator's peak, reset per entry, is already the entry's own
+    shapes = " and ".join(dict.fromkeys(runner.batch_shape(e) for e in entries))
     echo(f"device {device_description(runner.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-         f"batch {args.batch_size}x3x{args.image_size}x{args.image_size}; {len(entries)} entries, "
+         f"batch {shapes}; {len(entries)} entries, "
          f"{args.warmup} warm-up + {args.steps} interleaved steps each; memory: {memory}")
     if memory == "isolated":  # before this process builds anything: each entry in a fresh process
         half = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size // 2})
@@ -50,7 +51,7 @@ def run_benchmark(args, overrides: Sequence[str], echo: Callable[[str], None] = 
             steps, threads = max(args.warmup, 1), torch.get_num_threads()
             e.peak_mem_mb = isolated_peak_mib(e, args, steps=steps, threads=threads)
             note = ""
-            if budget is not None:  # a second batch size gives the per-image cost
+            if budget is not None:  # a second batch size gives the per-example cost
                 e.peak_mem_half_mb = isolated_peak_mib(e, half, steps=steps, threads=threads)
                 note = f", {e.peak_mem_half_mb:.1f} MiB at batch {half.batch_size}"
             echo(f"  measured {e.name}: peak memory {e.peak_mem_mb:.1f} MiB{note} (fresh process)")
@@ -132,8 +133,8 @@ def run_benchmark(args, overrides: Sequence[str], echo: Callable[[str], None] = 
 
 def check_options(args) -> None:
     """The numeric options' ranges (one :class:`ConfigError` naming the option)."""
-    for name in ("batch_size", "num_classes", "image_size", "steps"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "num_classes", "image_size", "seq_len", "steps"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be >= 1")
     if args.warmup < 0:
         raise ConfigError(f"--warmup is {args.warmup}; it must be >= 0")

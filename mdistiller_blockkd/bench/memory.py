@@ -122,7 +122,8 @@ def isolated_peak_mib(entry, options, steps: int = 3, threads: Optional[int] = N
     """Peak memory growth (MiB) of ``steps`` training steps of ``entry``, in a fresh process (CPU; see the module docstring).
 
     ``entry`` is an unbuilt :class:`~.entries.Entry`; ``options`` carries ``device``,
-    ``batch_size``, ``image_size``, ``num_classes`` and ``seed`` as the runner reads them.
+    ``batch_size``, ``num_classes``, ``seed`` and the batch sizes ``image_size`` / ``seq_len``
+    (``None`` or absent: the defaults, :func:`~.entries.input_sizes`) as the runner reads them.
     """
     from ..distillers import distiller_dict
 

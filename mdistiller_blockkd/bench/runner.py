@@ -10,11 +10,13 @@ import torch
 
 from ..detection.task import DetectionTask, benchmark_batch, build_detection_distiller, is_detection
 from ..distillers import distiller_dict
+from ..engine.build import is_text
 from ..engine.optim import build_optimizer, train_step
 from ..errors import ConfigError
 from ..models import build_model
 from ..utils.precision import autocast
-from .entries import Entry
+from ..utils.text_batch import pack_text_batch
+from .entries import Entry, input_sizes
 from .profile import profile_step, saved_tensor_bytes
 
 __all__ = ["Runner"]
@@ -36,7 +38,8 @@ class Runner:
             torch.backends.cudnn.benchmark = True
         elif self.device.type != "cpu":
             raise ConfigError(f"--device '{args.device}' is not supported; use cpu or cuda[:N]")
-        self.batch_size, self.image_size, self.num_classes = args.batch_size, args.image_size, args.num_classes
+        self.batch_size, self.num_classes = args.batch_size, args.num_classes
+        self.image_size, self.seq_len = input_sizes(args)
         self.seed = args.seed
 
     def prime(self, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False):
@@ -82,16 +85,38 @@ class Runner:
         model.train()
         e.opt = build_optimizer(e.cfg, model.get_learnable_parameters(), steps_per_epoch=1)  # the trainer's factory
         e.scaler = torch.amp.GradScaler(self.device.type, enabled=e.amp == "fp16")
-        g = torch.Generator().manual_seed(self.seed + 1)
-        x = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=g)
-        y = torch.randint(0, self.num_classes, (self.batch_size,), generator=g)
-        e.x = x.to(self.device, memory_format=torch.channels_last if e.channels_last else torch.contiguous_format)
-        e.y = y.to(self.device)
-        if is_detection(e.cfg):
-            images, targets = benchmark_batch(self.batch_size, self.image_size, self.num_classes, self.seed)
-            e.x, e.y = DetectionTask(None).to_device(images, targets, self.device)
+        e.x, e.y = self.batch(e, model)
         e.epoch = float(max(int(e.cfg.SOLVER.EPOCHS), 1))  # past every warm-up: all loss terms active
         e.model = model
+
+    def batch(self, e: Entry, model: torch.nn.Module):
+        """``e``'s fixed random batch on the device, laid out as its task's loader gives it to the trainer.
+
+        Images: ``(B, 3, S, S)`` normal values (channels-last with the entry's layout). Text:
+        ``(B, 3, L)`` packed as :class:`~mdistiller_blockkd.data.text.TextCollator` packs a tokenised
+        batch (:func:`~mdistiller_blockkd.utils.text_batch.pack_text_batch`): ids drawn uniformly from
+        the vocabulary of ``model``'s teacher (its student for ``NONE``), a full attention mask, segment
+        ids 0. Labels in ``[0, num_classes)``. Detection: random images with 1-3 random boxes each.
+        """
+        if is_detection(e.cfg):
+            images, targets = benchmark_batch(self.batch_size, self.image_size, self.num_classes, self.seed)
+            return DetectionTask(None).to_device(images, targets, self.device)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        if is_text(e.cfg):
+            vocab = int((model.teacher if model.teacher is not None else model.student).config.vocab_size)
+            ids = torch.randint(0, vocab, (self.batch_size, self.seq_len), generator=g)
+            x = pack_text_batch(ids, torch.ones_like(ids))
+        else:
+            x = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=g)
+        y = torch.randint(0, self.num_classes, (self.batch_size,), generator=g)
+        layout = torch.channels_last if e.channels_last else torch.contiguous_format
+        return x.to(self.device, memory_format=layout), y.to(self.device)
+
+    def batch_shape(self, e: Entry) -> str:
+        """The shape of :meth:`batch` in words: ``64x3x32x32`` (images) or ``64x64 tokens`` (text)."""
+        if is_text(e.cfg):
+            return f"{self.batch_size}x{self.seq_len} tokens"
+        return f"{self.batch_size}x3x{self.image_size}x{self.image_size}"
 
     def step(self, e: Entry) -> torch.Tensor:
         """One training step: the trainer's own :func:`~mdistiller_blockkd.engine.optim.train_step`."""

@@ -1,10 +1,12 @@
 """Time full training steps of distillers side by side, in one process, on synthetic batches.
 
 For every (teacher -> student pair, distiller, variant) entry the tool builds the
-distiller with randomly initialised models (no checkpoint: timing only), an SGD
-optimiser over ``get_learnable_parameters()``, and one fixed random batch
-(``--batch-size`` images of ``3 x --image-size x --image-size``, labels in
-``[0, --num-classes)``). A *step* is what the trainer does:
+distiller with randomly initialised models (no checkpoint: timing only), the config's
+optimiser over ``get_learnable_parameters()``, and one fixed random batch, labels in
+``[0, --num-classes)``: ``--batch-size`` images of ``3 x --image-size x --image-size``
+(default 32), or for a text pair ``--batch-size`` sequences of ``--seq-len`` tokens
+(default 64) drawn from the teacher's vocabulary, full attention mask, packed as the text
+loader packs real batches (no data folder is read). A *step* is what the trainer does:
 ``forward_train`` -> sum of the loss terms -> ``backward`` -> ``SGD.step`` ->
 ``zero_grad``.
 
@@ -28,7 +30,8 @@ Procedure
        divided by K, so its median is the mean cost per step.
 
 Reported per entry: its precision (``fp32``, ``bf16``, ``fp16``; `` CL`` for
-channels-last), median ms/step, images/s (``batch / median``), peak memory (MiB) and
+channels-last), median ms/step, images/s (``batch / median``; sequences/s for text
+pairs), peak memory (MiB) and
 its ratio to KD's at the same precision (``mem_ratio_to_kd``),
 ``ratio_to_kd``, the median divided by the median of plain ``KD`` on the same pair at
 the same precision and layout, and ``ratio_to_fp32``, the median divided by that of the
@@ -47,6 +50,14 @@ Entries
                               REVIEWKD BLOCKKD and those of outside packages);
                               ``--distillers`` also applies to the pairs of
                               ``--cfg`` files, whose settings are then kept;
+    text entries              a ``--pairs`` pair of two local Hugging Face encoders,
+                              ``hf:<folder>[,options]`` (an hf: model with an image
+                              model is an error; give ``BLOCKKD.CONNECTOR linear_ln``),
+                              or a ``--cfg`` with DATASET.TYPE tsv or glue (its data
+                              folder is not read); ``--seq-len`` is their length
+                              (an error when no entry is text, as ``--image-size`` is
+                              when every entry is text); ``--channels-last`` is an
+                              error for them;
     ``--variants SPEC ...``   extra entries per pair: ``NODE.KEY=VALUE[,NODE.KEY=VALUE]``
                               with NODE a distiller, e.g. ``BLOCKKD.STONES=sample:1``
                               (reported with variant ``sample:1``), optionally with the
@@ -85,6 +96,10 @@ Examples (from the repository root, no installation needed)::
         --batch-size 8 --image-size 96 --num-classes 11 --threads 1   # detection (DATASET.TYPE coco)
     mdistiller-blockkd-benchmark --cfg cifar100/blockkd/res56_res20 \\
         --distillers KD --cost-model --threads 4 --steps 20
+    mdistiller-blockkd-benchmark --pairs \\
+        hf:data/models/all-MiniLM-L6-v2:hf:data/models/all-MiniLM-L6-v2,layers=3,pick=every_other \\
+        --distillers KD BLOCKKD --variants BLOCKKD.STONES=last:2 SOLVER.AMP=bf16 \\
+        --batch-size 32 --seq-len 64 --threads 1 BLOCKKD.CONNECTOR linear_ln   # text (docs/nlp.md)
 """
 
 from __future__ import annotations
@@ -107,15 +122,19 @@ from ..utils.precision import AMP_CHOICES
 def build_parser() -> argparse.ArgumentParser:
     p = doc_parser("mdistiller-blockkd-benchmark", __doc__, "Procedure")
     p.add_argument("--cfg", nargs="+", metavar="FILE", help="YAML configs, one entry each")
-    p.add_argument("--pairs", nargs="+", metavar="T:S", help="teacher:student pairs, e.g. resnet56:resnet20")
+    p.add_argument("--pairs", nargs="+", metavar="T:S",
+                   help="teacher:student pairs, e.g. resnet56:resnet20, timm:vit_small_patch16_224:timm:vit_tiny_"
+                        "patch16_224 or (text) hf:data/models/all-MiniLM-L6-v2:hf:data/models/all-MiniLM-L6-v2,layers=3")
     p.add_argument("--distillers", nargs="+", metavar="NAME",
                    help="distillers run on every pair (default with --pairs or no --cfg: every registered distiller, "
                         "outside packages' included)")
     p.add_argument("--variants", nargs="+", metavar="SPEC", default=[],
                    help="extra entries per pair, NODE.KEY=VALUE[,NODE.KEY=VALUE], e.g. BLOCKKD.STONES=sample:1")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="images (text: sequences) per step (default 64)")
     p.add_argument("--num-classes", type=int, default=100, help="classes of the models and labels (default 100)")
-    p.add_argument("--image-size", type=int, default=32, help="square input size (default 32)")
+    p.add_argument("--image-size", type=int, default=None, help="square input size of image entries (default 32)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence of text entries (hf: pairs, text configs; default 64)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per entry before timing (default 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per entry, interleaved round-robin (default 10)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")

@@ -366,9 +366,10 @@ def check_student_vocabulary(student: str, teacher: str) -> None:
                               "teacher's vocabulary")
 
 
-def check_max_length(name: str, max_length: int) -> None:
-    """Refuse a maximum text length beyond the position embeddings of model ``hf:<folder>``."""
+def check_max_length(name: str, max_length: int, option: str = "DATASET.TEXT.MAX_LENGTH") -> None:
+    """Refuse a maximum text length beyond the position embeddings of model ``hf:<folder>`` (the error names
+    ``option``, the setting that gave the length)."""
     limit = int(getattr(_load_config(hf_folder(name)), "max_position_embeddings", max_length))
     if max_length > limit:
-        raise ConfigError(f"DATASET.TEXT.MAX_LENGTH is {max_length} but '{name}' has position embeddings for {limit} "
+        raise ConfigError(f"{option} is {max_length} but '{name}' has position embeddings for {limit} "
                           f"tokens; use at most {limit}")
