@@ -261,3 +261,26 @@ def test_tsv_with_string_labels_trains(text, tmp_path):
     last = records(out)[-1]  # dev.tsv is the validation split, test.tsv the test set
     assert {"val_acc", "test_acc", "acc_stone2", "acc_teacher"} <= set(last) and "acc_stone1" not in last
     assert last["best_val_acc"] == last["val_acc"] and last["best_acc"] == last["test_acc"]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_scores_the_whole_dev_set(text):
+    """torchrun with 2 CPU processes on CoLA with Block-KD: each rank scores half of the dev set, and the
+    logged Matthews correlation and accuracy are those of the whole set (the ranks' confusion counts summed),
+    as one process computes them from the final student's predictions."""
+    from test_cli import TRAIN, run as run_script
+
+    rc, out, err = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN,
+                               "--cfg", text["cfg"], "--brief", "EXPERIMENT.NAME", "ddp_cola",
+                               "DATASET.GLUE.TASK", "cola"], timeout=240)
+    assert rc == 0, err[-3000:]
+    folder = os.path.join(text["root"], "out", "text", "ddp_cola")
+    (last,) = records(folder)
+    assert {"test_mcc", "test_acc", "acc_stone1", "acc_teacher"} <= set(last)
+    y, p = predictions(text, folder, "cola", f"hf:{text['student']}")
+    assert len(y) == 12  # the whole dev set, though each rank scored 6
+    tp, tn, fp, fn = binary_counts(y, p)
+    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert last["test_mcc"] == pytest.approx(100 * (tp * tn - fp * fn) / den if den else 0.0, abs=1e-4)
+    assert last["test_acc"] == pytest.approx(100 * (tp + tn) / len(y))
+    assert load_checkpoint(os.path.join(folder, "latest"))["world_size"] == 2
