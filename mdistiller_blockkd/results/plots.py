@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -217,11 +218,13 @@ def plot_stones(groups, out_dir: str, plt) -> List[str]:
             drawn = 0
             for key, label in series:
                 xs, mean, _ = mean_curve(runs, key)
-                if xs:
-                    ax.plot(xs, mean, label=label, linewidth=1.3, **_series_style(drawn, xs))
+                if xs:  # the style follows the series (stone k, teacher), so panels with fewer stones match
+                    style = 0 if key == "test_acc" else 9 if key == "acc_teacher" else int(key[len("acc_stone"):])
+                    ax.plot(xs, mean, label=label, linewidth=1.3, **_series_style(style, xs))
                     drawn += 1
-            ax.set_title(f"{pair_name(pair, several_datasets(groups))}  {method} "
-                         f"({len(runs)} seed{'s' if len(runs) > 1 else ''})", fontsize=9)
+            label = f"{method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"  # wrapped: panels sit side by side
+            ax.set_title(pair_name(pair, several_datasets(groups)) + "\n" + "\n".join(textwrap.wrap(label, 44)),
+                         fontsize=9)
             _style(ax, drawn)
         stem = f"stones_{_safe(pair[1] or 'plain')}_{_safe(pair[2])}"
         if several_datasets(groups):
