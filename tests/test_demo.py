@@ -9,6 +9,7 @@ import yaml
 
 from mdistiller_blockkd.config import load_cfg
 from mdistiller_blockkd.errors import ConfigError
+from mdistiller_blockkd.utils.precision import resolve_config_amp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def test_plan_stage(cmd, demo, quick_out):
     kd = demo.STAGES[2]
     cfg = demo.stage_cfg(kd, demo.stage_overrides(kd, args))
     assert demo.plan_stage(kd, cfg, str(out), resume=False) == ("fresh", "")
-    assert demo.plan_stage(kd, cfg, str(out), resume=True)[0] == "skip"
+    assert demo.plan_stage(kd, cfg, str(out), resume=True)[0] == "skip"  # config.yaml holds what auto chose
     other_seed = demo.stage_cfg(kd, demo.stage_overrides(kd, cmd.parse_args(
         ["--quick", "--out", str(out), "--seed", "3", "LOG.PROGRESS", "False"])))
     action, reason = demo.plan_stage(kd, other_seed, str(out), resume=True)
@@ -131,8 +132,10 @@ def test_plan_stage(cmd, demo, quick_out):
     saved = open(os.path.join(folder, "config.yaml")).read()
     mark = open(os.path.join(folder, demo.TEACHER_MARK)).read()
     try:
+        recorded = two.clone()  # as the trainer writes it: SOLVER.AMP auto resolved (the demo's configs use auto)
+        resolve_config_amp(recorded)
         with open(os.path.join(folder, "config.yaml"), "w") as f:
-            f.write(two.dump())
+            f.write(recorded.dump())
         assert demo.plan_stage(kd, two, str(out), resume=True) == ("resume", "continuing after epoch 1")
         with open(os.path.join(folder, demo.TEACHER_MARK), "w") as f:
             f.write("0" * 64 + "\n")

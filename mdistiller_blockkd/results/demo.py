@@ -126,7 +126,12 @@ def latest_epoch(folder: str) -> int:
 
 
 def same_config(folder: str, cfg) -> bool:
-    """True when ``folder/config.yaml`` holds exactly ``cfg`` (the run was made with these settings)."""
+    """True when ``folder/config.yaml`` holds exactly ``cfg`` (the run was made with these settings); the run
+    recorded what ``SOLVER.AMP auto`` chose, so ``cfg`` is compared with that resolved."""
+    from ..utils.precision import resolve_config_amp
+
+    cfg = cfg.clone()
+    resolve_config_amp(cfg)
     path = os.path.join(folder, "config.yaml")
     try:
         with open(path, encoding="utf-8") as f:
