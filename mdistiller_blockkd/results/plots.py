@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-import textwrap
 import re
+import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
