@@ -231,7 +231,7 @@ def range_cases():
             yield pytest.param(key, given, f"{key} is {shown}; it must be {words} ({what})", id=f"{key}={given}")
 
 
-@pytest.mark.parametrize("key,value,message", range_cases())
+@pytest.mark.parametrize("key,value,message", list(range_cases()))
 def test_every_range_rule_refuses_a_value_past_its_bound(key, value, message):
     with pytest.raises(ConfigError) as err:
         load_cfg(None, [key, value])
