@@ -89,6 +89,20 @@ def test_a_cell_without_its_final_checkpoints_is_not_done(tmp_path):
     assert r.returncode == 0 and "[done]" in r.stdout and "[start]" not in r.stdout
 
 
+def test_a_cell_finished_after_the_plan_is_skipped_at_launch(tmp_path, monkeypatch):
+    """A run finished by another process while the study waited (here: the same cell queued twice) is not retrained."""
+    from mdistiller_blockkd.cluster.local import plan, run_cells
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    (cell,) = plan([CFG], [0], tiny(tmp_path / "out")[1:])
+    said = []
+    failed = run_cells([cell, cell], jobs=1, threads=1, echo=said.append)
+    assert failed == [], said
+    assert [m.split()[0] for m in said] == ["[todo]", "[todo]", "[start]", "[ok]", "[done]"], said
+    assert "finished since the plan" in said[-1] and epochs(cell.out_dir) == [1]
+
+
 def test_sigterm_stops_the_cells_and_a_rerun_resumes_them(tmp_path):
     import signal
     import time

@@ -108,7 +108,12 @@ def _run(todo, jobs: int, env: dict, running: list, failed: list, echo) -> None:
     pending = list(todo)
     while pending or running:
         while pending and len(running) < jobs:
-            c, resume = pending.pop(0)
+            c, _ = pending.pop(0)
+            # the state again at launch: a run started by hand while the study waited may be done by now
+            if c.finished():
+                echo(f"[done]    {c.name} ({c.epochs_done()}/{c.epochs} epochs, finished since the plan)")
+                continue
+            resume = resumable(c.out_dir)
             os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
             fh = open(c.log_path, "a")
             fh.write(f"\n$ {' '.join(shlex.quote(t) for t in c.command(resume))}\n")
