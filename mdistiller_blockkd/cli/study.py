@@ -18,8 +18,8 @@ finished cell is skipped: its ``metrics.jsonl`` has the last epoch's record and 
 checkpoints exist (``latest``, ``student_latest``, ``ckpt_epoch_<N>.pth``; see
 ``mdistiller_blockkd.utils.runfolder``). One with a ``latest`` checkpoint, or a mid-epoch
 ``latest_step``, is continued with ``--resume``. Local workers look again when a cell's turn
-comes, so a cell run by hand while the study waited is skipped once it is finished; rerunning the same command finishes a killed
-study and loses at most the epoch each worker was in (the steps since the last
+comes, so a cell run by hand while the study waited is skipped once it is finished.
+Rerunning the same command finishes a killed study and loses at most the epoch each worker was in (the steps since the last
 ``LOG.SAVE_EVERY_STEPS`` checkpoint with that option; nothing for a cell stopped by SIGTERM,
 which saves its step).
 

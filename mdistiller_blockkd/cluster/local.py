@@ -88,7 +88,7 @@ def run_cells(cells: Sequence[Cell], jobs: int, threads: int, dry_run: bool = Fa
             echo(f"[done]    {c.name} ({c.epochs_done()}/{c.epochs} epochs)")
             continue
         resume = resumable(c.out_dir)
-        todo.append((c, resume))
+        todo.append(c)
         echo(f"[{'resume' if resume else 'todo'}]{'  ' if resume else '    '}{c.shown()}")
     if dry_run or not todo:
         return []
@@ -108,8 +108,9 @@ def _run(todo, jobs: int, env: dict, running: list, failed: list, echo) -> None:
     pending = list(todo)
     while pending or running:
         while pending and len(running) < jobs:
-            c, _ = pending.pop(0)
-            # the state again at launch: a run started by hand while the study waited may be done by now
+            c = pending.pop(0)
+            # the state again at launch (whether to skip or resume): a run started by hand while the
+            # study waited may be done by now
             if c.finished():
                 echo(f"[done]    {c.name} ({c.epochs_done()}/{c.epochs} epochs, finished since the plan)")
                 continue
