@@ -604,6 +604,27 @@ def test_report_validation_tables_majority_labels_and_costs(report, tmp_path, ca
         report.main(["--root", str(root), "--cost", str(tmp_path / "nope.json")])
 
 
+def test_report_baseline_by_type_names_its_one_row(report, tmp_path, capsys):
+    """Every run in bf16: the rows read `KD AMP=bf16`, and `--baseline KD` (and the default) name that row;
+    a type with two rows is a warning that names both, not a silent pick."""
+    root = tmp_path / "bf16"
+    amp = ["SOLVER.AMP", "bf16"]
+    for seed in range(2):
+        write_run(root, f"kd/s{seed}", "KD", seed, [60.0, 70.0 + seed], val=[61.0, 69.0 + seed], extra=amp)
+        write_run(root, f"lskd/s{seed}", "LSKD", seed, [60.0, 72.0 + seed], val=[61.0, 72.0 + seed], extra=amp)
+        write_run(root, f"lskd4/s{seed}", "LSKD", seed, [60.0, 71.0], val=[61.0, 71.0],
+                  extra=amp + ["LSKD.T", 4.0])
+    for argv in (["--baseline", "KD"], []):
+        assert report.main(["--root", str(root), *argv]) == 0
+        cap = capsys.readouterr()
+        assert "## Validation top-1 (last epoch) minus KD AMP=bf16 (points)" in cap.out, argv
+        assert "--baseline" not in cap.err
+    assert report.main(["--root", str(root), "--baseline", "LSKD"]) == 0
+    cap = capsys.readouterr()
+    assert "minus LSKD" not in cap.out
+    assert "--baseline LSKD: several rows of that method (LSKD AMP=bf16, LSKD AMP=bf16 T=4.0)" in cap.err
+
+
 def test_report_ranks_glue_cola_by_mcc_and_mrpc_by_f1(report, tmp_path, capsys):
     """GLUE runs are ranked by their task's metric (as the trainer's best epoch): CoLA by Matthews correlation,
     MRPC by F1, SST-2 by accuracy; each task is its own column, and the headings name the metric."""

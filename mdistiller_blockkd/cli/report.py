@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (needs matplotlib)")
     p.add_argument("--baseline", action="append", metavar="METHOD",
                    help="method the difference tables compare against (repeatable; default KD; e.g. 'NONE', "
-                        "'BLOCKKD')")
+                        "'BLOCKKD'): a row's whole label, or a distiller type that names one row alone "
+                        "(KD for 'KD AMP=bf16')")
     keys = report_label_keys()
     p.add_argument("--label-keys", nargs="+", metavar="KEY", default=list(keys),
                    help="config keys whose values name a method variant: method options when they differ from "
@@ -101,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a benchmark --json file: adds step-cost ratios and KD-epochs to the cost table and, with "
                         "--plots, cost_acc.png (score against training cost)")
     return p
+
+
+def resolve_baseline(base: str, groups, asked: bool = True) -> Optional[str]:
+    """The method row that ``--baseline base`` names: the row of that exact label, else the one row of that
+    distiller type (``KD`` names ``KD AMP=bf16`` in a report whose runs all trained in bf16). ``None`` (with a
+    warning when the user asked for it) when no row, or several, match."""
+    rows = method_rows(groups)
+    if base in rows:
+        return base
+    same_type = [m for m in rows if m.split(" ", 1)[0] == base]
+    if len(same_type) == 1:
+        return same_type[0]
+    if asked:
+        if same_type:
+            warn(f"--baseline {base}: several rows of that method ({', '.join(same_type)}); give one whole, "
+                 f"e.g. --baseline '{same_type[0]}'; no difference table against {base}")
+        else:
+            warn(f"--baseline {base}: no run of that method (methods: {', '.join(rows)}); "
+                 "no difference table against it")
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -124,12 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     relabel_against_majority(runs, args.label_keys)
     costs = load_costs(args.cost) if args.cost else None
     groups = group_runs(runs)
-    methods = {m for (_p, m) in groups}
-    for base in args.baseline or []:
-        if base not in methods:
-            warn(f"--baseline {base}: no run of that method (methods: {', '.join(method_rows(groups))}); "
-                 "no difference table against it")
-    text = build_markdown(runs, groups, args.baseline or ["KD"], costs, args.twin)
+    baselines = [resolve_baseline(b, groups, asked=args.baseline is not None) for b in args.baseline or ["KD"]]
+    text = build_markdown(runs, groups, [b for b in baselines if b is not None], costs, args.twin)
     print(text, end="")
     if args.out is not None:
         atomic_write_text(args.out, text)
