@@ -303,7 +303,8 @@ def test_benchmark_times_a_text_config_without_its_data(bench_tool, hf_pair, tmp
     assert "batch 2x8 tokens;" in capsys.readouterr().out
     doc = json.loads(out.read_text())
     rows = {(r["distiller"], r["variant"]): r for r in doc["results"]}
-    assert set(rows) == {("BLOCKKD", "linear_ln"), ("KD", ""), ("BLOCKKD", "last:2")}
+    # the variant names every method option its config sets (the config's connector too), as the report names runs
+    assert set(rows) == {("BLOCKKD", "linear_ln"), ("KD", ""), ("BLOCKKD", "last:2 linear_ln")}
     assert all(r["precision"] == "bf16" and r["ratio_to_kd"] > 0 for r in rows.values())  # the config's SOLVER.AMP
     assert {c["stones"] for c in doc["cost_model"]} == {"all", "last:2"}
     assert all(c["flops_ratio_to_kd"] > 1.0 for c in doc["cost_model"])
@@ -624,6 +625,27 @@ def test_report_baseline_by_type_names_its_one_row(report, tmp_path, capsys):
     assert "minus LSKD" not in cap.out
     assert "--baseline LSKD: several rows of that method (LSKD AMP=bf16, LSKD AMP=bf16 T=4.0)" in cap.err
 
+
+
+def test_report_cost_takes_the_row_of_the_runs_precision(report, tmp_path, capsys):
+    """A benchmark file with fp32 and bf16 rows of one entry: a bf16 run's cost is the bf16 row's ratio and an
+    fp32 run's the fp32 row's (before, the last row of the file served both)."""
+    root = tmp_path / "prec"
+    for seed in range(2):
+        write_run(root, f"bkd/s{seed}", "BLOCKKD", seed, [60.0, 70.0])
+        write_run(root, f"bkd16/s{seed}", "BLOCKKD", seed, [60.0, 70.0], extra=["SOLVER.AMP", "bf16"])
+        write_run(root, f"kd16/s{seed}", "KD", seed, [60.0, 70.0], extra=["SOLVER.AMP", "bf16"])
+    bench = tmp_path / "bench.json"
+    rows = [{"teacher": "resnet56", "student": "resnet20", "distiller": d, "variant": "", "precision": p,
+             "ratio_to_kd": r} for d, p, r in (("KD", "fp32", 1.0), ("BLOCKKD", "fp32", 1.9),
+                                               ("KD", "bf16", 1.0), ("BLOCKKD", "bf16", 2.2))]
+    bench.write_text(json.dumps({"results": rows}))
+    assert report.main(["--root", str(root), "--cost", str(bench)]) == 0
+    cost = table_rows(capsys.readouterr().out, "## Training cost")
+    col = "resnet56->resnet20"
+    assert "benchmark 1.90× KD" in cost["BLOCKKD"][col]
+    assert "benchmark 2.20× KD" in cost["BLOCKKD AMP=bf16"][col]
+    assert "benchmark 1.00× KD" in cost["KD AMP=bf16"][col]
 
 def test_report_ranks_glue_cola_by_mcc_and_mrpc_by_f1(report, tmp_path, capsys):
     """GLUE runs are ranked by their task's metric (as the trainer's best epoch): CoLA by Matthews correlation,

@@ -128,6 +128,14 @@ def parse_variant(spec: str) -> Tuple[Optional[str], List[str], str]:
     return node, flat, " ".join(labels)
 
 
+def _variant_name(cfg, spec_label: str) -> str:
+    """A ``--variants`` entry's name: every method option its config sets off the package default, as the report
+    names a run (``last:2 linear_ln`` when a trailing override sets the connector), then the spec's other words
+    (``GAMMA=0.0``), so the report's ``--cost`` finds the row of a run trained with that config."""
+    words = variant_label(cfg).split()
+    return " ".join(words + [w for w in spec_label.split() if w not in words])
+
+
 def _make_cfg(base: Optional[str], opts: List, image_size: int, num_classes: int, seq_len: int):
     """Load ``base`` + ``opts``, then set the dataset sizes so shape-deriving distillers (ReviewKD) see the batch
     (text: ``DATASET.TEXT.MAX_LENGTH`` is the batch's length)."""
@@ -245,7 +253,7 @@ def build_entries(args, overrides: List[str]) -> List[Entry]:
             base = base_of.get((t, s))
             cfg = _make_cfg(base, pair_opts(kind, t, s, base) + overrides + flat, image_size, args.num_classes,
                             seq_len)
-            add(entry(t, s, kind, label, cfg, f"--variants {spec}"))
+            add(entry(t, s, kind, _variant_name(cfg, label), cfg, f"--variants {spec}"))
     if not entries:
         raise ConfigError("nothing to benchmark: give --cfg FILE, or --pairs T:S with --distillers")
     text = sum(is_text(e.cfg) for e in entries)

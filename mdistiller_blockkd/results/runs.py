@@ -421,17 +421,27 @@ def mean_of_records(runs: Sequence[Run], key: str, last_only: bool = False) -> O
     return sum(vals) / len(vals) if vals else None
 
 
-def load_costs(path: str) -> Dict[Tuple[str, str, str, str], float]:
-    """``{(teacher, student, distiller, variant): ratio_to_kd}`` from a benchmark ``--json`` file."""
+#: One benchmark row as the report matches it: ``ratio_to_kd`` and what the step was timed with.
+CostRow = Dict[str, object]
+
+
+def load_costs(path: str) -> Dict[Tuple[str, str, str, str], List[CostRow]]:
+    """``{(teacher, student, distiller, variant): [row, ...]}`` from a benchmark ``--json`` file; each row holds
+    ``ratio``, ``precision``, ``batch_size`` and ``channels_last`` (``None`` where the file does not say)."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
         rows = doc["results"]
-        out = {(str(r["teacher"]), str(r["student"]), str(r["distiller"]).upper(), str(r["variant"] or "")):
-               float(r["ratio_to_kd"]) for r in rows if r.get("ratio_to_kd") is not None}
+        out: Dict[Tuple[str, str, str, str], List[CostRow]] = {}
+        for r in rows:
+            if r.get("ratio_to_kd") is None:
+                continue
+            key = (str(r["teacher"]), str(r["student"]), str(r["distiller"]).upper(), str(r["variant"] or ""))
+            out.setdefault(key, []).append({"ratio": float(r["ratio_to_kd"]), "precision": r.get("precision"),
+                                            "batch_size": r.get("batch_size"), "channels_last": r.get("channels_last")})
     except FileNotFoundError:
         raise UserError(f"--cost '{path}' not found; write it with mdistiller-blockkd-benchmark ... --json {path}") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"--cost '{path}' is not a benchmark --json file ({type(e).__name__}: {e}); write it with "
                         "mdistiller-blockkd-benchmark ... --json FILE") from None
     if not out:
@@ -439,8 +449,45 @@ def load_costs(path: str) -> Dict[Tuple[str, str, str, str], float]:
     return out
 
 
+def run_precision(run: Run) -> str:
+    """The precision ``run`` trained in, as the benchmark names it: ``fp32`` (``SOLVER.AMP off``), ``bf16``, ``fp16``
+    (the trainer records what ``auto`` chose)."""
+    amp = cfg_get(run.cfg, "SOLVER.AMP", "off")
+    amp = "off" if amp in (None, False) else str(amp).lower()
+    return {"off": "fp32", "false": "fp32", "none": "fp32"}.get(amp, amp)
+
+
+_COST_WARNED: set = set()
+
+
+def _pick_cost(rows: Optional[List[CostRow]], run: Run, key) -> Optional[float]:
+    """The ratio of the row timed as ``run`` trains: its precision (a row that names none matches any), then, where
+    the file has rows at several batch sizes or layouts, the one at the run's batch and layout; else the first
+    such row, with a warning that says so."""
+    if not rows:
+        return None
+    prec = run_precision(run)
+    rows = [r for r in rows if r["precision"] in (None, prec)]
+    if not rows:
+        return None
+    if len(rows) == 1:
+        return rows[0]["ratio"]
+    batch = cfg_get(run.cfg, "SOLVER.BATCH_SIZE", None)
+    layout = bool(cfg_get(run.cfg, "SOLVER.CHANNELS_LAST", False))
+    exact = [r for r in rows if r["batch_size"] in (None, batch) and r["channels_last"] in (None, layout)]
+    if exact:
+        return exact[0]["ratio"]
+    if key not in _COST_WARNED:
+        _COST_WARNED.add(key)
+        first = rows[0]
+        print(f"warning: --cost: no {' '.join(key[2:]).strip()} {prec} row at batch {batch}"
+              f"{' channels-last' if layout else ''} for {key[0]}->{key[1]}; took the row at batch "
+              f"{first['batch_size']}{' channels-last' if first['channels_last'] else ''}", file=sys.stderr)
+    return rows[0]["ratio"]
+
+
 def run_cost(run: Run, costs) -> Optional[float]:
-    """Training cost of ``run`` in KD-step units per step (the benchmark's ratio), or None.
+    """Training cost of ``run`` in KD-step units per step (the benchmark's ratio at the run's precision), or None.
 
     A Block-KD run with ``DENSE_EPOCHS`` N costs ``(N * all + (E - N) * its schedule) / E``
     over its E epochs (the benchmark times the schedule after the dense epochs).
@@ -449,9 +496,14 @@ def run_cost(run: Run, costs) -> Optional[float]:
         return None
     kind = run.kind
     if kind == "NONE":  # a plain run appears in every pair with its student; any teacher's NONE entry will do
-        vals = [v for (t, st, k, var), v in costs.items() if st == run.student and k == "NONE"]
-        return vals[0] if vals else None
-    cheap = costs.get((run.teacher, run.student, kind, run.cost_variant))
+        for key, rows in costs.items():
+            if key[1] == run.student and key[2] == "NONE":
+                ratio = _pick_cost(rows, run, key)
+                if ratio is not None:
+                    return ratio
+        return None
+    key = (run.teacher, run.student, kind, run.cost_variant)
+    cheap = _pick_cost(costs.get(key), run, key)
     dense = float(cfg_get(run.cfg, "BLOCKKD.DENSE_EPOCHS", 0) or 0) if kind == "BLOCKKD" else 0.0
     if cheap is None or dense <= 0 or run.planned_epochs <= 0:
         return cheap
@@ -459,7 +511,8 @@ def run_cost(run: Run, costs) -> Optional[float]:
     dense_cfg = copy.deepcopy(run.cfg)
     dense_cfg["BLOCKKD"]["STONES"] = "all"
     dense_cfg["BLOCKKD"]["STONE_SCALE"] = default_value("BLOCKKD.STONE_SCALE")
-    full = costs.get((run.teacher, run.student, kind, variant_label(dense_cfg)))
+    full_key = (run.teacher, run.student, kind, variant_label(dense_cfg))
+    full = _pick_cost(costs.get(full_key), run, full_key)
     if full is None:
         return None
     n = min(dense, run.planned_epochs)
