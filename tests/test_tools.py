@@ -906,3 +906,15 @@ def test_report_cost_is_the_median_step_time_so_a_paused_epoch_does_not_move_it(
     cost = table_rows(capsys.readouterr().out, "## Training cost")
     assert cost["KD"]["resnet56->resnet20"] == "10 (100.00 steps/s, 1.00× KD)"
     assert cost["BLOCKKD"]["resnet56->resnet20"] == "20 (50.00 steps/s, 2.00× KD)"
+
+
+def test_plot_titles_wrap_long_model_names():
+    """A long pair name (an hf: folder) wraps at the title width, breaking after '->', ',' and '/', and reads
+    the same once joined: side-by-side panel titles no longer run into each other."""
+    from mdistiller_blockkd.results.plots import TITLE_WIDTH, _wrap_title
+    name = "hf:data/models/all-MiniLM-L6-v2->hf:data/models/all-MiniLM-L6-v2,layers=3,pick=every_other: baselines"
+    lines = _wrap_title(name).split("\n")
+    assert len(lines) > 1 and all(len(x) <= TITLE_WIDTH for x in lines)
+    assert "".join(lines) == name
+    assert lines[0].endswith(("->", ",", "/")) and "\u200b" not in "".join(lines)
+    assert _wrap_title("resnet56->resnet20: baselines") == "resnet56->resnet20: baselines"

@@ -109,6 +109,18 @@ def panels(groups, methods_of) -> List[Tuple[Pair, str, List[str]]]:
     return out
 
 
+#: Characters a panel title's line holds at font size 9 (panels sit side by side, about 4.5 in wide).
+TITLE_WIDTH = 52
+
+
+def _wrap_title(text: str, width: int = TITLE_WIDTH) -> str:
+    """``text`` on lines of at most ``width`` characters, so side-by-side titles never run into each other; a long
+    name breaks after ``->``, ``,`` and ``/`` (``hf:`` folders, ``timm:`` options) before it breaks inside a word."""
+    spaced = re.sub(r"(->|,|/)(?! )", lambda m: m.group(1) + "\u200b", text)
+    lines = textwrap.wrap(spaced.replace("\u200b", "\u200b "), width)
+    return "\n".join(line.replace("\u200b ", "").replace("\u200b", "") for line in lines)
+
+
 def plot_test_acc(groups, out_dir: str, plt) -> str:
     """``test_acc.png``: per pair, a panel of baselines and one of Block-KD variants (at most
     :data:`MAX_SERIES` lines each); one line (mean over seeds, ±std band) of the test score per method."""
@@ -132,7 +144,7 @@ def plot_test_acc(groups, out_dir: str, plt) -> str:
             lo, hi = min(late), max(late)
             pad = max(0.5, 0.15 * (hi - lo))
             ax.set_ylim(lo - pad, hi + pad)
-        ax.set_title(title + ("" if not late else " (second half's range)"), fontsize=9)
+        ax.set_title(_wrap_title(title + ("" if not late else " (second half's range)")), fontsize=9)
         _style(ax, len(methods), f"test {cell_runs(groups, pair, methods[0])[0].metric} (%)")
     path = os.path.join(out_dir, "test_acc.png")
     _save(fig, path, plt)
@@ -191,7 +203,7 @@ def plot_cost(groups, costs, out_dir: str, plt) -> Optional[str]:
                         markersize=5, label=f"{method} ({n})", zorder=3)
         for x, m, name in front:  # name the front's methods (in every panel, so each panel reads alone)
             ax.annotate(name, (x, m), textcoords="offset points", xytext=(4, 4), fontsize=6, color="0.3")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(_wrap_title(title), fontsize=9)
         ax.set_xlabel("training cost (KD-epochs)")
         ax.set_ylabel(f"test {metrics[pair]}, last epoch (%)")
         ax.grid(alpha=0.3)
@@ -223,7 +235,7 @@ def plot_stones(groups, out_dir: str, plt) -> List[str]:
                     ax.plot(xs, mean, label=label, linewidth=1.3, **_series_style(style, xs))
                     drawn += 1
             label = f"{method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"  # wrapped: panels sit side by side
-            ax.set_title(pair_name(pair, several_datasets(groups)) + "\n" + "\n".join(textwrap.wrap(label, 44)),
+            ax.set_title(_wrap_title(pair_name(pair, several_datasets(groups))) + "\n" + _wrap_title(label),
                          fontsize=9)
             _style(ax, drawn)
         stem = f"stones_{_safe(pair[1] or 'plain')}_{_safe(pair[2])}"
