@@ -918,3 +918,23 @@ def test_plot_titles_wrap_long_model_names():
     assert "".join(lines) == name
     assert lines[0].endswith(("->", ",", "/")) and "\u200b" not in "".join(lines)
     assert _wrap_title("resnet56->resnet20: baselines") == "resnet56->resnet20: baselines"
+
+
+def test_report_label_keys_plus_keeps_two_teachers_apart(report, tmp_path, capsys):
+    """The same method and seeds distilled from two teachers: by default one row (the runs of a seed collide);
+    --label-keys +DISTILLER.TEACHER_CKPT adds the key to the default ones, so each teacher is its own row and
+    the method's options still name the variant. Mixing KEY and +KEY is one clear error."""
+    root = tmp_path / "teachers"
+    for seed in range(2):
+        for t, acc in (("t0", 70.0), ("t1", 72.0)):
+            write_run(root, f"bkd_{t}/s{seed}", "BLOCKKD", seed, [60.0, acc],
+                      extra=["BLOCKKD.STONES", "last:2", "DISTILLER.TEACHER_CKPT", f"out/teacher_{t}/student_best"])
+    runs = [str(p) for p in sorted(root.glob("bkd_t*/s*"))]
+    assert report.main([*runs, "--label-keys", "+DISTILLER.TEACHER_CKPT"]) == 0
+    last = table_rows(capsys.readouterr().out, "## Last-epoch top-1")
+    # the majority teacher is a tie, settled by the value read first (t0): t1 is named
+    assert last == {"BLOCKKD last:2": {"resnet56->resnet20": "70.00 ± 0.00 (2 seeds)"},
+                    "BLOCKKD last:2 TEACHER_CKPT=out/teacher_t1/student_best": {"resnet56->resnet20":
+                                                                               "72.00 ± 0.00 (2 seeds)"}}
+    with pytest.raises(UserError, match="not both"):
+        report.main([*runs, "--label-keys", "BLOCKKD.STONES", "+DISTILLER.TEACHER_CKPT"])

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from . import doc_parser
 from ..errors import UserError, run_cli
@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-keys", nargs="+", metavar="KEY", default=list(keys),
                    help="config keys whose values name a method variant: method options when they differ from "
                         "the package default, hyper-parameters when they differ from most runs of the report "
-                        f"(default, from the registered distillers: {' '.join(keys)})")
+                        f"(default, from the registered distillers: {' '.join(keys)}); a key written +KEY is "
+                        "added to the default ones, e.g. +DISTILLER.TEACHER_CKPT to keep the runs of two teachers "
+                        "apart")
     p.add_argument("--twin", action="append", default=[], metavar="LABEL",
                    help="compare the runs whose label has the word LABEL (e.g. AMP=bf16) with the same method "
                         "without it, method by method (repeatable)")
@@ -102,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a benchmark --json file: adds step-cost ratios and KD-epochs to the cost table and, with "
                         "--plots, cost_acc.png (score against training cost)")
     return p
+
+
+def resolve_label_keys(given: Sequence[str]) -> List[str]:
+    """``--label-keys``: the keys given, or, where every key is written ``+KEY``, the default keys and those."""
+    plus = [k.startswith("+") for k in given]
+    if not any(plus):
+        return list(given)
+    if not all(plus):
+        raise UserError(f"--label-keys {' '.join(given)}: give either keys (they replace the default ones) or +KEY "
+                        "entries (added to the default ones), not both")
+    keys = list(report_label_keys())
+    for k in given:
+        if not k[1:]:
+            raise UserError("--label-keys: '+' names no key; write +NODE.KEY, e.g. +DISTILLER.TEACHER_CKPT")
+        if k[1:] not in keys:
+            keys.append(k[1:])
+    return keys
 
 
 def resolve_baseline(base: str, groups, asked: bool = True) -> Optional[str]:
@@ -138,6 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not found:
             warn(f"--root {root}: no run directory (with {CONFIG} or {METRICS}) found")
         dirs += found
+    args.label_keys = resolve_label_keys(args.label_keys)
     runs = load_runs(dirs, args.label_keys)
     if not runs:
         raise UserError("no usable run found (each needs config.yaml and a metrics.jsonl with at least one "
