@@ -116,8 +116,7 @@ TITLE_WIDTH = 52
 def _wrap_title(text: str, width: int = TITLE_WIDTH) -> str:
     """``text`` on lines of at most ``width`` characters, so side-by-side titles never run into each other; a long
     name breaks after ``->``, ``,`` and ``/`` (``hf:`` folders, ``timm:`` options) before it breaks inside a word."""
-    spaced = re.sub(r"(->|,|/)(?! )", lambda m: m.group(1) + "\u200b", text)
-    lines = textwrap.wrap(spaced.replace("\u200b", "\u200b "), width)
+    lines = textwrap.wrap(re.sub(r"(->|,|/)(?! )", "\\1\u200b ", text), width)  # a marked space to break at
     return "\n".join(line.replace("\u200b ", "").replace("\u200b", "") for line in lines)
 
 

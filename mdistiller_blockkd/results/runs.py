@@ -27,6 +27,7 @@ import yaml
 
 from ..data.text import GLUE_TASKS, GlueTask
 from ..errors import UserError
+from ..utils.precision import precision_name
 from ..utils.runfolder import missing_final_files
 from .labels import (DEFAULT_REFERENCED_KEYS, cfg_get, default_value, distiller_nodes, label_keys as registry_label_keys, method_label,
                      method_sort_key, variant_label)
@@ -453,11 +454,7 @@ def run_precision(run: Run) -> str:
     """The precision ``run`` trained in, as the benchmark names it: ``fp32`` (``SOLVER.AMP off``), ``bf16``, ``fp16``
     (the trainer records what ``auto`` chose)."""
     amp = cfg_get(run.cfg, "SOLVER.AMP", "off")
-    amp = "off" if amp in (None, False) else str(amp).lower()
-    return {"off": "fp32", "false": "fp32", "none": "fp32"}.get(amp, amp)
-
-
-_COST_WARNED: set = set()
+    return precision_name("off" if amp in (None, False) else str(amp).lower())  # YAML reads a bare off as False
 
 
 def _pick_cost(rows: Optional[List[CostRow]], run: Run, key) -> Optional[float]:
@@ -477,13 +474,11 @@ def _pick_cost(rows: Optional[List[CostRow]], run: Run, key) -> Optional[float]:
     exact = [r for r in rows if r["batch_size"] in (None, batch) and r["channels_last"] in (None, layout)]
     if exact:
         return exact[0]["ratio"]
-    if key not in _COST_WARNED:
-        _COST_WARNED.add(key)
-        first = rows[0]
-        print(f"warning: --cost: no {' '.join(key[2:]).strip()} {prec} row at batch {batch}"
-              f"{' channels-last' if layout else ''} for {key[0]}->{key[1]}; took the row at batch "
-              f"{first['batch_size']}{' channels-last' if first['channels_last'] else ''}", file=sys.stderr)
-    return rows[0]["ratio"]
+    first = rows[0]
+    warn(f"--cost: no {' '.join(key[2:]).strip()} {prec} row at batch {batch}{' channels-last' if layout else ''} "
+         f"for {key[0]}->{key[1]}; took the row at batch {first['batch_size']}"
+         f"{' channels-last' if first['channels_last'] else ''}")
+    return first["ratio"]
 
 
 def run_cost(run: Run, costs) -> Optional[float]:
